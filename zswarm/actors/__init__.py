@@ -1,0 +1,1 @@
+"""The node's actors, one module each; :mod:`zswarm.node` starts and stops them in order."""

@@ -1,0 +1,174 @@
+"""Admin actor: the operator's socket, an ipc ROUTER in the state directory (mode 0600).
+
+Requests and replies are JSON (:class:`zswarm.wire.AdminRequest` / ``AdminReply``). Each command
+is a method ``cmd_<name>`` whose docstring is its help; errors carry a number from
+:data:`ERRORS`. A request that cannot be read gets error 2 and nothing else happens.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import time
+from typing import Any, Callable
+
+import pykka
+import zmq
+
+from .. import __version__, wire
+from ..transport import SocketLoop, Stats
+
+log = logging.getLogger(__name__)
+
+ASK_TIMEOUT_S = 2.0
+
+ERRORS = {
+    1: "unknown command",
+    2: "malformed request",
+    3: "bad arguments",
+    4: "the node could not answer in time",
+}
+
+
+class AdminCommandError(Exception):
+    def __init__(self, code: int, message: str = ""):
+        super().__init__(message or ERRORS[code])
+        self.code = code
+
+
+class AdminActor(pykka.ThreadingActor):
+    def __init__(self, ctx: zmq.Context, endpoint: str, socket_path: str, node: dict[str, Any],
+                 ledger: Any, discovery: Any, stats: Stats):
+        super().__init__()
+        self._ctx = ctx
+        self._endpoint = endpoint
+        self._path = socket_path
+        self._node = node  # static facts: id, role, network id, started_at
+        self._ledger = ledger
+        self._discovery = discovery
+        self._stats = stats
+        self._loop: SocketLoop | None = None
+        self._extra: dict[str, Callable[..., Any]] = {}
+
+    def open(self) -> None:
+        loop = SocketLoop("admin-io", self._ctx, self._setup)
+        loop.start_and_wait()
+        self._loop = loop
+
+    def register(self, name: str, fn: Callable[..., Any]) -> None:
+        """Let a later actor (RPCSupervisor, Gateway) add a command; ``fn``'s docstring is its help."""
+        self._extra[name] = fn
+
+    # --- socket thread ---
+    def _setup(self, loop: SocketLoop) -> None:
+        if os.path.exists(self._path):
+            os.unlink(self._path)  # a stale socket from a killed node; the state dir is ours
+        self._sock = loop.socket(zmq.ROUTER, self._on_frames)
+        self._sock.bind(self._endpoint)
+        os.chmod(self._path, 0o600)
+
+    def _on_frames(self, frames: list[bytes]) -> None:
+        if len(frames) != 2:
+            self._stats.inc("admin_bad_frames")
+            return
+        self.actor_ref.tell(frames)
+
+    def _reply(self, ident: bytes, reply: wire.AdminReply) -> None:
+        payload = wire.encode_json(reply)
+
+        def _out() -> None:
+            try:
+                self._sock.send_multipart([ident, payload], zmq.NOBLOCK)
+            except zmq.ZMQError:
+                pass  # the client went away
+        if self._loop is not None:
+            self._loop.submit(_out)
+
+    # --- actor thread ---
+    def on_receive(self, message: Any) -> None:
+        ident, payload = message
+        try:
+            req = wire.decode_admin_request(payload)
+        except wire.BadFrame as e:
+            self._reply(ident, wire.AdminReply(0, False, error=wire.AdminError(2, f"{ERRORS[2]}: {e}")))
+            return
+        try:
+            result = self.run_command(req.command, req.args)
+            reply = wire.AdminReply(req.id, True, result=result)
+        except AdminCommandError as e:
+            reply = wire.AdminReply(req.id, False, error=wire.AdminError(e.code, str(e)))
+        except pykka.Timeout:
+            reply = wire.AdminReply(req.id, False, error=wire.AdminError(4, ERRORS[4]))
+        except Exception as e:  # a bug must not take the admin socket down with it
+            log.exception("admin command %r failed", req.command)
+            reply = wire.AdminReply(req.id, False, error=wire.AdminError(3, f"{type(e).__name__}: {e}"))
+        self._reply(ident, reply)
+
+    def run_command(self, name: str, args: dict[str, Any]) -> Any:
+        fn = self._extra.get(name)
+        if fn is None and re.fullmatch(r"[a-z][a-z0-9_-]{0,40}", name):
+            fn = getattr(self, "cmd_" + name.replace("-", "_"), None)
+        if fn is None:
+            raise AdminCommandError(1, f"unknown command {name!r}; try 'help'")
+        try:
+            return fn(**args)
+        except TypeError as e:
+            raise AdminCommandError(3, str(e)) from None
+
+    def cmd_help(self) -> dict[str, str]:
+        """List the commands and what they do."""
+        names = sorted(n[4:] for n in dir(self) if n.startswith("cmd_")) + sorted(self._extra)
+        out = {}
+        for n in names:
+            fn = getattr(self, "cmd_" + n, None) or self._extra[n]
+            out[n] = (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else ""
+        return out
+
+    def cmd_status(self) -> dict[str, Any]:
+        """This node: id, role, endpoints, peers by state, counters."""
+        own = self._ledger.own().get(timeout=ASK_TIMEOUT_S)
+        peers = self._ledger.peers().get(timeout=ASK_TIMEOUT_S)
+        by_state: dict[str, int] = {}
+        for p in peers:
+            by_state[p["state"]] = by_state.get(p["state"], 0) + 1
+        return {
+            **self._node,
+            "name": own.name,
+            "incarnation": own.incarnation,
+            "software": __version__,
+            "uptime_s": round(time.time() - own.started_at, 1),
+            "endpoints": own.endpoints,
+            "peers": by_state,
+            "discovery": self._discovery.status().get(timeout=ASK_TIMEOUT_S) if self._discovery else None,
+            "counters": self._stats.snapshot(),
+        }
+
+    def cmd_peers(self) -> list[dict]:
+        """Every peer this node knows, with its state (alive, suspect, dead)."""
+        return self._ledger.peers().get(timeout=ASK_TIMEOUT_S)
+
+    def cmd_ledger(self) -> list[dict]:
+        """The full replicated records, this node's own first."""
+        import msgspec
+
+        return msgspec.to_builtins(self._ledger.records().get(timeout=ASK_TIMEOUT_S))
+
+    def cmd_log_level(self, level: str = "") -> str:
+        """Show or set the log level (debug, info, warning, error)."""
+        root = logging.getLogger()
+        if level:
+            value = logging.getLevelName(level.upper())
+            if not isinstance(value, int):
+                raise AdminCommandError(3, f"unknown level {level!r}")
+            root.setLevel(value)
+        return logging.getLevelName(root.level).lower()
+
+    def on_stop(self) -> None:
+        if self._loop is not None:
+            self._loop.stop()
+            self._loop = None
+        try:
+            os.unlink(self._path)
+        except OSError:
+            pass

@@ -1,0 +1,156 @@
+"""Discovery actor: tells the Ledger whom to dial.
+
+Sources: bootstrap endpoints (flags, environment, the token), and mDNS (``_zswarm._tcp.local.``).
+Peer exchange needs nothing here: the Ledger dials every node its records name.
+
+mDNS announcements carry the network id and an HMAC (token-derived key) over what they claim;
+anything else on the LAN, another zswarm cluster included, is ignored and counted. Zeroconf calls
+back on its own event-loop thread, where nothing may block, and resolving a service blocks; so
+resolving and registering happen on one helper thread fed by a queue, which tells the actor.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import queue
+import socket
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import pykka
+
+from ..token import Keys
+from ..transport import Stats
+
+log = logging.getLogger(__name__)
+
+SERVICE_TYPE = "_zswarm._tcp.local."
+RESOLVE_TIMEOUT_MS = 3000
+
+
+def sign(keys: Keys, node_id: str, port: int) -> str:
+    msg = f"{keys.network_id}|{node_id}|{port}".encode()
+    return hmac.new(keys.discovery_key, msg, hashlib.sha256).hexdigest()[:32]
+
+
+@dataclass
+class _Found:
+    node_id: str
+    endpoint: str
+
+
+class DiscoveryActor(pykka.ThreadingActor):
+    def __init__(self, ledger: Any, keys: Keys, node_id: str, role: str, bootstrap: list[str],
+                 mdns: bool, mdns_interfaces: list[str], gossip_port: int, stats: Stats):
+        super().__init__()
+        self._ledger = ledger
+        self._keys = keys
+        self._node_id = node_id
+        self._role = role
+        self._bootstrap = bootstrap
+        self._mdns = mdns
+        self._interfaces = mdns_interfaces
+        self._port = gossip_port
+        self._stats = stats
+        self._worker: _MdnsWorker | None = None
+        self._found: dict[str, str] = {}
+
+    def on_start(self) -> None:
+        for endpoint in self._bootstrap:
+            self._ledger.dial(endpoint, "bootstrap")
+        if self._mdns:
+            self._worker = _MdnsWorker(self)
+            self._worker.start()
+
+    def on_stop(self) -> None:
+        if self._worker is not None:
+            self._worker.stop()
+
+    def on_receive(self, message: Any) -> None:
+        if isinstance(message, _Found) and self._found.get(message.node_id) != message.endpoint:
+            log.info("mDNS: found node %s at %s", message.node_id, message.endpoint)
+            old = self._found.get(message.node_id)
+            if old:
+                self._ledger.undial(old, "mdns")
+            self._found[message.node_id] = message.endpoint
+            self._ledger.dial(message.endpoint, "mdns")
+
+    def status(self) -> dict:
+        return {"bootstrap": list(self._bootstrap), "mdns": self._mdns,
+                "mdns_interfaces": list(self._interfaces), "mdns_found": dict(self._found)}
+
+
+class _MdnsWorker(threading.Thread):
+    """Owns the Zeroconf instance; registers us, resolves what the browser sees."""
+
+    def __init__(self, actor: DiscoveryActor):
+        super().__init__(name="mdns", daemon=True)
+        self._a = actor
+        self._ref = actor.actor_ref
+        self._q: queue.Queue[str | None] = queue.Queue()
+
+    def stop(self) -> None:
+        self._q.put(None)
+        self.join(5)
+
+    def run(self) -> None:
+        from zeroconf import InterfaceChoice, IPVersion, ServiceBrowser, ServiceInfo, Zeroconf
+
+        a = self._a
+        try:
+            zc = Zeroconf(interfaces=a._interfaces or InterfaceChoice.All, ip_version=IPVersion.V4Only)
+        except OSError as e:
+            log.error("mDNS disabled: %s", e)
+            return
+        try:
+            addrs = a._interfaces or _ipv4_addresses()
+            info = ServiceInfo(
+                SERVICE_TYPE, f"{a._node_id}.{SERVICE_TYPE}",
+                addresses=[socket.inet_aton(x) for x in addrs], port=a._port,
+                properties={"net": a._keys.network_id, "id": a._node_id, "role": a._role,
+                            "sig": sign(a._keys, a._node_id, a._port)})
+            zc.register_service(info)
+            browser = ServiceBrowser(zc, SERVICE_TYPE, handlers=[self._on_change])
+            while (name := self._q.get()) is not None:
+                self._resolve(zc, ServiceInfo, name)
+            browser.cancel()
+            zc.unregister_service(info)
+        except Exception:
+            log.exception("mDNS stopped")
+        finally:
+            zc.close()
+
+    def _on_change(self, zeroconf: Any, service_type: str, name: str, state_change: Any) -> None:
+        if state_change.name in ("Added", "Updated"):
+            self._q.put(name)
+
+    def _resolve(self, zc: Any, ServiceInfo: Any, name: str) -> None:
+        info = zc.get_service_info(SERVICE_TYPE, name, timeout=RESOLVE_TIMEOUT_MS)
+        if info is None:
+            return
+        props = {k.decode(errors="replace"): (v or b"").decode(errors="replace") for k, v in info.properties.items()}
+        node_id = props.get("id", "")
+        keys = self._a._keys
+        if props.get("net") != keys.network_id or not hmac.compare_digest(
+                props.get("sig", ""), sign(keys, node_id, info.port or 0)):
+            self._a._stats.inc("mdns_ignored")
+            return
+        if node_id == self._a._node_id:
+            return
+        addrs = info.parsed_addresses()
+        if addrs:
+            self._ref.tell(_Found(node_id, f"tcp://{addrs[0]}:{info.port}"))
+
+
+def _ipv4_addresses() -> list[str]:
+    import ifaddr
+
+    out = []
+    for adapter in ifaddr.get_adapters():
+        for ip in adapter.ips:
+            if isinstance(ip.ip, str) and not ip.ip.startswith("127."):
+                out.append(ip.ip)
+    return out or ["127.0.0.1"]

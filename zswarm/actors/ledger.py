@@ -1,0 +1,292 @@
+"""Ledger actor: the replicated record of every node, carried by gossip.
+
+Owns (through its SocketLoop thread) the gossip sockets:
+- a SUB that binds on the node's p2p address (CURVE server): everything peers tell us arrives here;
+- a PUB that connects to every peer it knows (CURVE client): everything we tell peers leaves here.
+
+The sender dials, so knowing one peer's address is enough to be heard by it; the peer then dials
+back the address our Beat carries, and peer exchange (Digest, Want, Records) spreads the rest.
+Topics make PUB/SUB double as unicast: every node subscribes to ``*`` and to its own id.
+
+The rules of merging and liveness live in :mod:`zswarm.membership`; this actor only moves
+messages between it and the sockets. Frames are decoded in the loop thread; a bad one is dropped
+and counted there and never reaches the actor.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import pykka
+import zmq
+from zmq.utils.monitor import parse_monitor_message
+
+from .. import wire
+from ..membership import Changes, Membership, Timing
+from ..token import Keys
+from ..transport import SocketLoop, Stats, curve_client, curve_server, tcp
+from .listener import notify
+
+log = logging.getLogger(__name__)
+
+WANT_RETRY_S = 1.0  # ask again for a record that has not come; PUB drops sends to a pipe not yet up
+RECONNECT_IVL_MAX_MS = 2000  # keep redialing a vanished peer at least this often
+
+
+@dataclass
+class _Inbound:
+    msg: wire.Message
+
+
+@dataclass
+class _Connected:
+    endpoint: str
+
+
+class _Tick:
+    pass
+
+
+class BindError(RuntimeError):
+    pass
+
+
+class LedgerActor(pykka.ThreadingActor):
+    def __init__(self, ctx: zmq.Context, keys: Keys, own: wire.NodeRecord, listen: str,
+                 advertise_host: str, stats: Stats, timing: Timing = Timing()):
+        super().__init__()
+        self._ctx = ctx
+        self._keys = keys
+        self._net = keys.network_id
+        self._listen = listen
+        self._advertise_host = advertise_host
+        self._stats = stats
+        self._timing = timing
+        self.m = Membership(own, timing)
+        self._loop: SocketLoop | None = None
+        self._dialed: dict[str, set[str]] = {}  # endpoint -> reasons ("bootstrap", "mdns", "peer")
+        self._wants: dict[str, tuple[str, float]] = {}  # node id -> (peer to ask, last asked)
+        self._listeners: list[Any] = []
+        self._last_sync = 0.0
+        self._self_endpoints: set[str] = set()
+
+    # --- API (asked by the node and other actors) ---
+    def open(self) -> wire.NodeRecord:
+        """Bind and start gossiping; returns our record with its gossip endpoint filled in."""
+        loop = SocketLoop("ledger-io", self._ctx, self._setup, self._timing.heartbeat_interval_s,
+                          lambda: self.actor_ref.tell(_Tick()))
+        try:
+            loop.start_and_wait()
+        except zmq.ZMQError as e:
+            raise BindError(f"cannot listen on {self._listen}: {e.strerror}") from None
+        self._loop = loop
+        self._send(wire.TOPIC_ALL, self.m.beat())
+        return self.m.own
+
+    def add_listener(self, ref: Any) -> None:
+        self._listeners.append(ref)
+
+    def dial(self, endpoint: str, reason: str) -> None:
+        self._dial(tcp(endpoint), reason)
+
+    def undial(self, endpoint: str, reason: str) -> None:
+        self._undial(tcp(endpoint), reason)
+
+    def own(self) -> wire.NodeRecord:
+        return self.m.own
+
+    def update_own(self, **fields: Any) -> None:
+        """Change our record (models, load, memory...) and push it to everyone at once."""
+        own = self.m.update_own(**fields)
+        self._send(wire.TOPIC_ALL, wire.Records([own]))
+
+    def peers(self) -> list[dict]:
+        return self.m.peers()
+
+    def records(self) -> list[wire.NodeRecord]:
+        return [self.m.own] + [m.record for m in self.m.members.values() if m.record is not None]
+
+    def dialed(self) -> dict[str, list[str]]:
+        return {e: sorted(r) for e, r in self._dialed.items()}
+
+    # --- the socket thread (runs in ledger-io, never in the actor) ---
+    def _setup(self, loop: SocketLoop) -> None:
+        sub = loop.socket(zmq.SUB, self._on_frames)
+        curve_server(sub, self._keys)
+        sub.subscribe(wire.TOPIC_ALL)
+        sub.subscribe(self.m.own.id.encode())
+        sub.bind(tcp(self._listen))
+        port = sub.last_endpoint.decode().rsplit(":", 1)[1]
+        pub = loop.socket(zmq.PUB)
+        curve_client(pub, self._keys)
+        pub.setsockopt(zmq.RECONNECT_IVL_MAX, RECONNECT_IVL_MAX_MS)
+        loop.add(pub.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED), self._on_pub_event)
+        loop.add(sub.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+                                        | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL), self._on_sub_event)
+        self._sub, self._pub = sub, pub
+        host = self._advertise_host
+        gossip = f"tcp://{host}:{port}"
+        self.m.own.endpoints = {**self.m.own.endpoints, "gossip": gossip}
+        self._self_endpoints = {gossip, f"tcp://127.0.0.1:{port}", tcp(self._listen)}
+
+    def _on_frames(self, frames: list[bytes]) -> None:
+        self._stats.inc("gossip_in")
+        self._stats.inc("gossip_in_bytes", sum(len(f) for f in frames))
+        if len(frames) != 2:
+            self._drop(f"{len(frames)} frames")
+            return
+        try:
+            msg = wire.decode(frames[1], self._net)
+        except wire.BadFrame as e:
+            self._drop(str(e))
+            return
+        if msg.sender == self.m.own.id:
+            return  # we dialed ourselves through a bootstrap address; harmless
+        if isinstance(msg.body, wire.Beat) and msg.body.id != msg.sender:
+            self._drop("beat for another node")
+            return
+        self.actor_ref.tell(_Inbound(msg))
+
+    def _drop(self, why: str) -> None:
+        self._stats.inc("gossip_bad_frames")
+        log.debug("dropped a gossip frame: %s", why)
+
+    def _on_pub_event(self, frames: list[bytes]) -> None:
+        event = parse_monitor_message(frames)
+        self.actor_ref.tell(_Connected(event["endpoint"].decode(errors="replace")))
+
+    def _on_sub_event(self, frames: list[bytes]) -> None:
+        parse_monitor_message(frames)
+        self._stats.inc("handshake_failed")
+
+    # --- actor thread ---
+    def on_receive(self, message: Any) -> Any:
+        if isinstance(message, _Inbound):
+            self._handle(message.msg)
+        elif isinstance(message, _Tick):
+            self._tick()
+        elif isinstance(message, _Connected):
+            self._send(wire.TOPIC_ALL, wire.Beat(self.m.own.id, self.m.own.incarnation, self.m.own.version,
+                                                 self.m.heartbeat, self.m.own.endpoints.get("gossip", "")))
+            self._send(wire.TOPIC_ALL, wire.Digest(self.m.digest()))
+            self._ask(force=True)
+
+    def _handle(self, msg: wire.Message) -> None:
+        match msg.body:
+            case wire.Beat() as beat:
+                self._apply(self.m.on_beat(beat))
+            case wire.Digest(entries=entries):
+                self._apply(self.m.on_digest(msg.sender, entries))
+            case wire.Want(ids=ids):
+                records = self.m.records(ids)
+                if records:
+                    self._send(msg.sender.encode(), wire.Records(records))
+            case wire.Records(records=records):
+                for r in records:
+                    self._wants.pop(r.id, None)
+                self._apply(self.m.on_records(records))
+            case wire.Leave(id=node_id, incarnation=inc):
+                self._apply(self.m.on_leave(node_id, inc))
+
+    def _tick(self) -> None:
+        self._send(wire.TOPIC_ALL, self.m.beat())
+        now = time.monotonic()
+        if now - self._last_sync >= self._timing.sync_interval_s:
+            self._last_sync = now
+            self._send(wire.TOPIC_ALL, wire.Digest(self.m.digest()))
+        self._apply(self.m.sweep())
+        self._ask()
+
+    def _apply(self, ch: Changes) -> None:
+        if not ch:
+            return
+        for endpoint in ch.disconnect:
+            self._undial(endpoint, "peer")
+        for endpoint in ch.connect:
+            self._dial(endpoint, "peer")
+        now = time.monotonic()
+        for node_id, source in ch.wants.items():
+            self._wants[node_id] = (source, 0.0)
+        for node_id, old, new in ch.transitions:
+            level = logging.INFO if new != "alive" or old != "alive" else logging.DEBUG
+            log.log(level, "peer %s: %s -> %s", node_id, old, new)
+            if new in ("left", "removed"):
+                self._wants.pop(node_id, None)
+        for node_id in ch.updated:
+            if node_id in self._wants:
+                del self._wants[node_id]
+        self._ask(now=now)
+        notify(self._listeners, "ledger_changed")
+
+    def _ask(self, force: bool = False, now: float | None = None) -> None:
+        now = now if now is not None else time.monotonic()
+        by_peer: dict[str, list[str]] = {}
+        for node_id, (source, last) in list(self._wants.items()):
+            if force or now - last >= WANT_RETRY_S:
+                by_peer.setdefault(source, []).append(node_id)
+                self._wants[node_id] = (source, now)
+        for peer, ids in by_peer.items():
+            self._send(peer.encode(), wire.Want(ids))
+
+    def _dial(self, endpoint: str, reason: str) -> None:
+        if endpoint in self._self_endpoints or self._loop is None:
+            return
+        reasons = self._dialed.setdefault(endpoint, set())
+        if not reasons:
+            log.debug("dialing %s (%s)", endpoint, reason)
+            self._loop.submit(lambda: self._pub.connect(endpoint))
+        reasons.add(reason)
+
+    def _undial(self, endpoint: str, reason: str) -> None:
+        reasons = self._dialed.get(endpoint)
+        if reasons is None or self._loop is None:
+            return
+        reasons.discard(reason)
+        if not reasons:
+            del self._dialed[endpoint]
+
+            def _disconnect() -> None:
+                try:
+                    self._pub.disconnect(endpoint)
+                except zmq.ZMQError:
+                    pass
+            self._loop.submit(_disconnect)
+
+    def _send(self, topic: bytes, body: wire.Body) -> None:
+        if self._loop is None:
+            return
+        payload = wire.encode(self._net, self.m.own.id, body)
+        stats = self._stats
+
+        def _out() -> None:
+            try:
+                self._pub.send_multipart([topic, payload], zmq.NOBLOCK)
+                stats.inc("gossip_out")
+                stats.inc("gossip_out_bytes", len(topic) + len(payload))
+            except zmq.Again:
+                stats.inc("gossip_out_dropped")
+        self._loop.submit(_out)
+
+    def on_stop(self) -> None:
+        """Tell everyone we leave, give the Leave half a second to flush, and close."""
+        if self._loop is None:
+            return
+        self._send(wire.TOPIC_ALL, wire.Leave(self.m.own.id, self.m.own.incarnation))
+
+        def _quiet() -> None:
+            for sock in (self._pub, self._sub):
+                try:
+                    sock.disable_monitor()
+                except zmq.ZMQError:
+                    pass
+        self._loop.submit(_quiet)
+        if not self._loop.stop(linger_ms=500):
+            log.error("ledger socket thread did not stop")
+        self._loop = None
+
+    def on_failure(self, *exc: Any) -> None:
+        if self._loop is not None:
+            self._loop.stop()

@@ -1,0 +1,175 @@
+"""The ``zswarm`` command: server, federated, worker, token, admin.
+
+User errors (a malformed token, a bad flag value, a port in use) print one line on stderr and
+exit with status 2 (bad input) or 1 (could not run); never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import Any
+
+from . import __version__
+from .config import NODE_OPTIONS, SERVER_OPTIONS, ConfigError, add_options, default_state_dir, hostname, resolve
+from .token import Token, TokenError
+
+ROLES = {
+    "server": "run a node that serves a model (and, with --p2p --federated, takes cluster requests)",
+    "federated": "run a model-less entry point that routes each request to a federated node",
+    "worker": "run a worker that lends its memory to a server's model",
+}
+
+
+class UserError(Exception):
+    def __init__(self, message: str, status: int = 2):
+        super().__init__(message)
+        self.status = status
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="zswarm", description="A private LLM inference cluster.")
+    p.add_argument("--version", action="version", version=f"zswarm {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for role, text in ROLES.items():
+        sp = sub.add_parser(role, help=text, description=text)
+        add_options(sp, NODE_OPTIONS + (SERVER_OPTIONS if role == "server" else []))
+
+    tp = sub.add_parser("token", help="make or inspect a cluster token")
+    tsub = tp.add_subparsers(dest="token_command", metavar="ACTION", required=True)
+    tn = tsub.add_parser("new", help="print a new token")
+    tn.add_argument("--bootstrap", action="append", default=[], metavar="HOST:PORT",
+                    help="an endpoint the token carries, so a node can join with the token alone (repeatable)")
+    ti = tsub.add_parser("inspect", help="show what a token holds (never its secret)")
+    ti.add_argument("token", metavar="TOKEN")
+    ti.add_argument("--json", action="store_true", help="print JSON")
+
+    ap = sub.add_parser("admin", help="talk to a running node through its admin socket")
+    ap.add_argument("--state-dir", metavar="DIR", default=None,
+                    help="the node's state directory [default: ~/.local/state/zswarm/ROLE; env: ZSWARM_STATE_DIR]")
+    ap.add_argument("--role", choices=sorted(ROLES), default="server",
+                    help="which default state directory to use when --state-dir is not given [default: server]")
+    ap.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for an answer [default: 5]")
+    ap.add_argument("admin_command", metavar="COMMAND", help="status, peers, ledger, help, log-level ...")
+    ap.add_argument("admin_args", nargs="*", metavar="KEY=VALUE", help="arguments of the command")
+    ap.add_argument("--json", action="store_true", help="print JSON")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "token":
+            return cmd_token(args)
+        if args.command == "admin":
+            return cmd_admin(args)
+        return cmd_node(args)
+    except UserError as e:
+        print(f"zswarm: error: {e}", file=sys.stderr)
+        return e.status
+    except KeyboardInterrupt:
+        return 130
+
+
+def cmd_token(args: argparse.Namespace) -> int:
+    try:
+        if args.token_command == "new":
+            print(Token.generate(args.bootstrap).encode())
+            return 0
+        token = Token.parse(args.token)
+    except TokenError as e:
+        raise UserError(str(e)) from None
+    info = {"network_id": token.derive().network_id, "bootstrap": list(token.bootstrap)}
+    if args.json:
+        print(json.dumps(info))
+    else:
+        print(f"network id: {info['network_id']}")
+        print(f"bootstrap:  {', '.join(info['bootstrap']) or '(none)'}")
+    return 0
+
+
+def cmd_admin(args: argparse.Namespace) -> int:
+    import os
+
+    from .admin_client import AdminFailed, AdminUnavailable, call
+
+    state_dir = args.state_dir or os.environ.get("ZSWARM_STATE_DIR") or default_state_dir(args.role)
+    kwargs: dict[str, Any] = {}
+    for item in args.admin_args:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise UserError(f"admin arguments are KEY=VALUE, got {item!r}")
+        kwargs[key] = value
+    try:
+        result = call(state_dir, args.admin_command, kwargs, timeout_s=args.timeout)
+    except AdminUnavailable as e:
+        raise UserError(str(e), 1) from None
+    except AdminFailed as e:
+        raise UserError(str(e), 1) from None
+    if args.json:
+        print(json.dumps(result, indent=None, sort_keys=True))
+    else:
+        print(render(args.admin_command, result))
+    return 0
+
+
+def render(command: str, result: Any) -> str:
+    if command == "peers" and isinstance(result, list):
+        rows = [("ID", "NAME", "ROLE", "STATE", "LAST SEEN", "GOSSIP")]
+        for p in result:
+            rows.append((p["id"], p["name"], p["role"], p["state"], f"{p['last_seen_s']:.1f}s",
+                         p.get("endpoints", {}).get("gossip", "")))
+        widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+        return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+    if isinstance(result, dict):
+        width = max((len(k) for k in result), default=0)
+        return "\n".join(f"{k.ljust(width)}  {json.dumps(v) if not isinstance(v, str) else v}"
+                         for k, v in result.items())
+    return json.dumps(result, indent=2) if not isinstance(result, str) else result
+
+
+def cmd_node(args: argparse.Namespace) -> int:
+    from .node import NodeSettings, run
+
+    role = args.command
+    opts = NODE_OPTIONS + (SERVER_OPTIONS if role == "server" else [])
+    try:
+        cfg = resolve(args, opts)
+    except ConfigError as e:
+        raise UserError(str(e)) from None
+    _setup_logging(cfg["log_level"])
+    generated = False
+    if cfg["token"]:
+        try:
+            token = Token.parse(cfg["token"])
+        except TokenError as e:
+            raise UserError(f"--token: {e}") from None
+    elif role == "server":
+        token, generated = Token.generate(), True
+    else:
+        raise UserError(f"zswarm {role} needs a cluster token: --token or ZSWARM_TOKEN "
+                        "(make one with `zswarm token new`)")
+    flags = ["federated"] if cfg.get("federated") else []
+    settings = NodeSettings(
+        role=role, token=token, state_dir=cfg["state_dir"] or default_state_dir(role),
+        p2p_listen=cfg["p2p_listen"], advertise=cfg["advertise"], bootstrap=cfg["bootstrap"],
+        mdns=not cfg["no_mdns"], mdns_interfaces=cfg["mdns_interfaces"], local_only=cfg["local_only"],
+        name=cfg["name"] or hostname(), flags=flags)
+    ready = None
+    if generated:
+        t = token.encode()
+        ready = ("zswarm: generated a new cluster token; join this cluster with:\n"
+                 f"  zswarm worker --token {t} --bootstrap {{gossip_hostport}}\n"
+                 f"  zswarm server --p2p --federated --token {t} --bootstrap {{gossip_hostport}}")
+    return run(settings, ready)
+
+
+def _setup_logging(level: str) -> None:
+    value = logging.getLevelName(level.upper())
+    if not isinstance(value, int):
+        raise UserError(f"--log-level: unknown level {level!r}")
+    logging.basicConfig(level=value, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("zeroconf").setLevel(max(value, logging.WARNING))

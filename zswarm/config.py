@@ -1,0 +1,159 @@
+"""Command-line options, their environment variables, and how a value is chosen.
+
+Each option is declared once, in :data:`NODE_OPTIONS` (or a command's own list): its flag, the
+environment variables that may set it (``ZSWARM_*`` first, then LocalAI's names so a LocalAI
+user's scripts keep working), its default and why. Precedence: flag, then the first variable
+that is set, then the default. ``--help`` prints all three.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import socket
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from .token import TokenError, validate_endpoint
+
+
+class ConfigError(ValueError):
+    """A setting that cannot be used; one line for the user."""
+
+
+TRUE = {"1", "true", "yes", "on"}
+FALSE = {"0", "false", "no", "off", ""}
+
+
+def parse_bool(text: str) -> bool:
+    t = text.strip().lower()
+    if t in TRUE:
+        return True
+    if t in FALSE:
+        return False
+    raise ConfigError(f"expected a boolean (true/false), got {text!r}")
+
+
+_MULTIADDR = re.compile(r"^/(ip4|ip6|dns4|dns6|dns)/([^/]+)/(tcp|udp)/(\d+)")
+
+
+def parse_hostport(text: str, allow_port_zero: bool = False) -> str:
+    """``HOST:PORT``, or a libp2p multiaddr such as LocalAI takes (``/ip4/1.2.3.4/tcp/4001``)."""
+    text = text.strip()
+    m = _MULTIADDR.match(text)
+    if m:
+        host = f"[{m.group(2)}]" if m.group(1) == "ip6" else m.group(2)
+        text = f"{host}:{m.group(4)}"
+    try:
+        return validate_endpoint(text, allow_port_zero)
+    except TokenError as e:
+        raise ConfigError(str(e)) from None
+
+
+def parse_hostport_list(text: str) -> list[str]:
+    return [parse_hostport(p) for p in re.split(r"[,\s]+", text) if p.strip()]
+
+
+def parse_list(text: str) -> list[str]:
+    return [p for p in re.split(r"[,\s]+", text) if p]
+
+
+@dataclass
+class Opt:
+    dest: str
+    flags: tuple[str, ...]
+    envs: tuple[str, ...]
+    default: Any
+    help: str
+    parse: Callable[[str], Any] | None = str  # None: a switch (store_true)
+    metavar: str | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def is_switch(self) -> bool:
+        return self.parse is None
+
+
+def default_state_dir(role: str) -> str:
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return os.path.join(base, "zswarm", role)
+
+
+DEFAULT_P2P_PORT = 7340
+
+NODE_OPTIONS: list[Opt] = [
+    Opt("token", ("--token",), ("ZSWARM_TOKEN", "LOCALAI_P2P_TOKEN", "P2P_TOKEN", "TOKEN"), None,
+        "cluster token (`zswarm token new` makes one); never logged", metavar="TOKEN"),
+    Opt("state_dir", ("--state-dir",), ("ZSWARM_STATE_DIR",), None,
+        "where the node keeps its id and admin socket (default: ~/.local/state/zswarm/ROLE)", metavar="DIR"),
+    Opt("p2p_listen", ("--p2p-listen",), ("ZSWARM_P2P_LISTEN", "LOCALAI_P2P_LISTEN_MADDRS"),
+        f"0.0.0.0:{DEFAULT_P2P_PORT}",
+        "where the node's ZeroMQ sockets bind; port 0 picks free ports; later sockets take the next ports",
+        parse=lambda s: parse_hostport(s, allow_port_zero=True), metavar="HOST:PORT"),
+    Opt("advertise", ("--p2p-advertise",), ("ZSWARM_P2P_ADVERTISE", "LOCALAI_P2P_DHT_ANNOUNCE_MADDRS"), None,
+        "address peers should dial (default: the listen host, or this host's first non-loopback IPv4 "
+        "address when listening on 0.0.0.0)", metavar="HOST"),
+    Opt("bootstrap", ("--bootstrap",), ("ZSWARM_BOOTSTRAP", "LOCALAI_P2P_BOOTSTRAP_PEERS_MADDRS"), [],
+        "peers to dial at start, comma-separated (added to those the token carries)",
+        parse=parse_hostport_list, metavar="HOST:PORT[,...]"),
+    Opt("no_mdns", ("--no-mdns",), ("ZSWARM_NO_MDNS",), False,
+        "do not announce or browse on mDNS (multicast DNS)", parse=None),
+    Opt("mdns_interfaces", ("--mdns-interface",), ("ZSWARM_MDNS_INTERFACES",), [],
+        "only announce and browse mDNS on the interfaces with these IPv4 addresses (default: all)",
+        parse=parse_list, metavar="ADDR[,...]"),
+    Opt("local_only", ("--local-only",), ("ZSWARM_LOCAL_ONLY", "LOCALAI_P2P_DISABLE_DHT"), False,
+        "local discovery only: find peers by mDNS, ignore bootstrap peers and those in the token",
+        parse=None),
+    Opt("name", ("--name",), ("ZSWARM_NAME",), None, "a name for this node (default: the host name)",
+        metavar="NAME"),
+    Opt("log_level", ("--log-level",), ("ZSWARM_LOG_LEVEL", "LOCALAI_P2P_LOGLEVEL"), "info",
+        "debug, info, warning or error", parse=lambda s: s.strip().lower(), metavar="LEVEL"),
+]
+
+SERVER_OPTIONS: list[Opt] = [
+    Opt("p2p", ("--p2p",), ("ZSWARM_P2P", "LOCALAI_P2P"), False,
+        "join a cluster (without --token, a new token is generated and printed)", parse=None),
+    Opt("federated", ("--federated",), ("ZSWARM_FEDERATED", "LOCALAI_FEDERATED"), False,
+        "also serve requests routed from the cluster (federated mode)", parse=None),
+]
+
+
+def add_options(parser: argparse.ArgumentParser, opts: list[Opt]) -> None:
+    for o in opts:
+        envs = ", ".join(o.envs)
+        shown = "off" if o.is_switch else (o.default if o.default not in (None, []) else "none")
+        help_text = f"{o.help} [default: {shown}; env: {envs}]".replace("%", "%%")
+        if o.is_switch:
+            parser.add_argument(*o.flags, dest=o.dest, action="store_true", default=None, help=help_text)
+        else:
+            parser.add_argument(*o.flags, dest=o.dest, default=None, metavar=o.metavar, help=help_text, **o.extra)
+
+
+def resolve(ns: argparse.Namespace, opts: list[Opt], environ: dict[str, str] | None = None) -> dict[str, Any]:
+    """Pick each option's value: flag, then environment, then default. Raises ConfigError."""
+    environ = os.environ if environ is None else environ
+    out: dict[str, Any] = {}
+    for o in opts:
+        raw = getattr(ns, o.dest, None)
+        source = o.flags[0]
+        if raw is None:
+            for env in o.envs:
+                if environ.get(env, "") != "":
+                    raw, source = environ[env], env
+                    break
+        try:
+            if raw is None:
+                value = o.default
+            elif o.is_switch:
+                value = raw if isinstance(raw, bool) else parse_bool(raw)
+            else:
+                value = o.parse(raw) if isinstance(raw, str) else raw
+        except (ConfigError, ValueError) as e:
+            raise ConfigError(f"{source}: {e}") from None
+        out[o.dest] = value
+    return out
+
+
+def hostname() -> str:
+    return socket.gethostname() or "node"

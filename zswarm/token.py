@@ -1,0 +1,112 @@
+"""The cluster token: its text format and the keys derived from it.
+
+A token is ``zs1`` followed by base64url (no padding) of::
+
+    version (1 byte) | secret (32 bytes) | msgpack list of bootstrap "host:port" | checksum (4 bytes)
+
+The checksum (first 4 bytes of SHA-256 over everything before it) turns a truncated or
+mistyped token into a clear error instead of a node that silently joins nothing.
+
+Everything secret is derived from the 32-byte secret with HKDF-SHA256, one ``info`` label per
+use, so no key is ever used for two purposes. This module never logs and never prints the secret.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import os
+from dataclasses import dataclass
+
+import msgspec
+import zmq
+import zmq.utils.z85
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+PREFIX = "zs1"
+VERSION = 1
+SECRET_BYTES = 32
+CHECKSUM_BYTES = 4
+_SALT = b"zswarm token v1"
+
+
+class TokenError(ValueError):
+    """A token that cannot be used; the message is one line, fit to show a user."""
+
+
+@dataclass(frozen=True)
+class Keys:
+    """What a node needs from the token. ``curve_*`` are Z85-encoded, as pyzmq expects."""
+
+    curve_public: bytes
+    curve_secret: bytes
+    network_id: str  # 16 hex chars; safe to show and to log
+    discovery_key: bytes  # HMAC-SHA256 key that signs mDNS announcements
+
+
+@dataclass(frozen=True)
+class Token:
+    secret: bytes
+    bootstrap: tuple[str, ...] = ()
+
+    @classmethod
+    def generate(cls, bootstrap: tuple[str, ...] | list[str] = ()) -> "Token":
+        return cls(os.urandom(SECRET_BYTES), tuple(validate_endpoint(b) for b in bootstrap))
+
+    @classmethod
+    def parse(cls, text: str) -> "Token":
+        text = (text or "").strip()
+        if not text:
+            raise TokenError("the token is empty")
+        if not text.startswith(PREFIX):
+            raise TokenError(f"not a zswarm token (it should start with {PREFIX!r})")
+        body = text[len(PREFIX):]
+        try:
+            raw = base64.urlsafe_b64decode(body + "=" * (-len(body) % 4))
+        except (binascii.Error, ValueError):
+            raise TokenError("the token is not valid base64url: was it copied whole?") from None
+        if len(raw) < 1 + SECRET_BYTES + CHECKSUM_BYTES:
+            raise TokenError("the token is too short: was it copied whole?")
+        payload, checksum = raw[:-CHECKSUM_BYTES], raw[-CHECKSUM_BYTES:]
+        if hashlib.sha256(payload).digest()[:CHECKSUM_BYTES] != checksum:
+            raise TokenError("the token's checksum does not match: it is truncated or mistyped")
+        if payload[0] != VERSION:
+            raise TokenError(f"token version {payload[0]} is not supported (this zswarm reads {VERSION})")
+        secret = payload[1:1 + SECRET_BYTES]
+        try:
+            bootstrap = msgspec.msgpack.decode(payload[1 + SECRET_BYTES:], type=list[str])
+            bootstrap = tuple(validate_endpoint(b) for b in bootstrap)
+        except (msgspec.DecodeError, msgspec.ValidationError, TokenError):
+            raise TokenError("the token's bootstrap list is unreadable") from None
+        return cls(secret, bootstrap)
+
+    def encode(self) -> str:
+        payload = bytes([VERSION]) + self.secret + msgspec.msgpack.encode(list(self.bootstrap))
+        raw = payload + hashlib.sha256(payload).digest()[:CHECKSUM_BYTES]
+        return PREFIX + base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+    def derive(self) -> Keys:
+        curve_secret = zmq.utils.z85.encode(_hkdf(self.secret, b"curve secret key", 32))
+        return Keys(
+            curve_public=zmq.curve_public(curve_secret),
+            curve_secret=curve_secret,
+            network_id=_hkdf(self.secret, b"network id", 8).hex(),
+            discovery_key=_hkdf(self.secret, b"discovery hmac", 32),
+        )
+
+
+def _hkdf(secret: bytes, info: bytes, length: int) -> bytes:
+    return HKDF(algorithm=hashes.SHA256(), length=length, salt=_SALT, info=info).derive(secret)
+
+
+def validate_endpoint(text: str, allow_port_zero: bool = False) -> str:
+    """Check a ``host:port`` string (IPv6 hosts in brackets) and return it stripped."""
+    text = text.strip()
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not (0 if allow_port_zero else 1) <= int(port) < 65536:
+        raise TokenError(f"bad endpoint {text!r}: expected HOST:PORT")
+    if host.startswith("[") != host.endswith("]"):
+        raise TokenError(f"bad endpoint {text!r}: IPv6 hosts go in brackets")
+    return text

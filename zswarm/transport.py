@@ -1,0 +1,237 @@
+"""Everything that configures or drives a ZeroMQ socket.
+
+- :class:`ZapHandler` answers ZeroMQ's authentication requests: only a CURVE client holding the
+  cluster's key gets in. It must be running before any CURVE socket binds, because without a ZAP
+  handler libzmq accepts any client that completes the handshake.
+- :class:`SocketLoop` is the one thread that owns a group of sockets. Other threads never touch
+  them: they ``submit()`` a callable, which runs in the loop thread ("contexts are threadsafe,
+  sockets are not"). Inbound frames are handed to a callback in the loop thread.
+
+Every socket gets LINGER=0 and bounded queues; nothing here blocks without a timeout.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import threading
+import time
+from typing import Callable
+
+import zmq
+import zmq.utils.z85
+
+from .token import Keys
+
+log = logging.getLogger(__name__)
+
+ZAP_ENDPOINT = "inproc://zeromq.zap.01"
+SNDHWM = 1000  # messages; a slow peer loses gossip (it is resent anyway) instead of growing memory
+MAXMSGSIZE = 1 << 20  # bytes; no gossip or admin message comes near this, so anything larger is hostile
+
+
+class Stats:
+    """Counters shared between threads (ints under a lock; read by the admin socket and /metrics)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._counts: collections.Counter[str] = collections.Counter()
+
+    def inc(self, name: str, n: int = 1) -> None:
+        with self._lock:
+            self._counts[name] += n
+
+    def snapshot(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._counts)
+
+
+def configure(sock: zmq.Socket) -> zmq.Socket:
+    sock.linger = 0
+    sock.setsockopt(zmq.MAXMSGSIZE, MAXMSGSIZE)
+    if sock.type in (zmq.PUB, zmq.DEALER, zmq.ROUTER):
+        sock.sndhwm = SNDHWM
+    return sock
+
+
+def curve_server(sock: zmq.Socket, keys: Keys) -> zmq.Socket:
+    """Make ``sock`` a CURVE server; call before bind (ZeroMQ reads it at bind time)."""
+    sock.curve_secretkey = keys.curve_secret
+    sock.curve_publickey = keys.curve_public
+    sock.curve_server = True
+    sock.zap_domain = b"zswarm"
+    return sock
+
+
+def curve_client(sock: zmq.Socket, keys: Keys) -> zmq.Socket:
+    """Every node uses the token's one keypair as client key too, so ZAP can check it."""
+    sock.curve_secretkey = keys.curve_secret
+    sock.curve_publickey = keys.curve_public
+    sock.curve_serverkey = keys.curve_public
+    return sock
+
+
+def tcp(hostport: str) -> str:
+    return hostport if hostport.startswith("tcp://") else "tcp://" + hostport
+
+
+class SocketLoop(threading.Thread):
+    """A thread that owns sockets, runs submitted calls, and ticks.
+
+    ``setup(loop)`` runs in the loop thread before anything else and creates the sockets with
+    :meth:`add`; an exception there is re-raised by :meth:`start_and_wait` in the caller.
+    """
+
+    def __init__(self, name: str, ctx: zmq.Context, setup: Callable[["SocketLoop"], None],
+                 tick_s: float | None = None, on_tick: Callable[[], None] | None = None):
+        super().__init__(name=name, daemon=True)
+        self.ctx = ctx
+        self._setup = setup
+        self._tick_s = tick_s
+        self._on_tick = on_tick
+        self._handlers: dict[zmq.Socket, Callable[[list[bytes]], None]] = {}
+        self._sockets: list[zmq.Socket] = []
+        self._calls: collections.deque[Callable[[], None]] = collections.deque()
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_w, False)
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._stopping = False
+        self._close_linger_ms = 0
+
+    # --- any thread ---
+    def start_and_wait(self, timeout_s: float = 5.0) -> None:
+        self.start()
+        if not self._ready.wait(timeout_s):
+            raise TimeoutError(f"{self.name} did not start within {timeout_s} s")
+        if self._error is not None:
+            self.join(timeout_s)
+            raise self._error
+
+    def submit(self, fn: Callable[[], None]) -> None:
+        self._calls.append(fn)
+        try:
+            os.write(self._wake_w, b"x")
+        except BlockingIOError:
+            pass  # the pipe is full of wake-ups already; the loop will drain the deque
+
+    def stop(self, timeout_s: float = 5.0, linger_ms: int = 0) -> bool:
+        """Close the sockets (optionally letting queued sends flush) and end the thread."""
+        def _stop() -> None:
+            self._stopping = True
+            self._close_linger_ms = linger_ms
+        if self.is_alive():
+            self.submit(_stop)
+            self.join(timeout_s)
+        alive = self.is_alive()
+        if not alive:
+            for fd in (self._wake_r, self._wake_w):
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        return not alive
+
+    # --- loop thread only ---
+    def add(self, sock: zmq.Socket, handler: Callable[[list[bytes]], None] | None = None) -> zmq.Socket:
+        configure(sock)
+        self._sockets.append(sock)
+        if handler is not None:
+            self._handlers[sock] = handler
+        return sock
+
+    def socket(self, kind: int, handler: Callable[[list[bytes]], None] | None = None) -> zmq.Socket:
+        return self.add(self.ctx.socket(kind), handler)
+
+    def run(self) -> None:
+        try:
+            self._setup(self)
+        except BaseException as e:  # handed to start_and_wait's caller
+            self._error = e
+            self._close_all()
+            self._ready.set()
+            return
+        self._ready.set()
+        poller = zmq.Poller()
+        poller.register(self._wake_r, zmq.POLLIN)
+        for sock in self._handlers:
+            poller.register(sock, zmq.POLLIN)
+        next_tick = time.monotonic() + (self._tick_s or 0)
+        try:
+            while not self._stopping:
+                timeout_ms = None
+                if self._tick_s:
+                    timeout_ms = max(0, int((next_tick - time.monotonic()) * 1000))
+                for sock_or_fd, _ in poller.poll(timeout_ms):
+                    if sock_or_fd == self._wake_r:
+                        os.read(self._wake_r, 4096)
+                        continue
+                    handler = self._handlers[sock_or_fd]
+                    for _ in range(100):  # bounded batch so ticks and calls are never starved
+                        try:
+                            frames = sock_or_fd.recv_multipart(zmq.NOBLOCK)
+                        except zmq.Again:
+                            break
+                        self._guard(handler, frames)
+                while self._calls and not self._stopping:
+                    self._guard(self._calls.popleft())
+                if self._stopping:
+                    while self._calls:  # last sends (a Leave) still go out
+                        self._guard(self._calls.popleft())
+                if self._tick_s and time.monotonic() >= next_tick:
+                    next_tick = time.monotonic() + self._tick_s
+                    if self._on_tick is not None:
+                        self._guard(self._on_tick)
+        finally:
+            self._close_all()
+
+    def _guard(self, fn: Callable, *args) -> None:
+        try:
+            fn(*args)
+        except Exception:
+            log.exception("%s: handler failed; the loop goes on", self.name)
+
+    def _close_all(self) -> None:
+        for sock in self._sockets:
+            sock.close(linger=self._close_linger_ms)
+        self._sockets.clear()
+
+
+class ZapHandler:
+    """Answers ZAP requests for the context: CURVE clients with the cluster key only.
+
+    A refused handshake is counted (``auth_denied``) and logged at debug level only, so a
+    stranger knocking cannot flood the log.
+    """
+
+    def __init__(self, ctx: zmq.Context, keys: Keys, stats: Stats):
+        self._allowed = keys.curve_public
+        self._stats = stats
+        self.loop = SocketLoop("zap", ctx, self._setup)
+
+    def _setup(self, loop: SocketLoop) -> None:
+        self._sock = loop.socket(zmq.REP, self._handle)
+        self._sock.bind(ZAP_ENDPOINT)
+
+    def start(self) -> None:
+        self.loop.start_and_wait()
+
+    def stop(self) -> None:
+        self.loop.stop()
+
+    def _handle(self, frames: list[bytes]) -> None:
+        if len(frames) < 6:
+            self._sock.send_multipart([b"1.0", b"", b"400", b"bad ZAP request", b"", b""])
+            return
+        version, request_id, domain, address, _identity, mechanism = frames[:6]
+        ok = False
+        if mechanism == b"CURVE" and len(frames) >= 7:
+            ok = zmq.utils.z85.encode(frames[6]) == self._allowed
+        if ok:
+            self._stats.inc("auth_ok")
+            self._sock.send_multipart([version, request_id, b"200", b"OK", b"zswarm", b""])
+        else:
+            self._stats.inc("auth_denied")
+            log.debug("refused %s handshake from %s", mechanism.decode(errors="replace"), address.decode(errors="replace"))
+            self._sock.send_multipart([version, request_id, b"400", b"not a member", b"", b""])

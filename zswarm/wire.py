@@ -1,0 +1,171 @@
+"""Every message that crosses a socket, as msgspec Structs, and the codecs for them.
+
+Gossip frames are ``[topic, payload]``. The payload is an :class:`Envelope` whose body stays raw
+until the protocol version and network id have been checked, so a peer speaking a newer protocol
+is refused with a clear reason instead of a decode error. Body tags are part of the protocol:
+ONLY APPEND new message types; new fields get defaults so older peers can still read them.
+
+Nothing here touches a socket; ``decode_*`` raise :class:`BadFrame` and never anything else.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Union
+
+import msgspec
+
+PROTOCOL = 1
+TOPIC_ALL = b"*"  # every node subscribes to this topic and to its own id
+
+
+class BadFrame(ValueError):
+    """A frame that cannot be read; the caller drops it and counts it."""
+
+
+class NodeRecord(msgspec.Struct, kw_only=True):
+    """What the cluster knows about one node; replicated, last writer (incarnation, version) wins."""
+
+    id: str
+    name: str
+    role: str  # "server" | "federated" | "worker"
+    incarnation: int  # new at every start of the node: a restarted node beats its old self
+    version: int = 0  # bumped by the owner whenever any field below changes
+    endpoints: dict[str, str] = {}  # service name ("gossip", "gateway", ...) -> "tcp://host:port"
+    models: list[str] = []
+    mem_total: int = 0  # bytes
+    mem_free: int = 0  # bytes
+    in_flight: int = 0
+    software: str = ""
+    protocol: int = PROTOCOL
+    started_at: float = 0.0  # unix seconds
+    flags: list[str] = []  # e.g. "federated", "draining"
+
+
+class Beat(msgspec.Struct, tag=1):
+    """Sent to everyone every heartbeat: proof of life and how to reach the sender."""
+
+    id: str
+    incarnation: int
+    version: int
+    heartbeat: int
+    gossip: str  # the sender's gossip endpoint
+
+
+class DigestEntry(msgspec.Struct, array_like=True):
+    id: str
+    incarnation: int
+    version: int
+    heartbeat: int
+
+
+class Digest(msgspec.Struct, tag=2):
+    """What the sender knows; lets receivers pull records they lack and relays liveness."""
+
+    entries: list[DigestEntry]
+
+
+class Want(msgspec.Struct, tag=3):
+    """Ask the node on this message's topic for full records."""
+
+    ids: list[str]
+
+
+class Records(msgspec.Struct, tag=4):
+    records: list[NodeRecord]
+
+
+class Leave(msgspec.Struct, tag=5):
+    id: str
+    incarnation: int
+
+
+Body = Union[Beat, Digest, Want, Records, Leave]
+
+
+class Envelope(msgspec.Struct, array_like=True):
+    proto: int
+    net: str
+    sender: str
+    body: msgspec.Raw
+
+
+class Message(msgspec.Struct):
+    """A decoded, checked gossip message."""
+
+    sender: str
+    body: Body
+
+
+_env_encoder = msgspec.msgpack.Encoder()
+_env_decoder = msgspec.msgpack.Decoder(Envelope)
+_body_decoder = msgspec.msgpack.Decoder(Body)
+
+
+def encode(net: str, sender: str, body: Body) -> bytes:
+    return _env_encoder.encode(Envelope(PROTOCOL, net, sender, msgspec.Raw(_env_encoder.encode(body))))
+
+
+class WrongProtocol(BadFrame):
+    pass
+
+
+class WrongNetwork(BadFrame):
+    pass
+
+
+def decode(payload: bytes, net: str) -> Message:
+    try:
+        env = _env_decoder.decode(payload)
+    except (msgspec.DecodeError, msgspec.ValidationError) as e:
+        raise BadFrame(f"unreadable envelope: {e}") from None
+    if env.proto != PROTOCOL:
+        raise WrongProtocol(f"protocol {env.proto} from {env.sender!r}; this node speaks {PROTOCOL}")
+    if env.net != net:
+        raise WrongNetwork(f"network {env.net!r} is not ours")
+    try:
+        body = _body_decoder.decode(env.body)
+    except (msgspec.DecodeError, msgspec.ValidationError) as e:
+        raise BadFrame(f"unreadable body from {env.sender!r}: {e}") from None
+    return Message(env.sender, body)
+
+
+# --- admin socket (JSON, so an operator can speak it with any ZeroMQ client) ---
+
+class AdminRequest(msgspec.Struct):
+    command: str
+    id: int = 0
+    args: dict[str, Any] = {}
+
+
+class AdminError(msgspec.Struct):
+    code: int
+    message: str
+
+
+class AdminReply(msgspec.Struct, omit_defaults=True):
+    id: int
+    ok: bool
+    result: Any = None
+    error: Union[AdminError, None] = None
+
+
+_admin_req_decoder = msgspec.json.Decoder(AdminRequest)
+_admin_rep_decoder = msgspec.json.Decoder(AdminReply)
+
+
+def decode_admin_request(payload: bytes) -> AdminRequest:
+    try:
+        return _admin_req_decoder.decode(payload)
+    except (msgspec.DecodeError, msgspec.ValidationError) as e:
+        raise BadFrame(str(e)) from None
+
+
+def decode_admin_reply(payload: bytes) -> AdminReply:
+    try:
+        return _admin_rep_decoder.decode(payload)
+    except (msgspec.DecodeError, msgspec.ValidationError) as e:
+        raise BadFrame(str(e)) from None
+
+
+def encode_json(obj: Any) -> bytes:
+    return msgspec.json.encode(obj)
