@@ -169,3 +169,93 @@ def decode_admin_reply(payload: bytes) -> AdminReply:
 
 def encode_json(obj: Any) -> bytes:
     return msgspec.json.encode(obj)
+
+
+# --- inference: HTTP worker -> node -> (peer node) -> engine process, and the stream back ---
+# The same messages travel every hop; a hop forwards them without re-encoding the body.
+# Frames: [payload] (DEALER side) / [routing id..., payload] (ROUTER side), payload = Envelope.
+
+class ChatMessage(msgspec.Struct, omit_defaults=True):
+    role: str
+    content: str = ""
+    name: Union[str, None] = None
+
+
+class GenRequest(msgspec.Struct, tag=101, kw_only=True, omit_defaults=True):
+    """One completion. ``kind`` is "chat" (``messages``) or "completion" (``prompt``)."""
+
+    id: str  # unique per request (hex); every reply carries it
+    kind: str
+    model: str
+    messages: list[ChatMessage] = []
+    prompt: str = ""
+    max_tokens: Union[int, None] = None  # None: until the context is full or a stop
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop: list[str] = []
+    seed: Union[int, None] = None
+    deadline: float = 0.0  # unix seconds after which nobody waits for the answer; 0: none
+    target_node: str = ""  # route to this node only (LocalAI's target worker)
+    hops: int = 0  # incremented by each gateway that forwards it; refused past 2
+
+
+class Cancel(msgspec.Struct, tag=102):
+    """The client went away: stop generating ``id``."""
+
+    id: str
+
+
+class Chunk(msgspec.Struct, tag=103):
+    id: str
+    text: str
+
+
+class Done(msgspec.Struct, tag=104, kw_only=True):
+    id: str
+    finish_reason: str  # "stop" | "length"
+    prompt_tokens: int
+    completion_tokens: int
+    node: str = ""  # id of the node whose engine answered
+
+
+class Fail(msgspec.Struct, tag=105, kw_only=True):
+    id: str
+    code: str  # see FAIL_CODES
+    message: str
+    started: bool = False  # had any Chunk been sent? then it must not be retried elsewhere
+    node: str = ""
+
+
+FAIL_CODES = {
+    "bad_request": 400,  # the engine refused the parameters
+    "context_length": 400,  # prompt (plus max_tokens) does not fit the context
+    "model_not_found": 404,
+    "overloaded": 503,  # every slot busy and the queue full
+    "engine_down": 503,  # the engine process died or is restarting
+    "no_node": 503,  # no node serves the model
+    "timeout": 504,  # deadline passed
+    "cancelled": 499,
+    "internal": 500,
+}
+
+Inference = Union[GenRequest, Cancel, Chunk, Done, Fail]
+_inference_decoder = msgspec.msgpack.Decoder(Inference)
+
+
+def encode_inference(sender: str, body: Inference) -> bytes:
+    return encode("", sender, body)
+
+
+def decode_inference(payload: bytes) -> Message:
+    """Decode an inference message (local hops carry no network id: the socket is ipc)."""
+    try:
+        env = _env_decoder.decode(payload)
+    except (msgspec.DecodeError, msgspec.ValidationError) as e:
+        raise BadFrame(f"unreadable envelope: {e}") from None
+    if env.proto != PROTOCOL:
+        raise WrongProtocol(f"protocol {env.proto} from {env.sender!r}; this node speaks {PROTOCOL}")
+    try:
+        body = _inference_decoder.decode(env.body)
+    except (msgspec.DecodeError, msgspec.ValidationError) as e:
+        raise BadFrame(f"unreadable body from {env.sender!r}: {e}") from None
+    return Message(env.sender, body)
