@@ -173,3 +173,6 @@ def _setup_logging(level: str) -> None:
     logging.basicConfig(level=value, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("zeroconf").setLevel(max(value, logging.WARNING))
+    # pykka logs, with a traceback, every exception it hands back to an ask()er; the asker
+    # (node start-up) turns those into one clear line, so only show them when debugging.
+    logging.getLogger("pykka").setLevel(max(value, logging.WARNING))

@@ -64,7 +64,8 @@ class Token:
             raise TokenError(f"not a zswarm token (it should start with {PREFIX!r})")
         body = text[len(PREFIX):]
         try:
-            raw = base64.urlsafe_b64decode(body + "=" * (-len(body) % 4))
+            # validate=True: the lenient default silently skips characters that are not base64
+            raw = base64.b64decode(body + "=" * (-len(body) % 4), altchars=b"-_", validate=True)
         except (binascii.Error, ValueError):
             raise TokenError("the token is not valid base64url: was it copied whole?") from None
         if len(raw) < 1 + SECRET_BYTES + CHECKSUM_BYTES:
@@ -78,7 +79,7 @@ class Token:
         try:
             bootstrap = msgspec.msgpack.decode(payload[1 + SECRET_BYTES:], type=list[str])
             bootstrap = tuple(validate_endpoint(b) for b in bootstrap)
-        except (msgspec.DecodeError, msgspec.ValidationError, TokenError):
+        except (msgspec.MsgspecError, ValueError, RecursionError):
             raise TokenError("the token's bootstrap list is unreadable") from None
         return cls(secret, bootstrap)
 

@@ -22,6 +22,11 @@ class BadFrame(ValueError):
     """A frame that cannot be read; the caller drops it and counts it."""
 
 
+# msgspec raises DecodeError/ValidationError, but also UnicodeDecodeError (a ValueError) for
+# invalid UTF-8, and RecursionError for absurd nesting: all of them mean "hostile frame".
+DECODE_ERRORS = (msgspec.MsgspecError, ValueError, RecursionError)
+
+
 class NodeRecord(msgspec.Struct, kw_only=True):
     """What the cluster knows about one node; replicated, last writer (incarnation, version) wins."""
 
@@ -116,7 +121,7 @@ class WrongNetwork(BadFrame):
 def decode(payload: bytes, net: str) -> Message:
     try:
         env = _env_decoder.decode(payload)
-    except (msgspec.DecodeError, msgspec.ValidationError) as e:
+    except DECODE_ERRORS as e:
         raise BadFrame(f"unreadable envelope: {e}") from None
     if env.proto != PROTOCOL:
         raise WrongProtocol(f"protocol {env.proto} from {env.sender!r}; this node speaks {PROTOCOL}")
@@ -124,7 +129,7 @@ def decode(payload: bytes, net: str) -> Message:
         raise WrongNetwork(f"network {env.net!r} is not ours")
     try:
         body = _body_decoder.decode(env.body)
-    except (msgspec.DecodeError, msgspec.ValidationError) as e:
+    except DECODE_ERRORS as e:
         raise BadFrame(f"unreadable body from {env.sender!r}: {e}") from None
     return Message(env.sender, body)
 
@@ -156,14 +161,14 @@ _admin_rep_decoder = msgspec.json.Decoder(AdminReply)
 def decode_admin_request(payload: bytes) -> AdminRequest:
     try:
         return _admin_req_decoder.decode(payload)
-    except (msgspec.DecodeError, msgspec.ValidationError) as e:
+    except DECODE_ERRORS as e:
         raise BadFrame(str(e)) from None
 
 
 def decode_admin_reply(payload: bytes) -> AdminReply:
     try:
         return _admin_rep_decoder.decode(payload)
-    except (msgspec.DecodeError, msgspec.ValidationError) as e:
+    except DECODE_ERRORS as e:
         raise BadFrame(str(e)) from None
 
 
@@ -250,12 +255,12 @@ def decode_inference(payload: bytes) -> Message:
     """Decode an inference message (local hops carry no network id: the socket is ipc)."""
     try:
         env = _env_decoder.decode(payload)
-    except (msgspec.DecodeError, msgspec.ValidationError) as e:
+    except DECODE_ERRORS as e:
         raise BadFrame(f"unreadable envelope: {e}") from None
     if env.proto != PROTOCOL:
         raise WrongProtocol(f"protocol {env.proto} from {env.sender!r}; this node speaks {PROTOCOL}")
     try:
         body = _inference_decoder.decode(env.body)
-    except (msgspec.DecodeError, msgspec.ValidationError) as e:
+    except DECODE_ERRORS as e:
         raise BadFrame(f"unreadable body from {env.sender!r}: {e}") from None
     return Message(env.sender, body)

@@ -1,0 +1,132 @@
+"""Test helpers that run real zswarm node processes on 127.0.0.1 (or inside a test namespace).
+
+Every node is a child process (`python -m zswarm ROLE ...`) with mDNS off unless the test binds
+it to a namespace's interface. :class:`Cluster` remembers every process it started and its
+``close()`` stops them all, then fails loudly if any is still running.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from zswarm.admin_client import AdminFailed, AdminUnavailable, call
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def wait_for(predicate: Callable[[], Any], timeout_s: float, interval_s: float = 0.05, what: str = "") -> Any:
+    """Poll until ``predicate()`` is truthy; return its value, or fail with ``what`` after the deadline."""
+    deadline = time.monotonic() + timeout_s
+    last_exc: BaseException | None = None
+    while True:
+        try:
+            value = predicate()
+            if value:
+                return value
+        except (AdminUnavailable, AdminFailed, OSError) as e:
+            last_exc = e
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what or predicate}"
+                                 + (f" (last error: {last_exc})" if last_exc else ""))
+        time.sleep(interval_s)
+
+
+class NodeProc:
+    def __init__(self, role: str, name: str, state_dir: Path, host: str, port: int, args: list[str],
+                 log_path: Path, prefix: list[str] | None = None, env: dict[str, str] | None = None):
+        self.role, self.name, self.state_dir, self.host, self.port = role, name, state_dir, host, port
+        self.args, self.log_path, self.prefix, self.env = args, log_path, prefix or [], env
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def start(self) -> "NodeProc":
+        cmd = [*self.prefix, sys.executable, "-m", "zswarm", self.role, "--name", self.name,
+               "--state-dir", str(self.state_dir), "--p2p-listen", self.endpoint, *self.args]
+        self._log = open(self.log_path, "ab")
+        env = {**os.environ, "PYTHONPATH": str(REPO), **(self.env or {})}
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+        return self
+
+    def admin(self, command: str, **args: Any) -> Any:
+        return call(str(self.state_dir), command, args, timeout_s=3.0)
+
+    def peers(self) -> list[dict]:
+        return self.admin("peers")
+
+    def node_id(self) -> str:
+        return wait_for(lambda: self.admin("status")["id"], 15, what=f"{self.name} to answer")
+
+    def alive_peer_names(self) -> set[str]:
+        return {p["name"] for p in self.peers() if p["state"] == "alive"}
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def wait(self, timeout_s: float) -> int:
+        assert self.proc is not None
+        return self.proc.wait(timeout_s)
+
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+
+class Cluster:
+    def __init__(self, tmp: Path, token: str):
+        self.tmp, self.token = tmp, token
+        self.nodes: list[NodeProc] = []
+
+    def node(self, name: str, role: str = "server", bootstrap: list[NodeProc] | None = None,
+             extra: list[str] | None = None, token: str | None = None, host: str = "127.0.0.1",
+             prefix: list[str] | None = None, mdns: bool = False, port: int | None = None,
+             state_dir: Path | None = None) -> NodeProc:
+        args = ["--token", token or self.token]
+        if not mdns:
+            args.append("--no-mdns")
+        if bootstrap:
+            args += ["--bootstrap", ",".join(b.endpoint for b in bootstrap)]
+        args += extra or []
+        if port is None:  # a namespace has its own ports, all free; ours are shared with the machine
+            port = 7340 if prefix else free_port(host)
+        n = NodeProc(role, name, state_dir or self.tmp / name, host, port, args,
+                     self.tmp / f"{name}.log", prefix)
+        self.nodes.append(n)
+        return n.start()
+
+    def close(self) -> None:
+        for n in self.nodes:
+            if n.running():
+                n.signal(signal.SIGTERM)
+        leaked = []
+        for n in self.nodes:
+            if n.proc is None:
+                continue
+            try:
+                n.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                leaked.append(n.name)
+                n.proc.kill()
+                n.proc.wait(5)
+        assert not leaked, f"nodes did not stop on SIGTERM within 10 s: {leaked}"
