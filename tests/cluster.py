@@ -98,7 +98,7 @@ class Cluster:
         self.tmp, self.token = tmp, token
         self.nodes: list[NodeProc] = []
 
-    def node(self, name: str, role: str = "server", bootstrap: list[NodeProc] | None = None,
+    def node(self, name: str, role: str = "worker", bootstrap: list[NodeProc] | None = None,
              extra: list[str] | None = None, token: str | None = None, host: str = "127.0.0.1",
              prefix: list[str] | None = None, mdns: bool = False, port: int | None = None,
              state_dir: Path | None = None) -> NodeProc:
@@ -108,6 +108,8 @@ class Cluster:
         if bootstrap:
             args += ["--bootstrap", ",".join(b.endpoint for b in bootstrap)]
         args += extra or []
+        if role in ("server", "federated") and "--address" not in args:
+            args += ["--address", f"{host}:{free_port(host) if not prefix else 8080}"]
         if port is None:  # a namespace has its own ports, all free; ours are shared with the machine
             port = 7340 if prefix else free_port(host)
         n = NodeProc(role, name, state_dir or self.tmp / name, host, port, args,

@@ -13,7 +13,8 @@ import sys
 from typing import Any
 
 from . import __version__
-from .config import NODE_OPTIONS, SERVER_OPTIONS, ConfigError, add_options, default_state_dir, hostname, resolve
+from .config import (HTTP_OPTIONS, NODE_OPTIONS, SERVE_OPTIONS, SERVER_OPTIONS, ConfigError, add_options,
+                     default_state_dir, hostname, resolve)
 from .token import Token, TokenError
 
 ROLES = {
@@ -29,13 +30,21 @@ class UserError(Exception):
         self.status = status
 
 
+def role_options(role: str) -> list:
+    if role == "server":
+        return NODE_OPTIONS + SERVER_OPTIONS + SERVE_OPTIONS + HTTP_OPTIONS
+    if role == "federated":
+        return NODE_OPTIONS + HTTP_OPTIONS
+    return NODE_OPTIONS
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="zswarm", description="A private LLM inference cluster.")
     p.add_argument("--version", action="version", version=f"zswarm {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for role, text in ROLES.items():
         sp = sub.add_parser(role, help=text, description=text)
-        add_options(sp, NODE_OPTIONS + (SERVER_OPTIONS if role == "server" else []))
+        add_options(sp, role_options(role))
 
     tp = sub.add_parser("token", help="make or inspect a cluster token")
     tsub = tp.add_subparsers(dest="token_command", metavar="ACTION", required=True)
@@ -131,38 +140,45 @@ def render(command: str, result: Any) -> str:
 
 
 def cmd_node(args: argparse.Namespace) -> int:
-    from .node import NodeSettings, run
+    from .node import HttpSettings, NodeSettings, ServeSettings, run
 
     role = args.command
-    opts = NODE_OPTIONS + (SERVER_OPTIONS if role == "server" else [])
     try:
-        cfg = resolve(args, opts)
+        cfg = resolve(args, role_options(role))
     except ConfigError as e:
         raise UserError(str(e)) from None
     _setup_logging(cfg["log_level"])
     generated = False
+    token = None
     if cfg["token"]:
         try:
             token = Token.parse(cfg["token"])
         except TokenError as e:
             raise UserError(f"--token: {e}") from None
-    elif role == "server":
+    elif role == "server" and cfg["p2p"]:
         token, generated = Token.generate(), True
-    else:
+    elif role != "server":
         raise UserError(f"zswarm {role} needs a cluster token: --token or ZSWARM_TOKEN "
                         "(make one with `zswarm token new`)")
-    flags = ["federated"] if cfg.get("federated") else []
+    serve = http = None
+    if role == "server":
+        serve = ServeSettings(model=cfg["model"], ctx_size=cfg["ctx_size"], threads=cfg["threads"],
+                              parallel=cfg["parallel"])
+    if role in ("server", "federated"):
+        http = HttpSettings(address=cfg["address"], api_keys=cfg["api_keys"], workers=cfg["http_workers"])
     settings = NodeSettings(
         role=role, token=token, state_dir=cfg["state_dir"] or default_state_dir(role),
         p2p_listen=cfg["p2p_listen"], advertise=cfg["advertise"], bootstrap=cfg["bootstrap"],
         mdns=not cfg["no_mdns"], mdns_interfaces=cfg["mdns_interfaces"], local_only=cfg["local_only"],
-        name=cfg["name"] or hostname(), flags=flags)
+        name=cfg["name"] or hostname(), federated=bool(cfg.get("federated")),
+        policy=cfg.get("policy") or "p2c", target_node=cfg.get("target_node") or "", serve=serve, http=http)
     ready = None
     if generated:
         t = token.encode()
         ready = ("zswarm: generated a new cluster token; join this cluster with:\n"
                  f"  zswarm worker --token {t} --bootstrap {{gossip_hostport}}\n"
-                 f"  zswarm server --p2p --federated --token {t} --bootstrap {{gossip_hostport}}")
+                 f"  zswarm server --p2p --federated --token {t} --bootstrap {{gossip_hostport}}\n"
+                 f"  zswarm federated --token {t} --bootstrap {{gossip_hostport}}")
     return run(settings, ready)
 
 

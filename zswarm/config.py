@@ -119,6 +119,40 @@ SERVER_OPTIONS: list[Opt] = [
 ]
 
 
+def parse_positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise ConfigError(f"expected a positive number, got {text!r}")
+    return value
+
+
+SERVE_OPTIONS: list[Opt] = [
+    Opt("model", ("--model",), ("ZSWARM_MODEL", "MODEL_PATH"), None,
+        "GGUF model file to serve (default: the embedded SmolLM2-135M-Instruct)", metavar="PATH"),
+    Opt("ctx_size", ("--ctx-size",), ("ZSWARM_CTX_SIZE", "CONTEXT_SIZE"), 2048,
+        "context size in tokens, per request slot", parse=parse_positive_int, metavar="N"),
+    Opt("threads", ("--threads",), ("ZSWARM_THREADS", "THREADS"), 0,
+        "CPU threads for inference (0: one per core)", parse=int, metavar="N"),
+    Opt("parallel", ("--parallel",), ("ZSWARM_PARALLEL", "LLAMACPP_PARALLEL"), 1,
+        "requests generated at once (each slot holds its own context)", parse=parse_positive_int, metavar="N"),
+]
+
+HTTP_OPTIONS: list[Opt] = [
+    Opt("address", ("--address",), ("ZSWARM_ADDRESS", "LOCALAI_ADDRESS", "ADDRESS"), "127.0.0.1:8080",
+        "where the OpenAI API listens", parse=parse_hostport, metavar="HOST:PORT"),
+    Opt("api_keys", ("--api-key",), ("ZSWARM_API_KEYS", "LOCALAI_API_KEY", "API_KEY"), [],
+        "require one of these keys (Authorization: Bearer KEY); repeat or comma-separate for several",
+        parse=parse_list, metavar="KEY", extra={"action": "append"}),
+    Opt("policy", ("--policy",), ("ZSWARM_POLICY",), "p2c",
+        "how to pick a node: p2c (least in flight of two random nodes), least-busy, round-robin, random",
+        metavar="POLICY", extra={"choices": ["p2c", "least-busy", "round-robin", "random"]}),
+    Opt("target_node", ("--target-node",), ("ZSWARM_TARGET_NODE", "LOCALAI_TARGET_WORKER"), "",
+        "send every request to this node (id or name)", metavar="ID"),
+    Opt("http_workers", ("--http-workers",), ("ZSWARM_HTTP_WORKERS",), 1,
+        "gunicorn worker processes for the API", parse=parse_positive_int, metavar="N"),
+]
+
+
 def add_options(parser: argparse.ArgumentParser, opts: list[Opt]) -> None:
     for o in opts:
         envs = ", ".join(o.envs)
@@ -147,6 +181,8 @@ def resolve(ns: argparse.Namespace, opts: list[Opt], environ: dict[str, str] | N
                 value = o.default
             elif o.is_switch:
                 value = raw if isinstance(raw, bool) else parse_bool(raw)
+            elif isinstance(raw, list):  # a repeatable flag
+                value = [v for item in raw for v in o.parse(item)]
             else:
                 value = o.parse(raw) if isinstance(raw, str) else raw
         except (ConfigError, ValueError) as e:

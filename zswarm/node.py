@@ -22,8 +22,12 @@ import zmq
 
 from . import __version__, wire
 from .actors.admin import AdminActor
+from .actors.balancer import BalancerActor
 from .actors.discovery import DiscoveryActor
+from .actors.gateway import GatewayActor
 from .actors.ledger import BindError, LedgerActor
+from .actors.listener import notify
+from .actors.supervisor import ChildSpec, SupervisorActor
 from .membership import Timing
 from .state import StateDir
 from .token import Token
@@ -36,19 +40,45 @@ STOP_TIMEOUT_S = 5.0
 
 
 @dataclass
+class ServeSettings:
+    """The local inference engine (server role)."""
+
+    model: str | None = None  # GGUF path; None: the embedded SmolLM2
+    ctx_size: int = 2048
+    threads: int = 0  # 0: one per core
+    parallel: int = 1
+    max_queue: int = 128
+
+
+@dataclass
+class HttpSettings:
+    address: str = "127.0.0.1:8080"
+    api_keys: list[str] = field(default_factory=list)
+    workers: int = 1
+
+
+@dataclass
 class NodeSettings:
     role: str  # "server", "federated" or "worker"
-    token: Token
+    token: Token | None  # None: no cluster (a plain `zswarm server`)
     state_dir: str
-    p2p_listen: str
+    p2p_listen: str = "0.0.0.0:7340"
     advertise: str | None = None
     bootstrap: list[str] = field(default_factory=list)
     mdns: bool = True
     mdns_interfaces: list[str] = field(default_factory=list)
     local_only: bool = False
     name: str = "node"
-    flags: list[str] = field(default_factory=list)
+    federated: bool = False  # serve requests routed from the cluster, and route to it
+    policy: str = "p2c"
+    target_node: str = ""
+    serve: ServeSettings | None = None
+    http: HttpSettings | None = None
     timing: Timing = field(default_factory=Timing)
+
+    @property
+    def p2p(self) -> bool:
+        return self.token is not None
 
 
 def advertise_host(listen: str, advertise: str | None) -> str:
@@ -86,36 +116,87 @@ class Node:
         self.s = settings
         self.stats = Stats()
         self.state = StateDir(settings.state_dir).ensure()
-        self.keys = settings.token.derive()
+        self.keys = settings.token.derive() if settings.token else None
         self.ctx = zmq.Context()
-        self.zap = ZapHandler(self.ctx, self.keys, self.stats)
+        self.zap = ZapHandler(self.ctx, self.keys, self.stats) if self.keys else None
         self.actors: list[pykka.ActorRef] = []
         self.record: wire.NodeRecord | None = None
+        self.http_url = ""
 
     def start(self) -> wire.NodeRecord:
         s = self.s
         node_id = self.state.node_id()
         total, avail = memory_bytes()
+        flags = ["federated"] if s.federated else []
         own = wire.NodeRecord(
             id=node_id, name=s.name, role=s.role, incarnation=time.time_ns() // 1000,
-            software=__version__, started_at=time.time(), mem_total=total, mem_free=avail,
-            flags=list(s.flags))
-        # ZAP first: a CURVE socket bound before a handler runs would let anyone in.
-        self.zap.start()
-        ledger = self._start(LedgerActor, self.ctx, self.keys, own, s.p2p_listen,
-                             advertise_host(s.p2p_listen, s.advertise), self.stats, s.timing)
-        self.record = ledger.proxy().open().get(timeout=START_TIMEOUT_S)
-        port = int(self.record.endpoints["gossip"].rsplit(":", 1)[1])
-        bootstrap = [] if s.local_only else list(dict.fromkeys(list(s.token.bootstrap) + s.bootstrap))
-        discovery = self._start(DiscoveryActor, ledger.proxy(), self.keys, node_id, s.role, bootstrap,
-                                s.mdns, s.mdns_interfaces, port, self.stats)
-        facts = {"id": node_id, "role": s.role, "network_id": self.keys.network_id,
-                 "state_dir": str(self.state.path), "flags": list(s.flags)}
+            software=__version__, started_at=time.time(), mem_total=total, mem_free=avail, flags=flags)
+        host = advertise_host(s.p2p_listen, s.advertise)
+        ledger = discovery = None
+        if s.p2p:
+            # ZAP first: a CURVE socket bound before a handler runs would let anyone in.
+            self.zap.start()
+            ledger = self._start(LedgerActor, self.ctx, self.keys, own, s.p2p_listen, host, self.stats, s.timing)
+            own = ledger.proxy().open().get(timeout=START_TIMEOUT_S)
+        self.record = own
+        routes_peers = s.p2p and (s.federated or s.role == "federated")
+        gateway = balancer = supervisor = None
+        if s.role in ("server", "federated"):
+            gateway = self._start(GatewayActor, self.ctx, node_id, self.state.endpoint("gateway"), self.stats,
+                                  self.keys, next_port(s.p2p_listen, 1) if s.p2p else None, host,
+                                  s.p2p and s.federated and s.serve is not None, s.policy, s.target_node)
+            endpoint = gateway.proxy().open().get(timeout=START_TIMEOUT_S)
+            if endpoint and ledger is not None:
+                ledger.proxy().update_own(endpoints={**own.endpoints, "gateway": endpoint}).get(timeout=START_TIMEOUT_S)
+            balancer = self._start(BalancerActor, node_id, s.name, gateway.proxy(),
+                                   ledger.proxy() if ledger else None, routes_peers)
+            if ledger is not None:
+                ledger.proxy().add_listener(balancer)
+            supervisor = self._start(SupervisorActor, self.stats)
+        if ledger is not None:
+            port = int(own.endpoints["gossip"].rsplit(":", 1)[1])
+            bootstrap = [] if s.local_only else list(dict.fromkeys(list(s.token.bootstrap) + s.bootstrap))
+            discovery = self._start(DiscoveryActor, ledger.proxy(), self.keys, node_id, s.role, bootstrap,
+                                    s.mdns, s.mdns_interfaces, port, self.stats)
+            discovery.proxy().status().get(timeout=START_TIMEOUT_S)  # answers once on_start has run
+        facts = {"id": node_id, "role": s.role, "network_id": self.keys.network_id if self.keys else None,
+                 "state_dir": str(self.state.path), "flags": flags}
         admin = self._start(AdminActor, self.ctx, self.state.admin_endpoint, str(self.state.admin_socket),
-                            facts, ledger.proxy(), discovery.proxy(), self.stats)
+                            facts, own, ledger.proxy() if ledger else None,
+                            discovery.proxy() if discovery else None, self.stats,
+                            gateway.proxy() if gateway else None, supervisor.proxy() if supervisor else None)
         admin.proxy().open().get(timeout=START_TIMEOUT_S)
-        discovery.proxy().status().get(timeout=START_TIMEOUT_S)  # answers once on_start has run
+        if supervisor is not None:
+            self._start_children(node_id, supervisor, gateway, balancer, ledger)
         return self.record
+
+    def _start_children(self, node_id: str, supervisor: pykka.ActorRef, gateway: pykka.ActorRef,
+                        balancer: pykka.ActorRef, ledger: pykka.ActorRef | None) -> None:
+        s = self.s
+        sup, gw = supervisor.proxy(), gateway.proxy()
+        if s.serve is not None:
+            engine_endpoint = self.state.endpoint("engine")
+
+            def up(model: str) -> None:
+                gw.engine_up(engine_endpoint)
+                notify([balancer], "engine_up", model=model)
+                if ledger is not None:
+                    ledger.proxy().update_own(models=[model])
+
+            def down(why: str) -> None:
+                gw.engine_down(f"the engine {why}")
+                notify([balancer], "engine_down")
+                if ledger is not None:
+                    ledger.proxy().update_own(models=[])
+
+            sup.start_child(ChildSpec("engine", engine_argv(s.serve, engine_endpoint, node_id),
+                                      on_ready=up, on_down=down)).get(timeout=START_TIMEOUT_S)
+        if s.http is not None:
+            env = {"ZSWARM_NODE_ENDPOINT": self.state.endpoint("gateway"), "ZSWARM_ADDRESS": s.http.address,
+                   "ZSWARM_API_KEYS": ",".join(s.http.api_keys), "ZSWARM_NODE_NAME": s.name,
+                   "ZSWARM_HTTP_WORKERS": str(s.http.workers)}
+            sup.start_child(ChildSpec("http", http_argv(), env, ready_prefix=None)).get(timeout=START_TIMEOUT_S)
+            self.http_url = f"http://{s.http.address}"
 
     def _start(self, cls: type, *args: Any) -> pykka.ActorRef:
         ref = cls.start(*args)
@@ -125,11 +206,12 @@ class Node:
     def stop(self) -> None:
         for ref in reversed(self.actors):
             try:
-                ref.stop(timeout=STOP_TIMEOUT_S)
+                ref.stop(timeout=STOP_TIMEOUT_S + 5)
             except pykka.Timeout:
-                log.error("actor %s did not stop within %s s", ref, STOP_TIMEOUT_S)
+                log.error("actor %s did not stop in time", ref)
         self.actors.clear()
-        self.zap.stop()
+        if self.zap is not None:
+            self.zap.stop()
         self.ctx.destroy(linger=0)
         leftovers = [t.name for t in threading.enumerate()
                      if t is not threading.main_thread() and t.is_alive() and not t.daemon]
@@ -137,6 +219,28 @@ class Node:
             log.error("bug: actor %s still running after stop", ref)
         if leftovers:
             log.error("bug: threads still running after stop: %s", ", ".join(leftovers))
+
+
+def next_port(listen: str, offset: int) -> str:
+    """The address for the node's next socket: the p2p port plus ``offset`` (port 0 stays 0)."""
+    host, port = listen.rsplit(":", 1)
+    return f"{host}:{int(port) + offset if int(port) else 0}"
+
+
+def engine_argv(serve: ServeSettings, endpoint: str, node_id: str) -> list[str]:
+    argv = [sys.executable, "-m", "zswarm.engine.proc", "--endpoint", endpoint, "--node-id", node_id,
+            "--ctx-size", str(serve.ctx_size), "--parallel", str(serve.parallel),
+            "--max-queue", str(serve.max_queue)]
+    if serve.model:
+        argv += ["--model", serve.model]
+    if serve.threads:
+        argv += ["--threads", str(serve.threads)]
+    return argv
+
+
+def http_argv() -> list[str]:
+    return [sys.executable, "-m", "gunicorn", "-c", "python:zswarm.http.gunicorn_conf",
+            "zswarm.http.wsgi:app_factory()"]
 
 
 def run(settings: NodeSettings, ready_line: str | None = None) -> int:
@@ -157,11 +261,15 @@ def run(settings: NodeSettings, ready_line: str | None = None) -> int:
         except BindError as e:
             print(f"zswarm: error: {e}", file=sys.stderr)
             return 1
+        except zmq.ZMQError as e:
+            print(f"zswarm: error: cannot open the node's sockets: {e}", file=sys.stderr)
+            return 1
         except pykka.Timeout:
             print("zswarm: error: the node did not start in time", file=sys.stderr)
             return 1
-        log.info("node %s (%s) up: gossip %s, network %s, admin %s", record.id, settings.role,
-                 record.endpoints["gossip"], node.keys.network_id, node.state.admin_socket)
+        log.info("node %s (%s) up: %s, admin %s%s", record.id, settings.role,
+                 f"gossip {record.endpoints['gossip']}, network {node.keys.network_id}" if node.keys else "no cluster",
+                 node.state.admin_socket, f", API at {node.http_url}" if node.http_url else "")
         if ready_line:
             gossip = record.endpoints["gossip"]
             print(ready_line.format(id=record.id, gossip=gossip, gossip_hostport=gossip[len("tcp://"):]),

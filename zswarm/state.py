@@ -38,6 +38,10 @@ class StateDir:
         os.replace(tmp, f)
         return node_id
 
+    def endpoint(self, name: str) -> str:
+        """An ipc endpoint in the state directory (``gateway``, ``engine``...)."""
+        return f"ipc://{self.path / (name + '.sock')}"
+
     @property
     def admin_socket(self) -> Path:
         return self.path / ADMIN_SOCKET

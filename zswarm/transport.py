@@ -91,6 +91,7 @@ class SocketLoop(threading.Thread):
         self._tick_s = tick_s
         self._on_tick = on_tick
         self._handlers: dict[zmq.Socket, Callable[[list[bytes]], None]] = {}
+        self._poller = zmq.Poller()
         self._sockets: list[zmq.Socket] = []
         self._calls: collections.deque[Callable[[], None]] = collections.deque()
         self._wake_r, self._wake_w = os.pipe()
@@ -139,7 +140,17 @@ class SocketLoop(threading.Thread):
         self._sockets.append(sock)
         if handler is not None:
             self._handlers[sock] = handler
+            self._poller.register(sock, zmq.POLLIN)
         return sock
+
+    def remove(self, sock: zmq.Socket) -> None:
+        """Stop polling ``sock`` and close it (loop thread only)."""
+        if sock in self._handlers:
+            del self._handlers[sock]
+            self._poller.unregister(sock)
+        if sock in self._sockets:
+            self._sockets.remove(sock)
+        sock.close(linger=0)
 
     def socket(self, kind: int, handler: Callable[[list[bytes]], None] | None = None) -> zmq.Socket:
         return self.add(self.ctx.socket(kind), handler)
@@ -153,10 +164,8 @@ class SocketLoop(threading.Thread):
             self._ready.set()
             return
         self._ready.set()
-        poller = zmq.Poller()
+        poller = self._poller
         poller.register(self._wake_r, zmq.POLLIN)
-        for sock in self._handlers:
-            poller.register(sock, zmq.POLLIN)
         next_tick = time.monotonic() + (self._tick_s or 0)
         try:
             while not self._stopping:
@@ -167,8 +176,8 @@ class SocketLoop(threading.Thread):
                     if sock_or_fd == self._wake_r:
                         os.read(self._wake_r, 4096)
                         continue
-                    handler = self._handlers[sock_or_fd]
-                    for _ in range(100):  # bounded batch so ticks and calls are never starved
+                    handler = self._handlers.get(sock_or_fd)
+                    for _ in range(100 if handler else 0):  # bounded batch so ticks and calls are never starved
                         try:
                             frames = sock_or_fd.recv_multipart(zmq.NOBLOCK)
                         except zmq.Again:

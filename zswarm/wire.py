@@ -231,6 +231,17 @@ class Fail(msgspec.Struct, tag=105, kw_only=True):
     node: str = ""
 
 
+class ModelsQuery(msgspec.Struct, tag=106):
+    """Which models can this node serve, itself or through the cluster?"""
+
+    id: str
+
+
+class ModelsReply(msgspec.Struct, tag=107):
+    id: str
+    models: list[str]
+
+
 FAIL_CODES = {
     "bad_request": 400,  # the engine refused the parameters
     "context_length": 400,  # prompt (plus max_tokens) does not fit the context
@@ -243,7 +254,7 @@ FAIL_CODES = {
     "internal": 500,
 }
 
-Inference = Union[GenRequest, Cancel, Chunk, Done, Fail]
+Inference = Union[GenRequest, Cancel, Chunk, Done, Fail, ModelsQuery, ModelsReply]
 _inference_decoder = msgspec.msgpack.Decoder(Inference)
 
 

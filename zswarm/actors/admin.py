@@ -39,8 +39,12 @@ class AdminCommandError(Exception):
 
 class AdminActor(pykka.ThreadingActor):
     def __init__(self, ctx: zmq.Context, endpoint: str, socket_path: str, node: dict[str, Any],
-                 ledger: Any, discovery: Any, stats: Stats):
+                 own: wire.NodeRecord, ledger: Any, discovery: Any, stats: Stats,
+                 gateway: Any = None, supervisor: Any = None):
         super().__init__()
+        self._own = own  # used when there is no ledger (a node outside any cluster)
+        self._gateway = gateway
+        self._supervisor = supervisor
         self._ctx = ctx
         self._endpoint = endpoint
         self._path = socket_path
@@ -127,8 +131,8 @@ class AdminActor(pykka.ThreadingActor):
 
     def cmd_status(self) -> dict[str, Any]:
         """This node: id, role, endpoints, peers by state, counters."""
-        own = self._ledger.own().get(timeout=ASK_TIMEOUT_S)
-        peers = self._ledger.peers().get(timeout=ASK_TIMEOUT_S)
+        own = self._ledger.own().get(timeout=ASK_TIMEOUT_S) if self._ledger else self._own
+        peers = self._ledger.peers().get(timeout=ASK_TIMEOUT_S) if self._ledger else []
         by_state: dict[str, int] = {}
         for p in peers:
             by_state[p["state"]] = by_state.get(p["state"], 0) + 1
@@ -141,18 +145,21 @@ class AdminActor(pykka.ThreadingActor):
             "endpoints": own.endpoints,
             "peers": by_state,
             "discovery": self._discovery.status().get(timeout=ASK_TIMEOUT_S) if self._discovery else None,
+            "gateway": self._gateway.status().get(timeout=ASK_TIMEOUT_S) if self._gateway else None,
+            "children": self._supervisor.status().get(timeout=ASK_TIMEOUT_S) if self._supervisor else None,
             "counters": self._stats.snapshot(),
         }
 
     def cmd_peers(self) -> list[dict]:
         """Every peer this node knows, with its state (alive, suspect, dead)."""
-        return self._ledger.peers().get(timeout=ASK_TIMEOUT_S)
+        return self._ledger.peers().get(timeout=ASK_TIMEOUT_S) if self._ledger else []
 
     def cmd_ledger(self) -> list[dict]:
         """The full replicated records, this node's own first."""
         import msgspec
 
-        return msgspec.to_builtins(self._ledger.records().get(timeout=ASK_TIMEOUT_S))
+        records = self._ledger.records().get(timeout=ASK_TIMEOUT_S) if self._ledger else [self._own]
+        return msgspec.to_builtins(records)
 
     def cmd_log_level(self, level: str = "") -> str:
         """Show or set the log level (debug, info, warning, error)."""

@@ -1,0 +1,70 @@
+"""Balancer actor: turns the ledger and the local engine's state into a routing table.
+
+Owns no socket. It hears ``ledger_changed`` and engine up/down events (``tell``), asks the
+Ledger for its peers (downward, with a timeout), and hands the Gateway an immutable
+:class:`~zswarm.balancing.RouteTable`; the Gateway's io thread does the per-request choice.
+
+Which nodes take routed requests: alive nodes flagged ``federated`` that announce a model and a
+gateway endpoint. This node's own engine is a route whenever it is up.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import pykka
+
+from ..balancing import Route, RouteTable
+from .listener import ListenerMixin
+
+log = logging.getLogger(__name__)
+
+ASK_TIMEOUT_S = 2.0
+
+
+class BalancerActor(ListenerMixin, pykka.ThreadingActor):
+    def __init__(self, node_id: str, name: str, gateway: Any, ledger: Any | None, route_to_peers: bool):
+        super().__init__()
+        self._node_id = node_id
+        self._name = name
+        self._gateway = gateway
+        self._ledger = ledger
+        self._route_to_peers = route_to_peers and ledger is not None
+        self._local_models: tuple[str, ...] = ()
+        self._table = RouteTable()
+
+    def on_receive(self, message: Any) -> None:
+        from .listener import Event
+
+        if isinstance(message, Event):
+            self.on_event(message)
+
+    def on_ledger_changed(self) -> None:
+        self._rebuild()
+
+    def on_engine_up(self, model: str) -> None:
+        self._local_models = (model,)
+        self._rebuild()
+
+    def on_engine_down(self) -> None:
+        self._local_models = ()
+        self._rebuild()
+
+    def table(self) -> RouteTable:
+        return self._table
+
+    def _rebuild(self) -> None:
+        routes = []
+        if self._local_models:
+            routes.append(Route(self._node_id, "", self._local_models, self._name))
+        if self._route_to_peers:
+            for p in self._ledger.peers().get(timeout=ASK_TIMEOUT_S):
+                gateway = p["endpoints"].get("gateway")
+                if p["state"] == "alive" and "federated" in p["flags"] and p["models"] and gateway:
+                    routes.append(Route(p["id"], gateway, tuple(p["models"]), p["name"]))
+        table = RouteTable(tuple(routes))
+        if table != self._table:
+            log.info("routes: %s", ", ".join(f"{r.name or r.node}={'/'.join(r.models)}" for r in routes) or "none")
+            self._table = table
+            self._gateway.set_routes(table)
