@@ -21,10 +21,31 @@ from zswarm.admin_client import AdminFailed, AdminUnavailable, call
 REPO = Path(__file__).resolve().parent.parent
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+# Ports handed out in sequence below the kernel's ephemeral range (32768+), so a node's port never
+# collides with another test node's, nor with one the kernel picks for an outgoing connection.
+_next_port = 20000 + (os.getpid() % 400) * 30
+
+
+def free_port(host: str = "127.0.0.1", span: int = 1) -> int:
+    """A port P such that P..P+span-1 are all free now (a node binds its p2p port and the next)."""
+    global _next_port
+    while True:
+        base = _next_port
+        _next_port += span
+        if _next_port > 32000:
+            _next_port = 20000
+        socks = []
+        try:
+            for p in range(base, base + span):
+                s = socket.socket()
+                socks.append(s)
+                s.bind((host, p))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
 
 
 def wait_for(predicate: Callable[[], Any], timeout_s: float, interval_s: float = 0.05, what: str = "") -> Any:
@@ -102,7 +123,8 @@ class Cluster:
              extra: list[str] | None = None, token: str | None = None, host: str = "127.0.0.1",
              prefix: list[str] | None = None, mdns: bool = False, port: int | None = None,
              state_dir: Path | None = None) -> NodeProc:
-        args = ["--token", token or self.token]
+        tok = self.token if token is None else token
+        args = ["--token", tok] if tok else []
         if not mdns:
             args.append("--no-mdns")
         if bootstrap:
@@ -111,7 +133,7 @@ class Cluster:
         if role in ("server", "federated") and "--address" not in args:
             args += ["--address", f"{host}:{free_port(host) if not prefix else 8080}"]
         if port is None:  # a namespace has its own ports, all free; ours are shared with the machine
-            port = 7340 if prefix else free_port(host)
+            port = 7340 if prefix else free_port(host, span=2)
         n = NodeProc(role, name, state_dir or self.tmp / name, host, port, args,
                      self.tmp / f"{name}.log", prefix)
         self.nodes.append(n)

@@ -28,6 +28,7 @@ from typing import Any
 import msgspec
 import pykka
 import zmq
+from zmq.utils.monitor import parse_monitor_message
 
 from .. import wire
 from ..balancing import NoRoute, Route, Router, RouteTable
@@ -71,6 +72,7 @@ class GatewayActor(pykka.ThreadingActor):
         # io-thread state
         self._flights: dict[str, Flight] = {}
         self._dealers: dict[str, zmq.Socket] = {}  # gateway endpoint -> DEALER
+        self._monitors: dict[str, zmq.Socket] = {}  # gateway endpoint -> its DEALER's monitor
         self._engine: zmq.Socket | None = None
         self._endpoint = ""
 
@@ -145,10 +147,21 @@ class GatewayActor(pykka.ThreadingActor):
         wanted = {r.endpoint for r in table.routes if not r.local}
         for endpoint in list(self._dealers):
             if endpoint not in wanted:
-                self._l.remove(self._dealers.pop(endpoint))
+                self._close_dealer(endpoint)
+        for endpoint in wanted:
+            self._dealer(endpoint)  # connect now, so the first request finds the link up
         for f in list(self._flights.values()):
             if f.route is not None and f.route.node not in live:
                 self._lost(f, f"node {f.route.name or f.route.node} left the cluster")
+
+    def _close_dealer(self, endpoint: str) -> None:
+        sock = self._dealers.pop(endpoint)
+        try:
+            sock.disable_monitor()
+        except zmq.ZMQError:
+            pass
+        self._l.remove(self._monitors.pop(endpoint))
+        self._l.remove(sock)
 
     def _engine_up(self, endpoint: str) -> None:
         if self._engine is not None:
@@ -169,9 +182,22 @@ class GatewayActor(pykka.ThreadingActor):
         if sock is None:
             sock = self._l.socket(zmq.DEALER, self._on_reply)
             curve_client(sock, self._keys)
+            sock.immediate = True  # queue only on a live connection: a dead peer fails the send now
+            # a dropped connection loses the peer's replies for good (its ROUTER forgets us),
+            # so requests on it are retried at once instead of waiting for the ledger's verdict
+            monitor = self._l.add(sock.get_monitor_socket(zmq.EVENT_DISCONNECTED),
+                                  lambda frames, endpoint=endpoint: self._on_disconnect(endpoint, frames))
             sock.connect(endpoint)
             self._dealers[endpoint] = sock
+            self._monitors[endpoint] = monitor
         return sock
+
+    def _on_disconnect(self, endpoint: str, frames: list[bytes]) -> None:
+        parse_monitor_message(frames)
+        self._stats.inc("gateway_peer_disconnects")
+        for f in list(self._flights.values()):
+            if f.route is not None and f.route.endpoint == endpoint:
+                self._lost(f, f"lost the connection to node {f.route.name or f.route.node}")
 
     def _decode(self, payload: bytes) -> wire.Message | None:
         try:

@@ -112,7 +112,8 @@ class SupervisorActor(pykka.ThreadingActor):
         env = {**os.environ, **c.spec.env}
         try:
             c.proc = subprocess.Popen(c.spec.argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
-                                      stdin=subprocess.DEVNULL, start_new_session=True)
+                                      stdin=subprocess.DEVNULL, start_new_session=True,
+                                      preexec_fn=_die_with_parent)
         except OSError as e:
             log.error("%s: cannot start: %s", c.spec.name, e)
             self._schedule_restart(c, f"cannot start: {e}")
@@ -190,6 +191,17 @@ class SupervisorActor(pykka.ThreadingActor):
                 c.proc.kill()
                 c.proc.wait(5)
             c.state = "stopped"
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: get SIGTERM when the node dies, even by SIGKILL (Linux only)."""
+    try:
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass
 
 
 def _watch(ref: pykka.ActorRef, spec: ChildSpec, proc: subprocess.Popen, generation: int) -> None:

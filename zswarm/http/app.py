@@ -1,0 +1,245 @@
+"""The Falcon WSGI app: OpenAI's routes on top of a Backend.
+
+Streaming answers are generators handed to the WSGI server as the response body. The server
+closes that iterator when the client goes away (gunicorn's gthread worker calls ``close()`` in a
+``finally`` once a write to the socket fails), which raises GeneratorExit inside the generator;
+its ``finally`` then cancels the request on the node. A generator that was never started would
+skip its ``finally`` on ``close()``, so each one is advanced to a first, empty ``yield`` before
+the server sees it.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import uuid
+from typing import Iterable, Iterator
+
+import falcon
+import msgspec
+
+from .. import wire
+from . import schema
+from .backend import Backend, BackendUnavailable, Reply
+from .errors import NODE_HEADER, ApiError, from_fail, handle_unexpected, serialize_error
+
+log = logging.getLogger(__name__)
+
+MAX_BODY_BYTES = 1 << 20  # a long chat history is tens of KiB; anything near 1 MiB is a mistake or an attack
+PUBLIC_PATHS = frozenset({"/healthz"})  # answered without an API key, for load balancers and systemd
+
+
+def create_app(backend: Backend, api_keys: Iterable[str] = (), node_name: str = "",
+               max_body_bytes: int = MAX_BODY_BYTES) -> falcon.App:
+    """The app for one node. ``node_name`` goes in ``X-Zswarm-Node`` when no node answered."""
+    keys = [k for k in api_keys if k]
+    app = falcon.App(middleware=[_NodeHeader(node_name)] + ([_ApiKeys(keys)] if keys else []))
+    app.set_error_serializer(serialize_error)
+    app.add_error_handler(Exception, handle_unexpected)
+    app.add_route("/healthz", _Health())
+    app.add_route("/v1/models", _Models(backend))
+    app.add_route("/v1/models/{model_id}", _Models(backend), suffix="one")
+    app.add_route("/v1/chat/completions", _Completions(backend, "chat", node_name, max_body_bytes))
+    app.add_route("/v1/completions", _Completions(backend, "completion", node_name, max_body_bytes))
+    return app
+
+
+class _NodeHeader:
+    def __init__(self, node_name: str):
+        self._node_name = node_name
+
+    def process_response(self, req: falcon.Request, resp: falcon.Response, resource, req_succeeded: bool) -> None:
+        if resp.get_header(NODE_HEADER) is None:
+            resp.set_header(NODE_HEADER, self._node_name)
+
+
+class _ApiKeys:
+    """``Authorization: Bearer KEY`` (what OpenAI clients send) or ``x-api-key: KEY``."""
+
+    def __init__(self, keys: list[str]):
+        self._keys = [k.encode() for k in keys]
+
+    def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
+        if req.path in PUBLIC_PATHS:
+            return
+        given = req.get_header("x-api-key") or ""
+        scheme, _, token = (req.get_header("Authorization") or "").partition(" ")
+        if scheme.lower() == "bearer":
+            given = token.strip()
+        if not given:
+            raise ApiError(401, "You didn't provide an API key (Authorization: Bearer KEY).",
+                           code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+        # compare_digest against every key, so timing tells nothing about which key came close
+        if not sum(hmac.compare_digest(given.encode(), k) for k in self._keys):
+            raise ApiError(401, "Incorrect API key provided.", code="invalid_api_key",
+                           headers={"WWW-Authenticate": "Bearer"})
+
+
+class _Health:
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        resp.data = b'{"status":"ok"}'
+        resp.content_type = falcon.MEDIA_JSON
+
+
+def _model_list(backend: Backend) -> list[str]:
+    try:
+        return backend.models()
+    except BackendUnavailable as e:
+        raise ApiError(503, f"The node is not available: {e}", code="node_unavailable") from None
+
+
+def _model_obj(name: str) -> dict:
+    return {"id": name, "object": "model", "created": 0, "owned_by": "zswarm"}
+
+
+def _no_model(name: str) -> ApiError:
+    return ApiError(404, f"The model `{name}` does not exist or you do not have access to it.",
+                    param="model", code="model_not_found")
+
+
+class _Models:
+    def __init__(self, backend: Backend):
+        self._backend = backend
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        resp.data = msgspec.json.encode({"object": "list", "data": [_model_obj(m) for m in _model_list(self._backend)]})
+        resp.content_type = falcon.MEDIA_JSON
+
+    def on_get_one(self, req: falcon.Request, resp: falcon.Response, model_id: str) -> None:
+        if model_id not in _model_list(self._backend):
+            raise _no_model(model_id)
+        resp.data = msgspec.json.encode(_model_obj(model_id))
+        resp.content_type = falcon.MEDIA_JSON
+
+
+def _read_body(req: falcon.Request, limit: int) -> bytes:
+    length = req.content_length  # a malformed Content-Length is Falcon's 400
+    if length is not None and length > limit:
+        raise ApiError(413, f"The request body is larger than {limit} bytes.")
+    if length is None and req.env.get("wsgi.input_terminated"):
+        stream = req.stream  # chunked upload; the server (gunicorn) ends the stream at the last chunk
+    else:
+        stream = req.bounded_stream  # never reads past Content-Length (absent: nothing)
+    body = stream.read(limit + 1)
+    if len(body) > limit:
+        raise ApiError(413, f"The request body is larger than {limit} bytes.")
+    return body
+
+
+def _sse(obj: object) -> bytes:
+    return b"data: " + msgspec.json.encode(obj) + b"\n\n"
+
+
+_SSE_DONE = b"data: [DONE]\n\n"
+_SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # no proxy may hold events back
+
+
+class _Completions:
+    """POST /v1/chat/completions (kind "chat") and POST /v1/completions (kind "completion")."""
+
+    def __init__(self, backend: Backend, kind: str, node_name: str, max_body_bytes: int):
+        self._backend = backend
+        self._kind = kind
+        self._node_name = node_name
+        self._max_body_bytes = max_body_bytes
+
+    def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
+        oreq = schema.parse(self._kind, _read_body(req, self._max_body_bytes))
+        if oreq.model not in _model_list(self._backend):
+            raise _no_model(oreq.model)
+        request_id = uuid.uuid4().hex
+        replies = schema.Replies(self._kind, request_id, oreq.model)
+        try:
+            items = iter(self._backend.generate(schema.to_gen_request(oreq, request_id)))
+            # Until the first item, nothing is promised: a Fail now is an ordinary HTTP error.
+            first = self._next(items, request_id, started=False)
+        except BaseException:
+            self._backend.cancel(request_id)
+            raise
+        if isinstance(first, wire.Fail):
+            _close(items)
+            raise from_fail(first, self._node_name)
+        if oreq.stream:
+            stream = self._stream(items, first, replies, request_id, oreq.include_usage)
+            next(stream)  # run to the first yield, so that close() always reaches the finally
+            resp.stream = stream
+            resp.content_type = "text/event-stream"
+            resp.set_headers(_SSE_HEADERS)
+            # Headers leave before the Done that names the serving node; only a first item that
+            # carries ``node`` can name it here (wire.Chunk has no such field yet).
+            resp.set_header(NODE_HEADER, getattr(first, "node", "") or self._node_name)
+        else:
+            self._whole(items, first, replies, request_id, resp)
+
+    def _next(self, items: Iterator[Reply], request_id: str, started: bool) -> Reply:
+        item = next(items, None)
+        if isinstance(item, (wire.Chunk, wire.Done, wire.Fail)):
+            return item
+        # a broken backend: the Protocol promises replies only, ending with a terminal one
+        log.error("request %s: the backend gave %r instead of a reply", request_id, type(item).__name__)
+        self._backend.cancel(request_id)
+        return wire.Fail(id=request_id, code="internal", message="The node ended the answer without a result.",
+                         started=started)
+
+    def _whole(self, items: Iterator[Reply], item: Reply, replies: schema.Replies, request_id: str,
+               resp: falcon.Response) -> None:
+        texts: list[str] = []
+        terminal = False
+        try:
+            while not isinstance(item, (wire.Done, wire.Fail)):
+                texts.append(item.text)
+                item = self._next(items, request_id, started=True)
+            terminal = True
+        finally:
+            if not terminal:
+                self._backend.cancel(request_id)
+            _close(items)
+        if isinstance(item, wire.Fail):
+            raise from_fail(item, self._node_name)
+        resp.data = msgspec.json.encode(replies.whole("".join(texts), item))
+        resp.content_type = falcon.MEDIA_JSON
+        resp.set_header(NODE_HEADER, item.node or self._node_name)
+
+    def _stream(self, items: Iterator[Reply], item: Reply, replies: schema.Replies, request_id: str,
+                include_usage: bool) -> Iterator[bytes]:
+        """The SSE body. Runs after Falcon has returned, so no Falcon error handler is above it."""
+        terminal = False
+        try:
+            yield b""  # the priming point (see on_post); this value is never sent
+            if replies.chat:
+                yield _sse(replies.chunk(role=True))
+            while True:
+                if isinstance(item, wire.Chunk):
+                    if item.text:
+                        yield _sse(replies.chunk(item.text))
+                elif isinstance(item, wire.Done):
+                    terminal = True
+                    yield _sse(replies.chunk(finish_reason=item.finish_reason))
+                    if include_usage:
+                        yield _sse(replies.usage_chunk(item))
+                    break
+                else:
+                    terminal = True
+                    log.info("request %s failed after streaming began: %s", request_id, item.code)
+                    yield _sse(from_fail(item, self._node_name).body)
+                    break
+                item = self._next(items, request_id, started=True)
+            yield _SSE_DONE
+        except Exception:
+            log.exception("streaming request %s failed", request_id)
+            yield _sse(ApiError(500, "The server had an error while processing your request.", code="internal").body)
+            yield _SSE_DONE
+        finally:
+            # GeneratorExit (the client went away) and any error above both land here
+            if not terminal:
+                self._backend.cancel(request_id)
+            _close(items)
+
+
+def _close(items: Iterator[Reply]) -> None:
+    close = getattr(items, "close", None)
+    if close is not None:
+        try:
+            close()
+        except Exception:
+            log.exception("closing a backend answer failed")

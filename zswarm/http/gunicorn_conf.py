@@ -1,0 +1,73 @@
+"""gunicorn settings for zswarm's HTTP API (a gunicorn config module).
+
+The node starts gunicorn with ``-c python:zswarm.http.gunicorn_conf`` so the settings ship with
+the package; ``services/gunicorn.conf.py`` loads this module for a gunicorn run by hand. The app
+itself is configured by ZSWARM_NODE_ENDPOINT and friends (see zswarm/http/wsgi.py); this module
+only shapes the server. Each setting may be overridden by the environment variable named next
+to it. The gunicorn master imports this before forking: keep it cheap and free of side effects.
+"""
+
+import logging
+import os
+
+# Where clients connect. Loopback by default: the API is opened to the network on purpose
+# (ZSWARM_ADDRESS=0.0.0.0:8080), ideally with ZSWARM_API_KEYS set.
+bind = [os.environ.get("ZSWARM_ADDRESS", "127.0.0.1:8080")]
+
+# gthread: a streamed answer holds its thread for as long as tokens flow (seconds to minutes)
+# while doing nothing but waiting on the node's socket, so threads, not processes, are the unit
+# of concurrency. The thread that answers a request also iterates its streamed body, which is
+# what lets each thread keep its own ZeroMQ socket to the node (and cancel on that socket).
+worker_class = "gthread"
+
+# One process by default (the node's --http-workers sets this). A second keeps the API up while
+# the first is recycled (max_requests below) and adds a GIL for JSON and SSE encoding; more buys
+# nothing, since generation happens in the node's engine, a handful of requests at a time.
+workers = int(os.environ.get("ZSWARM_HTTP_WORKERS", "1"))
+
+# Requests in flight per process: 16 concurrent streams, more than an engine has slots, so the
+# node's queue (which answers "overloaded" fairly) decides, not the HTTP layer.
+threads = int(os.environ.get("ZSWARM_HTTP_THREADS", "16"))
+
+# With gthread this is NOT a per-request limit: the worker's main loop tells the master it is
+# alive every second whatever its threads are doing, so a ten-minute stream is never killed.
+# It only restarts a worker whose main loop hangs. The app's own limit on a silent node is
+# ZSWARM_NODE_TIMEOUT_S. (0 would mean "never restart a hung worker", which we do not want.)
+timeout = 30
+
+# On restart or stop, streams still running get this long to finish before they are cut.
+graceful_timeout = 30
+
+# Seconds an idle keep-alive connection is held; OpenAI clients reuse connections (httpx).
+keepalive = 5
+
+# Recycle each worker after this many requests (jittered so workers never restart together), a
+# cheap guard against slow leaks in a long-lived process.
+max_requests = 10000
+max_requests_jitter = 1000
+
+# The app is created in each worker after the fork (never preloaded in the master), so no
+# ZeroMQ context or socket is ever inherited across fork.
+preload_app = False
+
+# Access log off: a line per request is work on the hot path and noise in the journal, and
+# request counts belong in /metrics. ZSWARM_HTTP_ACCESS_LOG=- turns it on (stderr) for debugging.
+accesslog = os.environ.get("ZSWARM_HTTP_ACCESS_LOG") or None
+errorlog = "-"
+loglevel = os.environ.get("ZSWARM_HTTP_LOG_LEVEL", "info")
+
+# gunicorn's own control socket ($XDG_RUNTIME_DIR/gunicorn.ctl) has one fixed path per user, so
+# two nodes on one host would fight over it; the node's admin socket is the control interface.
+control_socket_disable = True
+
+# Headers and request lines of OpenAI clients are short; keep gunicorn's bounds on them.
+limit_request_line = 8190
+limit_request_fields = 100
+
+
+def post_worker_init(worker) -> None:
+    """Runs in each worker after the fork: zswarm's own log lines go where gunicorn's errors go."""
+    zlog = logging.getLogger("zswarm")
+    zlog.handlers[:] = worker.log.error_log.handlers
+    zlog.setLevel(worker.log.error_log.level)
+    zlog.propagate = False
