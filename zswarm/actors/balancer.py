@@ -48,8 +48,8 @@ class BalancerActor(ListenerMixin, pykka.ThreadingActor):
         self._rebuild()
 
     def on_engine_down(self) -> None:
-        self._local_models = ()
-        self._rebuild()
+        """Keep the local route: the gateway parks its requests until the engine is back (a
+        restart or a re-shard), or sends them to another node if one serves the model."""
 
     def table(self) -> RouteTable:
         return self._table

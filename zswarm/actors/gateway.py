@@ -37,7 +37,8 @@ from ..transport import SocketLoop, Stats, curve_client, curve_server, tcp
 
 log = logging.getLogger(__name__)
 
-MAX_ATTEMPTS = 3  # nodes tried per request before giving up
+MAX_ATTEMPTS = 3  # sends per request before giving up (a request that kills every engine stops here)
+PARK_S = 120.0  # how long a request waits for this node's engine to (re)load before failing
 RETRYABLE = {"engine_down", "overloaded", "no_node"}
 TICK_S = 0.25  # deadline sweep
 ASK_TIMEOUT_S = 2.0
@@ -50,6 +51,7 @@ class Flight:
     route: Route | None = None
     started: bool = False
     tried: set[str] = field(default_factory=set)
+    attempts: int = 0
     t0: float = field(default_factory=time.monotonic)
 
 
@@ -74,6 +76,9 @@ class GatewayActor(pykka.ThreadingActor):
         self._dealers: dict[str, zmq.Socket] = {}  # gateway endpoint -> DEALER
         self._monitors: dict[str, zmq.Socket] = {}  # gateway endpoint -> its DEALER's monitor
         self._engine: zmq.Socket | None = None
+        self._held = False  # a re-shard is draining the engine: new local requests wait
+        self._on_idle: Any = None  # called once the held engine has nothing in flight
+        self._parked: list[Flight] = []  # requests waiting for the local engine
         self._endpoint = ""
 
     # --- API (actor thread) ---
@@ -93,6 +98,19 @@ class GatewayActor(pykka.ThreadingActor):
     def engine_down(self, why: str) -> None:
         self._submit(lambda: self._engine_down(why))
 
+    def hold_engine(self, on_idle: Any) -> None:
+        """Stop giving the engine new requests (they wait); call ``on_idle()`` once it has none."""
+        def _hold() -> None:
+            self._held, self._on_idle = True, on_idle
+            self._check_idle()
+        self._submit(_hold)
+
+    def release_engine(self) -> None:
+        def _release() -> None:
+            self._held, self._on_idle = False, None
+            self._unpark()
+        self._submit(_release)
+
     def status(self) -> dict[str, Any]:
         fut: concurrent.futures.Future = concurrent.futures.Future()
 
@@ -106,6 +124,8 @@ class GatewayActor(pykka.ThreadingActor):
                 "routes": [{"node": r.node, "name": r.name, "models": list(r.models), "local": r.local}
                            for r in self._router.table.routes],
                 "engine": self._engine is not None,
+                "held": self._held,
+                "parked": len(self._parked),
             })
         self._submit(_snap)
         return fut.result(timeout=ASK_TIMEOUT_S)
@@ -168,6 +188,25 @@ class GatewayActor(pykka.ThreadingActor):
             self._l.remove(self._engine)
         self._engine = self._l.socket(zmq.DEALER, self._on_reply)
         self._engine.connect(endpoint)
+        self._held, self._on_idle = False, None
+        self._unpark()
+
+    def _engine_ready(self) -> bool:
+        return self._engine is not None and not self._held
+
+    def _unpark(self) -> None:
+        if not self._engine_ready():
+            return
+        parked, self._parked = self._parked, []
+        for f in parked:
+            if f.req.id in self._flights:
+                self._dispatch(f)
+
+    def _check_idle(self) -> None:
+        if self._held and self._on_idle is not None and not any(
+                f.route is not None and f.route.local for f in self._flights.values()):
+            on_idle, self._on_idle = self._on_idle, None
+            on_idle()
 
     def _engine_down(self, why: str) -> None:
         if self._engine is not None:
@@ -175,6 +214,7 @@ class GatewayActor(pykka.ThreadingActor):
             self._engine = None
         for f in list(self._flights.values()):
             if f.route is not None and f.route.local:
+                f.tried.discard(f.route.node)  # the engine comes back fresh: it may take the retry
                 self._lost(f, why)
 
     def _dealer(self, endpoint: str) -> zmq.Socket:
@@ -236,7 +276,10 @@ class GatewayActor(pykka.ThreadingActor):
                 if f is not None and f.origin == (kind, ident):
                     self._stats.inc("requests_cancelled")
                     self._to_route(f, wire.Cancel(rid))
-                    self._router.finished(f.route.node, ok=True) if f.route else None
+                    if f.route is not None:
+                        self._router.finished(f.route.node, ok=True)
+                        if f.route.local:
+                            self._check_idle()
                 elif f is not None:
                     self._flights[rid] = f  # only the request's own client may cancel it
             case wire.ModelsQuery(id=qid):
@@ -252,27 +295,46 @@ class GatewayActor(pykka.ThreadingActor):
         req = f.req
         while True:
             try:
-                if f.origin[0] == "peer":  # routed here by another entry point: our engine or nothing
-                    local = [r for r in self._router.table.serving(req.model) if r.local]
-                    if not local:
-                        raise NoRoute("engine_down" if self._engine is None else "model_not_found",
-                                      f"node {self._node_id} does not serve {req.model!r} now")
-                    route = local[0]
-                else:
-                    route = self._router.pick(req.model, f.tried, req.target_node or self._target)
+                route = self._choose(f)
             except NoRoute as e:
                 self._finish(f, wire.Fail(id=req.id, code=e.code, message=str(e), node=self._node_id))
                 return
+            if route is None:  # waits for this node's engine
+                f.route = None
+                self._parked.append(f)
+                return
             f.route = route
             f.tried.add(route.node)
+            f.attempts += 1
             self._router.started(route.node)
             if self._to_route(f, req):
                 return
             self._router.finished(route.node, ok=False)
-            if len(f.tried) >= MAX_ATTEMPTS:
+            if f.attempts >= MAX_ATTEMPTS:
                 self._finish(f, wire.Fail(id=req.id, code="engine_down", node=self._node_id,
                                           message="no node could take the request"))
                 return
+
+    def _choose(self, f: Flight) -> Route | None:
+        """The route for ``f``; None to park it until the local engine is back. Raises NoRoute."""
+        req = f.req
+        if f.origin[0] == "peer":  # routed here by another entry point: our engine or nothing
+            local = [r for r in self._router.table.serving(req.model) if r.local]
+            if not local:
+                raise NoRoute("model_not_found", f"node {self._node_id} does not serve {req.model!r}")
+            if self._engine_ready():
+                return local[0]
+            if self._held:
+                return None  # a re-shard: brief, and the entry point has nowhere better to send it
+            raise NoRoute("engine_down", f"the engine of node {self._node_id} is restarting")
+        target = req.target_node or self._target
+        route = self._router.pick(req.model, f.tried, target)
+        if route.local and not self._engine_ready():
+            try:  # another node may serve it now
+                return self._router.pick(req.model, f.tried | {route.node}, target)
+            except NoRoute:
+                return None
+        return route
 
     def _to_route(self, f: Flight, body: wire.Inference) -> bool:
         route = f.route
@@ -313,15 +375,22 @@ class GatewayActor(pykka.ThreadingActor):
                 del self._flights[rid]
                 self._stats.inc("requests_done")
                 self._send_origin(f.origin, frames[0])
+                if f.route.local:
+                    self._check_idle()
             case wire.Fail(code=code):
                 self._router.finished(f.route.node, ok=code not in RETRYABLE)
-                if not f.started and code in RETRYABLE and len(f.tried) < MAX_ATTEMPTS and f.origin[0] == "local":
+                if not f.started and code in RETRYABLE and f.attempts < MAX_ATTEMPTS and f.origin[0] == "local":
                     self._stats.inc("requests_retried")
+                    was_local = f.route.local
                     self._dispatch(f)
+                    if was_local:
+                        self._check_idle()
                     return
                 del self._flights[rid]
                 self._stats.inc("requests_failed")
                 self._send_origin(f.origin, frames[0])
+                if f.route.local:
+                    self._check_idle()
             case _:
                 self._stats.inc("gateway_bad_frames")
 
@@ -329,12 +398,16 @@ class GatewayActor(pykka.ThreadingActor):
         """The node serving ``f`` is gone: retry if nothing was streamed yet, else fail cleanly."""
         if f.route is not None:
             self._router.finished(f.route.node, ok=False)
-        if not f.started and f.origin[0] == "local" and len(f.tried) < MAX_ATTEMPTS:
+        was_local = f.route is not None and f.route.local
+        f.route = None
+        if not f.started and f.origin[0] == "local" and f.attempts < MAX_ATTEMPTS:
             self._stats.inc("requests_retried")
             self._dispatch(f)
         else:
             self._finish(f, wire.Fail(id=f.req.id, code="engine_down", started=f.started, node=self._node_id,
                                       message=f"{why}; the answer was cut short" if f.started else why))
+        if was_local:
+            self._check_idle()
 
     def _finish(self, f: Flight, fail: wire.Fail) -> None:
         self._flights.pop(f.req.id, None)
@@ -354,6 +427,12 @@ class GatewayActor(pykka.ThreadingActor):
 
     def _tick(self) -> None:
         now = time.time()
+        mono = time.monotonic()
+        self._parked = [f for f in self._parked if f.req.id in self._flights]  # drop cancelled ones
+        for f in [f for f in self._parked if mono - f.t0 > PARK_S]:
+            self._parked.remove(f)
+            self._finish(f, wire.Fail(id=f.req.id, code="engine_down", node=self._node_id,
+                                      message=f"the model did not come back within {PARK_S:.0f} s"))
         for f in list(self._flights.values()):
             if f.req.deadline and now > f.req.deadline:
                 self._to_route(f, wire.Cancel(f.req.id))
