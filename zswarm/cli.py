@@ -13,8 +13,8 @@ import sys
 from typing import Any
 
 from . import __version__
-from .config import (HTTP_OPTIONS, NODE_OPTIONS, SERVE_OPTIONS, SERVER_OPTIONS, ConfigError, add_options,
-                     default_state_dir, hostname, resolve)
+from .config import (HTTP_OPTIONS, NODE_OPTIONS, SERVE_OPTIONS, SERVER_OPTIONS, SHARD_OPTIONS, WORKER_OPTIONS,
+                     ConfigError, add_options, default_state_dir, hostname, resolve)
 from .token import Token, TokenError
 
 ROLES = {
@@ -32,10 +32,10 @@ class UserError(Exception):
 
 def role_options(role: str) -> list:
     if role == "server":
-        return NODE_OPTIONS + SERVER_OPTIONS + SERVE_OPTIONS + HTTP_OPTIONS
+        return NODE_OPTIONS + SERVER_OPTIONS + SERVE_OPTIONS + SHARD_OPTIONS + HTTP_OPTIONS
     if role == "federated":
         return NODE_OPTIONS + HTTP_OPTIONS
-    return NODE_OPTIONS
+    return NODE_OPTIONS + WORKER_OPTIONS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -140,7 +140,7 @@ def render(command: str, result: Any) -> str:
 
 
 def cmd_node(args: argparse.Namespace) -> int:
-    from .node import HttpSettings, NodeSettings, ServeSettings, run
+    from .node import HttpSettings, NodeSettings, ServeSettings, WorkerSettings, run
 
     role = args.command
     try:
@@ -150,20 +150,33 @@ def cmd_node(args: argparse.Namespace) -> int:
     _setup_logging(cfg["log_level"])
     generated = False
     token = None
-    if cfg["token"]:
+    if cfg["token"] and not cfg.get("no_p2p"):
         try:
             token = Token.parse(cfg["token"])
         except TokenError as e:
             raise UserError(f"--token: {e}") from None
     elif role == "server" and cfg["p2p"]:
         token, generated = Token.generate(), True
+    elif role == "worker" and cfg["no_p2p"]:
+        pass  # static mode: no cluster
     elif role != "server":
         raise UserError(f"zswarm {role} needs a cluster token: --token or ZSWARM_TOKEN "
                         "(make one with `zswarm token new`)")
     serve = http = None
     if role == "server":
         serve = ServeSettings(model=cfg["model"], ctx_size=cfg["ctx_size"], threads=cfg["threads"],
-                              parallel=cfg["parallel"])
+                              parallel=cfg["parallel"], rpc_servers=cfg["rpc_servers"],
+                              local_layers=not cfg["no_local_layers"], mem=cfg["mem"],
+                              reshard_settle_s=cfg["reshard_settle_s"])
+    worker = None
+    if role == "worker":
+        worker = WorkerSettings(mem=cfg["mem"], threads=cfg["threads"], cache_dir=cfg["cache_dir"],
+                                listen=cfg["listen"] if cfg["no_p2p"] else None)
+        if worker.listen and worker.listen.rsplit(":", 1)[0] not in ("127.0.0.1", "localhost", "[::1]"):
+            print(f"zswarm: WARNING: the RPC server will listen on {worker.listen} with NO authentication "
+                  "and NO encryption; anyone who reaches it can run code on this machine. Use it only on a "
+                  "trusted network, or use p2p mode (a token) where it is tunnelled over CURVE.",
+                  file=sys.stderr)
     if role in ("server", "federated"):
         http = HttpSettings(address=cfg["address"], api_keys=cfg["api_keys"], workers=cfg["http_workers"])
     settings = NodeSettings(
@@ -171,7 +184,8 @@ def cmd_node(args: argparse.Namespace) -> int:
         p2p_listen=cfg["p2p_listen"], advertise=cfg["advertise"], bootstrap=cfg["bootstrap"],
         mdns=not cfg["no_mdns"], mdns_interfaces=cfg["mdns_interfaces"], local_only=cfg["local_only"],
         name=cfg["name"] or hostname(), federated=bool(cfg.get("federated")),
-        policy=cfg.get("policy") or "p2c", target_node=cfg.get("target_node") or "", serve=serve, http=http)
+        policy=cfg.get("policy") or "p2c", target_node=cfg.get("target_node") or "", serve=serve, http=http,
+        worker=worker)
     ready = None
     if generated:
         t = token.encode()

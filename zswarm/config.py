@@ -137,6 +137,44 @@ SERVE_OPTIONS: list[Opt] = [
         "requests generated at once (each slot holds its own context)", parse=parse_positive_int, metavar="N"),
 ]
 
+def parse_size_opt(text: str) -> int:
+    from .sharding import parse_size
+
+    value = parse_size(text)
+    if value <= 0:
+        raise ConfigError(f"expected a positive size, got {text!r}")
+    return value
+
+
+MEM_OPTION = Opt("mem", ("--mem",), ("ZSWARM_MEM",), 0,
+                 "memory this node lends to the model, e.g. 2GiB (default: what is available)",
+                 parse=parse_size_opt, metavar="SIZE")
+
+SHARD_OPTIONS: list[Opt] = [
+    Opt("rpc_servers", ("--rpc-servers",), ("ZSWARM_RPC_SERVERS", "LLAMACPP_GRPC_SERVERS"), [],
+        "static worker mode: split the model over these llama.cpp RPC servers (no token needed)",
+        parse=parse_hostport_list, metavar="HOST:PORT[,...]"),
+    Opt("no_local_layers", ("--no-local-layers",), ("ZSWARM_NO_LOCAL_LAYERS",), False,
+        "worker mode: put every layer on the workers, none in this server's memory", parse=None),
+    MEM_OPTION,
+    Opt("reshard_settle_s", ("--reshard-settle",), ("ZSWARM_RESHARD_SETTLE_S",), 5.0,
+        "worker mode: seconds between re-shards at most (joins and leaves come in bursts)",
+        parse=float, metavar="SECONDS"),
+]
+
+WORKER_OPTIONS: list[Opt] = [
+    MEM_OPTION,
+    SERVE_OPTIONS[2],  # --threads
+    Opt("cache_dir", ("--cache-dir",), ("ZSWARM_CACHE_DIR",), None,
+        "keep a tensor cache here so a reload does not resend the weights", metavar="DIR"),
+    Opt("no_p2p", ("--no-p2p",), ("ZSWARM_NO_P2P",), False,
+        "static mode: no cluster; the RPC server listens on --listen for a server's --rpc-servers",
+        parse=None),
+    Opt("listen", ("--listen",), ("ZSWARM_RPC_LISTEN",), "127.0.0.1:50052",
+        "static mode: where the RPC server listens (it has no authentication: keep it on a trusted network)",
+        parse=parse_hostport, metavar="HOST:PORT"),
+]
+
 HTTP_OPTIONS: list[Opt] = [
     Opt("address", ("--address",), ("ZSWARM_ADDRESS", "LOCALAI_ADDRESS", "ADDRESS"), "127.0.0.1:8080",
         "where the OpenAI API listens", parse=parse_hostport, metavar="HOST:PORT"),

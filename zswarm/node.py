@@ -27,11 +27,13 @@ from .actors.discovery import DiscoveryActor
 from .actors.gateway import GatewayActor
 from .actors.ledger import BindError, LedgerActor
 from .actors.listener import notify
+from .actors.sharder import PlanBox
 from .actors.supervisor import ChildSpec, SupervisorActor
 from .membership import Timing
 from .state import StateDir
 from .token import Token
 from .transport import Stats, ZapHandler
+from .tunnel import TunnelEntry, TunnelExit
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +50,21 @@ class ServeSettings:
     threads: int = 0  # 0: one per core
     parallel: int = 1
     max_queue: int = 128
+    # worker mode (server side)
+    rpc_servers: list[str] = field(default_factory=list)  # static mode: "host:port" of RPC servers
+    local_layers: bool = True  # the server's own memory takes a share of the layers
+    mem: int = 0  # bytes the server offers for its own share (0: what is available)
+    reshard_settle_s: float = 5.0  # at most one re-shard per this period: joins come in bursts
+
+
+@dataclass
+class WorkerSettings:
+    """A worker's llama.cpp RPC server."""
+
+    mem: int = 0  # bytes offered (0: what is available)
+    threads: int = 0
+    cache_dir: str | None = None
+    listen: str | None = None  # static mode (no p2p): where the RPC server itself listens
 
 
 @dataclass
@@ -74,6 +91,7 @@ class NodeSettings:
     target_node: str = ""
     serve: ServeSettings | None = None
     http: HttpSettings | None = None
+    worker: WorkerSettings | None = None
     timing: Timing = field(default_factory=Timing)
 
     @property
@@ -122,6 +140,8 @@ class Node:
         self.actors: list[pykka.ActorRef] = []
         self.record: wire.NodeRecord | None = None
         self.http_url = ""
+        self.plan_box = PlanBox()
+        self.tunnel_exit: TunnelExit | None = None
 
     def start(self) -> wire.NodeRecord:
         s = self.s
@@ -141,6 +161,8 @@ class Node:
         self.record = own
         routes_peers = s.p2p and (s.federated or s.role == "federated")
         gateway = balancer = supervisor = None
+        if s.role == "worker":
+            supervisor = self._start(SupervisorActor, self.stats)
         if s.role in ("server", "federated"):
             gateway = self._start(GatewayActor, self.ctx, node_id, self.state.endpoint("gateway"), self.stats,
                                   self.keys, next_port(s.p2p_listen, 1) if s.p2p else None, host,
@@ -164,18 +186,22 @@ class Node:
         admin = self._start(AdminActor, self.ctx, self.state.admin_endpoint, str(self.state.admin_socket),
                             facts, own, ledger.proxy() if ledger else None,
                             discovery.proxy() if discovery else None, self.stats,
-                            gateway.proxy() if gateway else None, supervisor.proxy() if supervisor else None)
+                            gateway.proxy() if gateway else None, supervisor.proxy() if supervisor else None,
+                            s.token.encode() if s.token else "")
         admin.proxy().open().get(timeout=START_TIMEOUT_S)
-        if supervisor is not None:
-            self._start_children(node_id, supervisor, gateway, balancer, ledger)
+        if gateway is not None:
+            self._start_children(node_id, supervisor, gateway, balancer, ledger, admin)
+        if s.worker is not None:
+            self._start_worker(admin, ledger, total, avail)
         return self.record
 
     def _start_children(self, node_id: str, supervisor: pykka.ActorRef, gateway: pykka.ActorRef,
-                        balancer: pykka.ActorRef, ledger: pykka.ActorRef | None) -> None:
+                        balancer: pykka.ActorRef, ledger: pykka.ActorRef | None, admin: pykka.ActorRef) -> None:
         s = self.s
         sup, gw = supervisor.proxy(), gateway.proxy()
         if s.serve is not None:
             engine_endpoint = self.state.endpoint("engine")
+            sharder = self._start_sharder(gateway, supervisor, ledger, admin)
 
             def up(model: str) -> None:
                 gw.engine_up(engine_endpoint)
@@ -189,14 +215,87 @@ class Node:
                 if ledger is not None:
                     ledger.proxy().update_own(models=[])
 
-            sup.start_child(ChildSpec("engine", engine_argv(s.serve, engine_endpoint, node_id),
-                                      on_ready=up, on_down=down)).get(timeout=START_TIMEOUT_S)
+            box = self.plan_box
+            argv = lambda: engine_argv(s.serve, engine_endpoint, node_id, box.plan)  # noqa: E731
+            sup.start_child(ChildSpec("engine", argv, on_ready=up, on_down=down, report_prefix="LAYERS",
+                                      on_report=sharder.proxy().engine_layers)).get(timeout=START_TIMEOUT_S)
         if s.http is not None:
             env = {"ZSWARM_NODE_ENDPOINT": self.state.endpoint("gateway"), "ZSWARM_ADDRESS": s.http.address,
                    "ZSWARM_API_KEYS": ",".join(s.http.api_keys), "ZSWARM_NODE_NAME": s.name,
-                   "ZSWARM_HTTP_WORKERS": str(s.http.workers)}
+                   "ZSWARM_HTTP_WORKERS": str(s.http.workers), "ZSWARM_STATE_DIR": str(self.state.path)}
             sup.start_child(ChildSpec("http", http_argv(), env, ready_prefix=None)).get(timeout=START_TIMEOUT_S)
             self.http_url = f"http://{s.http.address}"
+
+    def _start_sharder(self, gateway: pykka.ActorRef, supervisor: pykka.ActorRef,
+                       ledger: pykka.ActorRef | None, admin: pykka.ActorRef) -> pykka.ActorRef:
+        """Worker mode on a server: the Sharder owns the plan the engine is started with."""
+        from .actors.sharder import SharderActor
+        from .engine.model import default_model_path
+        from .sharding import Device, memory_needed
+
+        s, serve = self.s, self.s.serve
+        _, avail = memory_bytes()
+        local = None
+        if serve.local_layers:
+            local = Device("local", self.s.name, "", min(avail, serve.mem) if serve.mem else avail)
+        open_tunnel = None
+        if self.keys is not None:
+            def open_tunnel(remote: str) -> TunnelEntry:
+                entry = TunnelEntry(self.ctx, self.keys, remote, self.stats)
+                entry.start()
+                return entry
+        try:
+            needed = memory_needed(serve.model or default_model_path(), serve.ctx_size)
+        except OSError:
+            needed = 0  # the engine will say what is wrong with the model file
+        sharder = self._start(SharderActor, self.plan_box, gateway.proxy(), supervisor.proxy(),
+                              ledger.proxy() if ledger else None, open_tunnel, local, needed,
+                              serve.reshard_settle_s, serve.rpc_servers, self.stats)
+        sharder.proxy().initial_plan().get(timeout=START_TIMEOUT_S)
+        if ledger is not None and not serve.rpc_servers:
+            ledger.proxy().add_listener(sharder)
+        sp = sharder.proxy()
+
+        def reshard() -> str:
+            """Re-shard the model over the workers online now."""
+            return sp.reshard().get(timeout=START_TIMEOUT_S)
+        admin.proxy().register("reshard", reshard)
+        admin.proxy().register_status("shard", lambda: sp.status().get(timeout=START_TIMEOUT_S))
+        return sharder
+
+    def _start_worker(self, admin: pykka.ActorRef, ledger: pykka.ActorRef | None, total: int, avail: int) -> None:
+        """A worker: a llama.cpp RPC server on 127.0.0.1, reachable only through a CURVE tunnel."""
+        s, w = self.s, self.s.worker
+        supervisor = next(a for a in self.actors if a.actor_class is SupervisorActor)
+        static = w.listen is not None
+        host, port = (w.listen.rsplit(":", 1) if static else ("127.0.0.1", str(free_local_port())))
+        mem_total = min(total, w.mem) if w.mem else total
+        mem_free = min(avail, w.mem) if w.mem else avail
+        tunnel = ""
+        if ledger is not None:
+            self.tunnel_exit = TunnelExit(self.ctx, self.keys, next_port(s.p2p_listen, 1), ("127.0.0.1", int(port)),
+                                          self.stats)
+            self.tunnel_exit.start()
+            tunnel = f"tcp://{advertise_host(s.p2p_listen, s.advertise)}:{self.tunnel_exit.port}"
+            own = ledger.proxy().own().get(timeout=START_TIMEOUT_S)
+            ledger.proxy().update_own(endpoints={**own.endpoints, "tunnel": tunnel}, mem_total=mem_total,
+                                      mem_free=mem_free).get(timeout=START_TIMEOUT_S)
+
+        def up(detail: str) -> None:
+            log.info("RPC server ready on %s:%s%s", host, port, f", tunnel {tunnel}" if tunnel else "")
+            if ledger is not None:
+                own = ledger.proxy().own().get(timeout=START_TIMEOUT_S)
+                ledger.proxy().update_own(flags=sorted(set(own.flags) | {"rpc"}))
+
+        def down(why: str) -> None:
+            if ledger is not None:
+                own = ledger.proxy().own().get(timeout=START_TIMEOUT_S)
+                ledger.proxy().update_own(flags=sorted(set(own.flags) - {"rpc"}))
+
+        argv = rpc_server_argv(host, int(port), w, mem_free, allow_remote=static and host not in LOOPBACK)
+        supervisor.proxy().start_child(ChildSpec("rpc", argv, on_ready=up, on_down=down)).get(timeout=START_TIMEOUT_S)
+        admin.proxy().register_status("rpc", lambda: {"listen": f"{host}:{port}", "tunnel": tunnel,
+                                                      "mem_total": mem_total, "mem_free": mem_free})
 
     def _start(self, cls: type, *args: Any) -> pykka.ActorRef:
         ref = cls.start(*args)
@@ -210,6 +309,8 @@ class Node:
             except pykka.Timeout:
                 log.error("actor %s did not stop in time", ref)
         self.actors.clear()
+        if self.tunnel_exit is not None:
+            self.tunnel_exit.stop()
         if self.zap is not None:
             self.zap.stop()
         self.ctx.destroy(linger=0)
@@ -227,7 +328,22 @@ def next_port(listen: str, offset: int) -> str:
     return f"{host}:{int(port) + offset if int(port) else 0}"
 
 
-def engine_argv(serve: ServeSettings, endpoint: str, node_id: str) -> list[str]:
+LOOPBACK = ("127.0.0.1", "localhost")  # ggml's RPC server binds IPv4 only
+
+
+def free_local_port() -> int:
+    import socket
+
+    with socket.socket() as sk:
+        sk.bind(("127.0.0.1", 0))
+        return sk.getsockname()[1]
+
+
+def engine_argv(serve: ServeSettings, endpoint: str, node_id: str, plan: Any = None) -> list[str] | None:
+    """The engine's command line for ``plan`` (a :class:`~zswarm.sharding.Plan`; None: no plan
+    can hold the model yet, so nothing starts)."""
+    if plan is None:
+        return None
     argv = [sys.executable, "-m", "zswarm.engine.proc", "--endpoint", endpoint, "--node-id", node_id,
             "--ctx-size", str(serve.ctx_size), "--parallel", str(serve.parallel),
             "--max-queue", str(serve.max_queue)]
@@ -235,6 +351,23 @@ def engine_argv(serve: ServeSettings, endpoint: str, node_id: str) -> list[str]:
         argv += ["--model", serve.model]
     if serve.threads:
         argv += ["--threads", str(serve.threads)]
+    if plan.remote:
+        argv += ["--rpc-servers", ",".join(d.endpoint for d in plan.remote),
+                 "--tensor-split", ",".join(f"{w:.6f}" for w in plan.weights)]
+        if not plan.has_local:
+            argv.append("--no-local-layers")
+    return argv
+
+
+def rpc_server_argv(host: str, port: int, w: WorkerSettings, mem: int, allow_remote: bool) -> list[str]:
+    argv = [sys.executable, "-m", "zswarm.engine.rpc_server", "--host", host, "--port", str(port),
+            "--mem", str(mem)]
+    if w.threads:
+        argv += ["--threads", str(w.threads)]
+    if w.cache_dir:
+        argv += ["--cache-dir", w.cache_dir]
+    if allow_remote:
+        argv.append("--allow-remote")
     return argv
 
 

@@ -40,8 +40,9 @@ class AdminCommandError(Exception):
 class AdminActor(pykka.ThreadingActor):
     def __init__(self, ctx: zmq.Context, endpoint: str, socket_path: str, node: dict[str, Any],
                  own: wire.NodeRecord, ledger: Any, discovery: Any, stats: Stats,
-                 gateway: Any = None, supervisor: Any = None):
+                 gateway: Any = None, supervisor: Any = None, token: str = ""):
         super().__init__()
+        self._token = token  # the cluster token ("" outside any cluster); only cmd_token reveals it
         self._own = own  # used when there is no ledger (a node outside any cluster)
         self._gateway = gateway
         self._supervisor = supervisor
@@ -54,11 +55,16 @@ class AdminActor(pykka.ThreadingActor):
         self._stats = stats
         self._loop: SocketLoop | None = None
         self._extra: dict[str, Callable[..., Any]] = {}
+        self._status_parts: dict[str, Callable[[], Any]] = {}
 
     def open(self) -> None:
         loop = SocketLoop("admin-io", self._ctx, self._setup)
         loop.start_and_wait()
         self._loop = loop
+
+    def register_status(self, key: str, fn: Callable[[], Any]) -> None:
+        """Add ``key: fn()`` to every ``status`` answer (e.g. the shard plan, the RPC server)."""
+        self._status_parts[key] = fn
 
     def register(self, name: str, fn: Callable[..., Any]) -> None:
         """Let a later actor (RPCSupervisor, Gateway) add a command; ``fn``'s docstring is its help."""
@@ -147,8 +153,13 @@ class AdminActor(pykka.ThreadingActor):
             "discovery": self._discovery.status().get(timeout=ASK_TIMEOUT_S) if self._discovery else None,
             "gateway": self._gateway.status().get(timeout=ASK_TIMEOUT_S) if self._gateway else None,
             "children": self._supervisor.status().get(timeout=ASK_TIMEOUT_S) if self._supervisor else None,
+            **{key: fn() for key, fn in self._status_parts.items()},
             "counters": self._stats.snapshot(),
         }
+
+    def cmd_token(self) -> str:
+        """The cluster token ("" when the node is in no cluster); the Swarm page shows it."""
+        return self._token
 
     def cmd_peers(self) -> list[dict]:
         """Every peer this node knows, with its state (alive, suspect, dead)."""

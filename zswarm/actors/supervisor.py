@@ -37,11 +37,14 @@ GRACE_S = 5.0
 @dataclass
 class ChildSpec:
     name: str
-    argv: list[str]
+    argv: list[str] | Callable[[], list[str] | None]  # a callable is asked at every (re)start;
+    # None from it means "nothing to run yet": the child waits for restart_child()
     env: dict[str, str] = field(default_factory=dict)
     ready_prefix: str | None = "READY"  # None: up as soon as it is started
     on_ready: Callable[[str], None] | None = None  # called (in the actor) with the READY line's rest
     on_down: Callable[[str], None] | None = None  # called (in the actor) with why it went down
+    report_prefix: str | None = None  # lines starting with this go to on_report (e.g. "LAYERS")
+    on_report: Callable[[str], None] | None = None
 
 
 @dataclass
@@ -55,6 +58,7 @@ class _Child:
     generation: int = 0
     timer: threading.Timer | None = None
     last_exit: str = ""
+    restart_now: bool = False  # asked for (restart_child): no back-off, not a crash
 
 
 @dataclass
@@ -62,6 +66,13 @@ class _Ready:
     name: str
     generation: int
     detail: str
+
+
+@dataclass
+class _Report:
+    name: str
+    generation: int
+    line: str
 
 
 @dataclass
@@ -98,11 +109,22 @@ class SupervisorActor(pykka.ThreadingActor):
                 for name, c in self._children.items()}
 
     def restart_child(self, name: str) -> bool:
-        """Stop a child (it comes back through the normal restart path)."""
+        """Restart a child now (a new argv takes effect), skipping the back-off."""
         c = self._children.get(name)
-        if c is None or c.proc is None or c.proc.poll() is not None:
+        if c is None:
             return False
-        c.proc.terminate()
+        if c.proc is not None and c.proc.poll() is None:
+            c.restart_now = True
+            c.proc.terminate()
+            proc = c.proc  # a child hung in C code may ignore SIGTERM: kill it after the grace period
+            killer = threading.Timer(GRACE_S, lambda: proc.poll() is None and proc.kill())
+            killer.daemon = True
+            killer.start()
+        elif c.state in ("backoff", "waiting", "stopped"):
+            if c.timer is not None:
+                c.timer.cancel()
+            c.backoff_s = BACKOFF_MIN_S
+            self._spawn(c)
         return True
 
     # --- actor thread ---
@@ -110,8 +132,13 @@ class SupervisorActor(pykka.ThreadingActor):
         c.generation += 1
         c.state = "starting"
         env = {**os.environ, **c.spec.env}
+        argv = c.spec.argv() if callable(c.spec.argv) else c.spec.argv
+        if argv is None:
+            c.state = "waiting"
+            log.info("%s: waiting (nothing to run yet)", c.spec.name)
+            return
         try:
-            c.proc = subprocess.Popen(c.spec.argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
+            c.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
                                       stdin=subprocess.DEVNULL, start_new_session=True,
                                       preexec_fn=_die_with_parent)
         except OSError as e:
@@ -131,6 +158,8 @@ class SupervisorActor(pykka.ThreadingActor):
             return
         if isinstance(message, _Ready) and message.generation == c.generation:
             self._on_ready(c, message.detail)
+        elif isinstance(message, _Report) and message.generation == c.generation and c.spec.on_report:
+            c.spec.on_report(message.line)
         elif isinstance(message, _Exited) and message.generation == c.generation:
             self._on_exit(c, message.returncode)
         elif isinstance(message, _Restart) and c.state == "backoff" and not self._stopping:
@@ -150,12 +179,18 @@ class SupervisorActor(pykka.ThreadingActor):
         if self._stopping:
             c.state = "stopped"
             return
-        log.warning("%s: %s", c.spec.name, why)
-        if self._stats is not None:
-            self._stats.inc(f"restarts_{c.spec.name}")
+        planned, c.restart_now = c.restart_now, False
+        if not planned:
+            log.warning("%s: %s", c.spec.name, why)
+            if self._stats is not None:
+                self._stats.inc(f"restarts_{c.spec.name}")
         if was_up and c.spec.on_down:
-            c.spec.on_down(why)
+            c.spec.on_down("is restarting" if planned else why)
         notify(self._listeners, "child_down", child=c.spec.name, why=why)
+        if planned:
+            c.state = "stopped"
+            self._spawn(c)
+            return
         if time.monotonic() - c.started_at >= STABLE_AFTER_S:
             c.backoff_s = BACKOFF_MIN_S
         self._schedule_restart(c, why)
@@ -212,6 +247,8 @@ def _watch(ref: pykka.ActorRef, spec: ChildSpec, proc: subprocess.Popen, generat
         line = raw.decode(errors="replace").rstrip()
         if spec.ready_prefix and line.startswith(spec.ready_prefix):
             _tell(ref, _Ready(spec.name, generation, line[len(spec.ready_prefix):].strip()))
+        elif spec.report_prefix and line.startswith(spec.report_prefix):
+            _tell(ref, _Report(spec.name, generation, line[len(spec.report_prefix):].strip()))
         elif line:
             child_log.info("%s", line)
     rc = proc.wait()

@@ -1,12 +1,28 @@
 """The engine child process: one model, ``--parallel`` slots, one ROUTER socket.
 
     python -m zswarm.engine.proc --model PATH --endpoint ipc:///run/zswarm/engine.sock \\
-        --ctx-size 2048 --threads 2 --parallel 2 --node-id ID
+        --ctx-size 2048 --threads 2 --parallel 2 --node-id ID \\
+        [--rpc-servers HOST:PORT,... [--tensor-split W,...] [--no-local-layers]]
 
 Start-up handshake: bind the ROUTER, load every slot, then write exactly one line
 ``READY <model name>`` to stdout and flush. Before anything else, fd 1 is pointed at fd 2 and the
 handshake is written to a private copy of the original stdout, so nothing llama.cpp prints can
 be mistaken for it. A process that cannot bind or load exits non-zero without writing READY.
+
+Worker mode (``--rpc-servers``): the model's layers are split over llama.cpp RPC servers and,
+unless ``--no-local-layers``, this machine's CPU. ``--tensor-split`` gives one weight per RPC
+server, in the order of ``--rpc-servers``, followed by one weight for the local CPU when local
+layers are on (so N or N+1 numbers; only their proportions matter). Without it llama.cpp splits
+by the free memory each device reports (an RPC server reports its machine's physical memory).
+Just before READY the engine writes one line ``LAYERS {json}``: the repeating layers each device
+holds, read back from llama.cpp, keyed by RPC endpoint and ``"local"``, e.g.
+``LAYERS {"127.0.0.1:5001": 8, "127.0.0.1:5002": 22, "local": 0}``. Worker mode runs one slot
+whatever ``--parallel`` says (see parse_args).
+
+An RPC server that goes away makes llama.cpp abort this process (SIGABRT, at the next message
+to it; ``GGML_NO_BACKTRACE`` is set so that takes milliseconds, not a debugger attach). One that
+stops answering without closing its connection hangs the process: llama.cpp sets no timeouts.
+The node restarts the engine either way; no Fail for the request in flight comes from here.
 
 Frames are ``[routing id..., payload]``; the payload is a wire GenRequest or Cancel. Every
 GenRequest the engine receives ends with exactly one Done or Fail for its id, after any number
@@ -28,22 +44,28 @@ from __future__ import annotations
 
 import argparse
 import collections
+import ctypes
+import json
 import logging
 import os
 import random
+import re
 import signal
+import socket
 import sys
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import llama_cpp
 import zmq
+from llama_cpp._logger import llama_log_callback as llama_cpp_python_log  # the callback to put back
 
 from .. import wire
 from ..transport import SocketLoop, Stats
 from .model import ModelMissing, default_model_path, model_name
+from .rpc_server import GGML_BACKEND_DEVICE_TYPE_CPU, device_memory, ggml
 
 log = logging.getLogger("zswarm.engine")
 
@@ -51,6 +73,8 @@ MAX_REQUEST_BYTES = 16 << 20  # a prompt filling a 128k-token context is ~0.5 MB
 SEED_MODULUS = 0xFFFFFFFF  # llama.cpp seeds are uint32 and 0xFFFFFFFF means "pick one at random"
 STOP_GRACE_S = 1.0  # how long shutdown waits for slots to send their last Fail before exiting
 SEND_LINGER_MS = 200  # lets those last replies leave the socket on the way out
+RPC_PROBE_TIMEOUT_S = 3.0  # a worker that does not accept a TCP connection in this time is down
+LOCAL = "local"  # the LAYERS key for this machine's CPU
 
 
 class Interrupted(Exception):
@@ -178,6 +202,26 @@ class _Model(llama_cpp.Llama):
     """
 
     job: Job | None = None  # set by the slot thread before each request
+    layers: dict[str, int] | None = None  # worker mode: repeating layers per device (load_model)
+
+    def __init__(self, *args, devices: Sequence[int] = (), **kwargs):
+        # llama_model_params.devices: a NULL-terminated array of ggml devices (empty: llama.cpp's
+        # default choice, which never takes RPC servers). Kept here for the model's lifetime.
+        self._devices = (ctypes.c_void_p * (len(devices) + 1))(*devices, None) if devices else None
+        super().__init__(*args, **kwargs)
+
+    # Llama.__init__ builds its llama_model_params and loads the weights in one go, with no
+    # argument for ``devices``; it assigns ``self.model_params`` before the load, so this setter
+    # is where the device list goes in (the rest of the params are Llama's, untouched).
+    @property
+    def model_params(self):
+        return self._model_params
+
+    @model_params.setter
+    def model_params(self, params) -> None:
+        if self._devices is not None:
+            params.devices = ctypes.addressof(self._devices)
+        self._model_params = params
 
     def create_completion(self, prompt, *args, **kwargs):  # type: ignore[override]
         if isinstance(prompt, list):
@@ -209,7 +253,10 @@ class LoadSpec:
     ctx_size: int
     threads: int
     rpc_servers: tuple[str, ...] = ()  # worker mode: llama.cpp RPC servers ("host:port")
-    tensor_split: tuple[float, ...] = ()  # worker mode: share of the layers per device
+    # worker mode: one weight per RPC server, then one for the local CPU when local_layers;
+    # empty: llama.cpp splits by the free memory each device reports
+    tensor_split: tuple[float, ...] = ()
+    local_layers: bool = True  # worker mode: may this machine's CPU hold layers too?
 
 
 class LoadError(RuntimeError):
@@ -219,20 +266,135 @@ class LoadError(RuntimeError):
 def load_model(spec: LoadSpec) -> _Model:
     """The one place a model is loaded.
 
-    Worker mode adds its devices here: register ``spec.rpc_servers`` with ggml, then set
-    ``llama_model_params.devices`` (a NULL-terminated array; llama.cpp ignored RPC devices
-    until it was set) and ``tensor_split``.
+    Worker mode registers ``spec.rpc_servers`` with ggml (once per process), then loads with
+    ``llama_model_params.devices`` set to those RPC devices, plus the CPU device when local
+    layers are on (llama.cpp ignores RPC devices unless the list is explicit), every layer
+    offloaded to that list (``n_gpu_layers=-1``) and ``tensor_split`` in the same order. The
+    returned model's ``layers`` says how many repeating layers each device got.
     """
-    if spec.rpc_servers:
-        raise LoadError("--rpc-servers: the engine cannot load a model across RPC workers yet")
     kwargs: dict = dict(model_path=spec.path, n_ctx=spec.ctx_size, n_threads=spec.threads,
                         n_threads_batch=spec.threads, verbose=False)
+    if not spec.rpc_servers:
+        try:
+            return _Model(**kwargs)
+        except (ValueError, OSError) as e:  # llama-cpp-python raises ValueError for an unreadable file
+            raise LoadError(f"cannot load the model: {e}") from None
+
+    devices = [rpc_device(endpoint) for endpoint in spec.rpc_servers]
+    keys = list(spec.rpc_servers)
+    if spec.local_layers:
+        devices.append(ggml().dev_by_type(GGML_BACKEND_DEVICE_TYPE_CPU))
+        keys.append(LOCAL)
     if spec.tensor_split:
         kwargs["tensor_split"] = list(spec.tensor_split)
+    with LlamaLog() as llama_log:
+        try:
+            model = _Model(**kwargs, devices=devices, n_gpu_layers=-1)
+        except (ValueError, OSError) as e:
+            why = llama_log.errors()
+            raise LoadError(f"cannot load the model across {', '.join(spec.rpc_servers)}: {e}"
+                            + (f" (llama.cpp: {why})" if why else "")) from None
+    names = [ggml().dev_name(d).decode() for d in devices]
+    n_layer = llama_cpp.llama_model_n_layer(model.model)
+    counts = llama_log.layers(n_layer)
+    if counts is None:  # llama.cpp no longer logs the assignment: work it out the same way
+        log.warning("llama.cpp did not say where the layers went; computing it from the split")
+        weights = list(spec.tensor_split) or [float(device_memory(d)[0]) for d in devices]
+        model.layers = dict(zip(keys, assign_layers(n_layer, weights)))
+    else:
+        model.layers = {key: counts.get(name, 0) for key, name in zip(keys, names)}
+        model.layers.setdefault(LOCAL, 0)
+        stray = n_layer - sum(model.layers.values())
+        if stray:  # layers on a device outside our list, which llama.cpp should never do
+            log.warning("%d layer(s) landed on devices other than %s: %s", stray, names, counts)
+    return model
+
+
+_rpc_devices: dict[str, int] = {}  # endpoint -> ggml device, registered once per process
+
+
+def rpc_device(endpoint: str) -> int:
+    """The ggml device of the RPC server at ``endpoint`` ("host:port"), registered on first use.
+
+    ``ggml_backend_rpc_add_server`` connects at once and aborts the whole process when nobody
+    answers, so a plain TCP connection is tried first to turn the common failure into a LoadError.
+    """
+    dev = _rpc_devices.get(endpoint)
+    if dev is not None:
+        return dev
+    host, _, port = endpoint.rpartition(":")
     try:
-        return _Model(**kwargs)
-    except (ValueError, OSError) as e:  # llama-cpp-python raises ValueError for an unreadable file
-        raise LoadError(f"cannot load the model: {e}") from None
+        socket.create_connection((host, int(port)), timeout=RPC_PROBE_TIMEOUT_S).close()
+    except (OSError, ValueError) as e:
+        raise LoadError(f"cannot reach the RPC server {endpoint}: {e}") from None
+    g = ggml()
+    reg = g.rpc_add_server(endpoint.encode())
+    if not reg or g.reg_dev_count(reg) < 1:
+        raise LoadError(f"the RPC server {endpoint} offers no device (a different llama.cpp version?)")
+    g.register(reg)
+    # A server lends one device per ggml device it was started with; zswarm's lend exactly one.
+    dev = _rpc_devices[endpoint] = g.reg_dev_get(reg, 0)
+    return dev
+
+
+def assign_layers(n_layer: int, weights: Sequence[float]) -> list[int]:
+    """Repeating layers per device as llama.cpp 0c1e570 assigns them (llama_model::load_tensors)
+    when every layer is offloaded: layer ``il`` goes to the first device whose cumulative share
+    exceeds ``il / (n_layer + 1)`` (the output layer counts as one more, and is left out here).
+    """
+    total = sum(weights)
+    edges, acc = [], 0.0
+    for w in weights:
+        acc += w
+        edges.append(acc / total)
+    counts = [0] * len(weights)
+    for il in range(n_layer):
+        x = il / (n_layer + 1)
+        counts[next((i for i, e in enumerate(edges) if e > x), len(edges) - 1)] += 1
+    return counts
+
+
+_ASSIGNED = re.compile(r"layer\s+(\d+) assigned to device (\S+?),")
+_LLAMA_ERROR = 3  # GGML_LOG_LEVEL_ERROR
+
+
+class LlamaLog:
+    """Collects llama.cpp's log while a model loads (``with LlamaLog() as log: ...``).
+
+    llama-cpp-python sends llama.cpp's log to one global callback and, with ``verbose=False``,
+    silences stderr during the load anyway; this one keeps the lines instead, for the layer
+    assignment (a DEBUG line per layer) and for error messages, then puts llama-cpp-python's
+    callback back. Loads happen one at a time, on the main thread.
+    """
+
+    def __init__(self) -> None:
+        self.lines: list[tuple[int, str]] = []
+        self._cb = llama_cpp.llama_log_callback(self._on_log)
+
+    def _on_log(self, level: int, text: bytes, user_data) -> None:
+        self.lines.append((level, text.decode("utf-8", errors="replace")))
+
+    def __enter__(self) -> LlamaLog:
+        llama_cpp.llama_log_set(self._cb, ctypes.c_void_p(0))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        llama_cpp.llama_log_set(llama_cpp_python_log, ctypes.c_void_p(0))
+
+    def layers(self, n_layer: int) -> dict[str, int] | None:
+        """Repeating layers per device name ("RPC0", "CPU") as llama.cpp logged them; None if
+        it logged no assignment."""
+        where: dict[int, str] = {}
+        for _, text in self.lines:
+            m = _ASSIGNED.search(text)
+            if m and int(m.group(1)) < n_layer:  # layer n_layer is the output layer
+                where[int(m.group(1))] = m.group(2)
+        if not where:
+            return None
+        return dict(collections.Counter(where.values()))
+
+    def errors(self) -> str:
+        return " ".join(text.strip() for level, text in self.lines if level == _LLAMA_ERROR)[-500:]
 
 
 def _pieces(kind: str, stream: Iterator[dict]) -> Iterator[tuple[str, str | None]]:
@@ -452,9 +614,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--node-id", default="", help="this node's id, put in every Done and Fail")
     p.add_argument("--rpc-servers", type=_csv, default=[], help="llama.cpp RPC servers host:port,... (worker mode)")
     p.add_argument("--tensor-split", type=lambda s: [float(x) for x in _csv(s)], default=[],
-                   help="share of the model per device, a,b,c (worker mode)")
+                   help="worker mode: a weight per RPC server, in order, then one for the local CPU unless "
+                        "--no-local-layers (default: by each device's reported free memory)")
+    p.add_argument("--no-local-layers", dest="local_layers", action="store_false",
+                   help="worker mode: every layer on the RPC servers, none on this machine's CPU")
     p.add_argument("--log-level", default="INFO")
     args = p.parse_args(argv)
+    args.warnings = []
+    if args.rpc_servers and args.parallel > 1:
+        # Every slot's Llama would share one connection per RPC server (llama.cpp keeps one per
+        # endpoint and process), and two threads on it garble the stream: seen here, the worker
+        # failed a GGML_ASSERT and aborted. Each slot would also put its own copy of the weights
+        # on every worker.
+        args.warnings.append(f"--parallel {args.parallel} ignored: across RPC workers the engine "
+                             f"serves one request at a time")
+        args.parallel = 1
     if args.threads is None:
         args.threads = max(1, (os.cpu_count() or 1) // max(1, args.parallel))
     if args.max_queue is None:
@@ -464,6 +638,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.max_queue < 0:
         p.error("--max-queue must be at least 0")
+    if not args.rpc_servers:
+        if args.tensor_split or not args.local_layers:
+            p.error("--tensor-split and --no-local-layers need --rpc-servers")
+        return args
+    for endpoint in args.rpc_servers:
+        host, _, port = endpoint.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            p.error(f"--rpc-servers: {endpoint!r} is not host:port")
+    if len(set(args.rpc_servers)) != len(args.rpc_servers):
+        p.error("--rpc-servers: each server may be named once")
+    if args.tensor_split:
+        want = len(args.rpc_servers) + (1 if args.local_layers else 0)
+        if len(args.tensor_split) != want:
+            p.error(f"--tensor-split needs {want} weights (one per RPC server"
+                    f"{', then one for the local CPU' if args.local_layers else ''}), got {len(args.tensor_split)}")
+        if any(not w >= 0 for w in args.tensor_split) or not sum(args.tensor_split) > 0:
+            p.error("--tensor-split weights must be >= 0 and not all 0")
     return args
 
 
@@ -472,9 +663,12 @@ def main(argv: list[str] | None = None) -> int:
     # llama.cpp or ggml print can never look like READY.
     handshake = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)
+    os.environ.setdefault("GGML_NO_BACKTRACE", "1")  # an abort must not attach gdb to print a backtrace
     args = parse_args(argv)
     logging.basicConfig(stream=sys.stderr, level=args.log_level.upper(),
                         format=f"%(asctime)s engine[{os.getpid()}] %(levelname)s %(message)s")
+    for warning in args.warnings:
+        log.warning("%s", warning)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
@@ -495,13 +689,17 @@ def main(argv: list[str] | None = None) -> int:
     except zmq.ZMQError as e:
         log.error("cannot bind %s: %s", args.endpoint, e)
         return 2
-    spec = LoadSpec(path, args.ctx_size, args.threads, tuple(args.rpc_servers), tuple(args.tensor_split))
+    spec = LoadSpec(path, args.ctx_size, args.threads, tuple(args.rpc_servers), tuple(args.tensor_split),
+                    args.local_layers)
     slots = []
+    layers: dict[str, int] | None = None
     try:
         for i in range(args.parallel):
             if stop.is_set():
                 return _shutdown(ctx, engine, sched, slots, stats)
-            slots.append(Slot(i, load_model(spec), sched, engine.reply, args.node_id))
+            llm = load_model(spec)
+            layers = llm.layers
+            slots.append(Slot(i, llm, sched, engine.reply, args.node_id))
     except LoadError as e:
         log.error("%s", e)
         engine.stop()
@@ -511,6 +709,9 @@ def main(argv: list[str] | None = None) -> int:
         slot.start()
     log.info("serving %s (%s) on %s: %d slot(s), %d thread(s) each, context %d",
              name, path, args.endpoint, args.parallel, args.threads, args.ctx_size)
+    if layers is not None:
+        log.info("layers per device: %s", ", ".join(f"{k} {v}" for k, v in layers.items()))
+        handshake.write(f"LAYERS {json.dumps(layers)}\n")
     handshake.write(f"READY {name}\n")
     handshake.flush()
 
