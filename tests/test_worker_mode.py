@@ -1,0 +1,162 @@
+"""Worker mode end to end: one model split over workers through llama.cpp RPC in CURVE tunnels."""
+
+import concurrent.futures
+import signal
+
+import openai
+import pytest
+
+from cluster import Cluster, free_port, wait_for
+from zswarm.engine.model import default_model_path
+from zswarm.token import Token
+
+pytestmark = pytest.mark.slow
+
+MODEL = "smollm2-135m-instruct"
+PROMPT = [{"role": "user", "content": "Write the numbers from one to five."}]
+SERVER = ["--p2p", "--threads", "1", "--reshard-settle", "1"]
+
+
+@pytest.fixture(scope="module")
+def reference():
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=default_model_path(), n_ctx=2048, n_threads=1, verbose=False)
+    return llm.create_chat_completion(messages=PROMPT, temperature=0, max_tokens=16)["choices"][0]["message"]["content"]
+
+
+def client(node):
+    url = node.args[node.args.index("--address") + 1]
+    return openai.OpenAI(base_url=f"http://{url}/v1", api_key="x", max_retries=0, timeout=120)
+
+
+def shard(server):
+    return server.admin("status").get("shard") or {}
+
+
+def layers_by_name(server):
+    return {w["name"]: w["layers"] for w in shard(server)["workers"]}
+
+
+def split_is(server, names):
+    s = shard(server)
+    children = server.admin("status")["children"]
+    return (children["engine"]["state"] == "ready" and not s.get("pending")
+            and sorted(w["name"] for w in s.get("workers", [])) == sorted(names)
+            and s.get("n_layers", 0) > 0)
+
+
+def ask(node, reference=None):
+    out = client(node).chat.completions.create(model=MODEL, messages=PROMPT, temperature=0, max_tokens=16)
+    text = out.choices[0].message.content
+    if reference is not None:
+        assert text == reference
+    return text
+
+
+def test_layers_follow_memory_and_output_matches_single_node(tmp_path, reference):
+    c = Cluster(tmp_path, Token.generate().encode())
+    try:
+        w1 = c.node("w1", "worker", extra=["--mem", "1GiB", "--threads", "1"])
+        w2 = c.node("w2", "worker", bootstrap=[w1], extra=["--mem", "3GiB", "--threads", "1"])
+        s = c.node("s", "server", bootstrap=[w1], extra=SERVER + ["--no-local-layers"])
+        wait_for(lambda: split_is(s, ["w1", "w2"]), 90, 0.2, what="the model split over w1 and w2")
+        layers = layers_by_name(s)
+        total = sum(layers.values())
+        assert shard(s)["local_layers"] == 0
+        assert abs(layers["w1"] - total / 4) <= 1 and abs(layers["w2"] - 3 * total / 4) <= 1, layers
+        ask(s, reference)
+        # the RPC servers listen on loopback only; the cluster reaches them through the tunnels
+        for w in (w1, w2):
+            listen = w.admin("status")["rpc"]["listen"]
+            assert listen.startswith("127.0.0.1:")
+    finally:
+        c.close()
+
+
+def test_join_and_death_reshard_and_no_request_is_dropped(tmp_path, reference):
+    c = Cluster(tmp_path, Token.generate().encode())
+    try:
+        w1 = c.node("w1", "worker", extra=["--mem", "2GiB", "--threads", "1"])
+        w2 = c.node("w2", "worker", bootstrap=[w1], extra=["--mem", "2GiB", "--threads", "1"])
+        s = c.node("s", "server", bootstrap=[w1], extra=SERVER + ["--no-local-layers"])
+        wait_for(lambda: split_is(s, ["w1", "w2"]), 90, 0.2, what="the split over two workers")
+        before = shard(s)["reshards"]
+
+        def load(n):
+            with concurrent.futures.ThreadPoolExecutor(4) as pool:
+                futs = [pool.submit(lambda: ask(s)) for _ in range(n)]
+                out = []
+                for f in futs:
+                    try:
+                        out.append(("ok", f.result(timeout=300)))
+                    except openai.APIStatusError as e:  # a clean failure: an HTTP error with a body
+                        out.append(("failed", e.status_code))
+                return out
+
+        with concurrent.futures.ThreadPoolExecutor(1) as bg:
+            running = bg.submit(load, 8)
+            w3 = c.node("w3", "worker", bootstrap=[w2], extra=["--mem", "2GiB", "--threads", "1"])
+            wait_for(lambda: split_is(s, ["w1", "w2", "w3"]), 120, 0.2, what="a re-shard onto three workers")
+            results = running.result(timeout=300)
+        assert all(r[0] == "ok" for r in results), results  # a join drains: nothing is dropped
+        assert shard(s)["reshards"] > before
+        assert ask(s) and s.running()
+
+        with concurrent.futures.ThreadPoolExecutor(1) as bg:
+            running = bg.submit(load, 8)
+            w2.signal(signal.SIGKILL)
+            wait_for(lambda: split_is(s, ["w1", "w3"]), 120, 0.2, what="a re-shard onto the survivors")
+            results = running.result(timeout=300)
+        assert all(r[0] == "ok" or 500 <= r[1] < 600 for r in results), results
+        ask(s, reference)
+        assert s.running()
+        status = s.admin("status")
+        assert status["children"]["engine"]["state"] == "ready"
+        w3.admin("status")  # the others are fine
+    finally:
+        c.close()
+
+
+def test_memory_shortfall_is_refused_with_a_clear_message(tmp_path):
+    c = Cluster(tmp_path, Token.generate().encode())
+    try:
+        w1 = c.node("w1", "worker", extra=["--mem", "20MiB", "--threads", "1"])
+        s = c.node("s", "server", bootstrap=[w1], extra=SERVER + ["--no-local-layers"])
+        wait_for(lambda: "short by" in shard(s).get("error", ""), 60, 0.2, what="the shortfall message")
+        assert "MiB" in shard(s)["error"]
+        assert s.admin("status")["children"]["engine"]["state"] in ("waiting", "backoff", "stopped")
+        assert s.running()
+    finally:
+        c.close()
+
+
+def test_static_mode_without_token(tmp_path, reference):
+    c = Cluster(tmp_path, "")
+    try:
+        ports = [free_port(), free_port()]
+        for i, p in enumerate(ports):
+            c.node(f"w{i}", "worker", extra=["--no-p2p", "--listen", f"127.0.0.1:{p}", "--threads", "1"])
+        s = c.node("s", "server", extra=["--threads", "1", "--no-local-layers",
+                                           "--rpc-servers", ",".join(f"127.0.0.1:{p}" for p in ports)])
+        wait_for(lambda: s.admin("status")["children"]["engine"]["state"] == "ready", 90, 0.2,
+                 what="the engine over two static RPC servers")
+        assert len(shard(s)["workers"]) == 2 and shard(s)["n_layers"] > 0
+        ask(s, reference)
+    finally:
+        c.close()
+
+
+def test_admin_reshard(tmp_path):
+    c = Cluster(tmp_path, Token.generate().encode())
+    try:
+        w1 = c.node("w1", "worker", extra=["--mem", "2GiB", "--threads", "1"])
+        s = c.node("s", "server", bootstrap=[w1], extra=SERVER)
+        wait_for(lambda: split_is(s, ["w1"]), 90, 0.2, what="the split over w1 and the server")
+        n = shard(s)["reshards"]
+        s.admin("reshard")
+        wait_for(lambda: shard(s)["reshards"] > n and split_is(s, ["w1"]), 60, 0.2, what="a forced re-shard")
+        assert shard(s)["local_layers"] > 0
+        ask(s)
+    finally:
+        c.close()
