@@ -129,6 +129,9 @@ def test_errors_are_openai_shaped_and_never_500(fed):
         b"[" * 100000 + b"]" * 100000,
         json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "x" * 3_000_000}]}).encode(),
         json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "hi " * 5000}]}).encode(),
+        # just under the API's body limit: crosses every hop (above the transport's 1 MiB default
+        # cap once encoded with its envelope) and is refused by the engine as too long
+        json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "hi " * 340_000}]}).encode(),
     ]
     for body_bytes in cases:
         status, body = post(body_bytes)

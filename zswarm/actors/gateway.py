@@ -41,6 +41,9 @@ MAX_ATTEMPTS = 3  # sends per request before giving up (a request that kills eve
 PARK_S = 120.0  # how long a request waits for this node's engine to (re)load before failing
 RETRYABLE = {"engine_down", "overloaded", "no_node"}
 TICK_S = 0.25  # deadline sweep
+# A request carries the client's whole prompt: the HTTP app admits bodies up to 1 MiB, which
+# encode to a little more; above the transport's default cap libzmq would drop the connection.
+MAX_REQUEST_BYTES = 16 << 20
 ASK_TIMEOUT_S = 2.0
 
 
@@ -151,11 +154,13 @@ class GatewayActor(pykka.ThreadingActor):
         if os.path.exists(path):
             os.unlink(path)
         self._local = loop.socket(zmq.ROUTER, self._on_local)
+        self._local.setsockopt(zmq.MAXMSGSIZE, MAX_REQUEST_BYTES)
         self._local.bind(self._local_endpoint)
         os.chmod(path, 0o600)
         self._peers = None
         if self._accept_routed:
             self._peers = loop.socket(zmq.ROUTER, self._on_peer)
+            self._peers.setsockopt(zmq.MAXMSGSIZE, MAX_REQUEST_BYTES)
             curve_server(self._peers, self._keys)
             self._peers.bind(tcp(self._listen))
             port = self._peers.last_endpoint.decode().rsplit(":", 1)[1]
