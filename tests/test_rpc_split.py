@@ -171,6 +171,59 @@ def test_layer_assignment_follows_llama_cpp():
     assert assign_layers(N_LAYER, [0, 1]) == [0, N_LAYER]
 
 
+def test_the_split_means_repeating_layers_and_is_realized_exactly():
+    """--tensor-split is the proportion of the repeating layers; llama.cpp, handed the weights
+    as they are, counts the output layer as one more slot (1:3 gives 8/22 above, not 7.5/22.5)."""
+    from zswarm.engine.proc import assign_layers, layer_targets, split_for_counts
+    cases = {(1, 3): [7.5, 22.5], (0.25, 0.75): [7.5, 22.5], (3, 1): [22.5, 7.5], (0.2, 0.8): [6, 24],
+             (1, 1, 1): [10, 10, 10], (1, 1, 2): [7.5, 7.5, 15], (1, 3, 0): [7.5, 22.5, 0],
+             (0.166667, 0.5, 0.333333): [5, 15, 10], (1,): [30], (0, 1): [0, 30], (1e-4, 1): [0, 30]}
+    for weights, exact in cases.items():
+        target = layer_targets(N_LAYER, weights)
+        assert sum(target) == N_LAYER, (weights, target)
+        assert all(abs(t - e) < 1 for t, e in zip(target, exact)), (weights, target)
+        split = split_for_counts(target)
+        assert all(w >= 0 for w in split) and abs(sum(split) - 1) < 1e-9, split
+        assert assign_layers(N_LAYER, split) == target, (weights, split)
+    assert layer_targets(N_LAYER, [1, 3]) == [7, 23]  # a tie goes to the larger weight
+    assert layer_targets(N_LAYER, [1, 1, 2]) == [8, 7, 15]  # ... then to the earlier device
+    assert layer_targets(N_LAYER, [1, 0, 1]) == [15, 0, 15]
+    for n_layer in range(1, 100):  # every split of every count comes back exactly
+        for counts in ([n_layer], [0, n_layer], [n_layer, 0], [n_layer // 3, n_layer - n_layer // 3, 0],
+                       [1, 0, n_layer - 1], [n_layer // 2, 0, n_layer - n_layer // 2]):
+            if min(counts) >= 0:
+                assert assign_layers(n_layer, split_for_counts(counts)) == counts, counts
+
+
+def test_the_layer_count_comes_from_the_gguf_header(tmp_path):
+    import struct
+
+    from zswarm.engine.proc import gguf_block_count
+    assert gguf_block_count(default_model_path()) == N_LAYER
+
+    def gguf(*kvs: bytes) -> Path:
+        path = tmp_path / "m.gguf"
+        path.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 0, len(kvs)) + b"".join(kvs))
+        return path
+
+    def s(text: str) -> bytes:
+        return struct.pack("<Q", len(text)) + text.encode()
+
+    strs = struct.pack("<IQ", 8, 2) + s("a") + s("bc")
+    # the architecture after its block count, and arrays of strings and numbers to skip first
+    path = gguf(s("x.tokens") + struct.pack("<I", 9) + strs, s("x.ids") + struct.pack("<IIQ", 9, 5, 3) + bytes(12),
+                s("qwen2.block_count") + struct.pack("<II", 4, 24), s("general.architecture") + struct.pack("<I", 8)
+                + s("qwen2"))
+    assert gguf_block_count(str(path)) == 24
+    for bad in (gguf(s("general.architecture") + struct.pack("<I", 8) + s("llama")),  # no block_count
+                gguf(s("general.architecture") + struct.pack("<I", 8))):  # cut short
+        with pytest.raises(ValueError):
+            gguf_block_count(str(bad))
+    (tmp_path / "not.gguf").write_bytes(b"GGML" + bytes(40))
+    with pytest.raises(ValueError):
+        gguf_block_count(str(tmp_path / "not.gguf"))
+
+
 def test_engine_checks_the_split_against_the_servers():
     from zswarm.engine.proc import parse_args
     base = ["--endpoint", "ipc:///nowhere", "--rpc-servers", "127.0.0.1:1,127.0.0.1:2"]
@@ -198,7 +251,9 @@ def test_split_output_equals_single_process_and_layers_follow_the_split(servers,
         assert e.name == "smollm2-135m-instruct"
         assert set(e.layers) == {a.endpoint, b.endpoint, "local"}, e.layers
         assert e.layers["local"] == 0 and sum(e.layers.values()) == N_LAYER, e.layers
-        assert abs(e.layers[a.endpoint] - N_LAYER / 4) <= 1, e.layers  # 1:3 within one layer
+        # 1:3 of the 30 repeating layers: 7.5 and 22.5, each within one layer
+        assert e.layers[a.endpoint] in (7, 8) and e.layers[b.endpoint] in (22, 23), e.layers
+        assert_layers_as_planned(e, [a.endpoint, b.endpoint], [1, 3])
         text, end = completion(c, PROMPT)
         assert isinstance(end, wire.Done), end
         assert text == reference(PROMPT)
@@ -217,8 +272,9 @@ def test_local_layers_take_the_last_share_and_one_slot_serves(servers, tmp_path,
     try:
         assert "--parallel 2 ignored" in e.read_log()
         assert sum(e.layers.values()) == N_LAYER
-        assert abs(e.layers["local"] - N_LAYER / 2) <= 1, e.layers
-        assert abs(e.layers[a.endpoint] - N_LAYER / 4) <= 1, e.layers
+        assert e.layers["local"] == 15, e.layers  # 2/4 of 30
+        assert e.layers[a.endpoint] in (7, 8) and e.layers[b.endpoint] in (7, 8), e.layers
+        assert_layers_as_planned(e, [a.endpoint, b.endpoint, "local"], [1, 1, 2])
         ref = reference(COUNT_PROMPT, 12)
         ids = [c.request(kind="completion", prompt=COUNT_PROMPT, temperature=0.0, max_tokens=12)
                for _ in range(2)]
@@ -228,6 +284,38 @@ def test_local_layers_take_the_last_share_and_one_slot_serves(servers, tmp_path,
     finally:
         c.close()
         e.close()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("split, local, exact", [("0.2,0.8", False, [6, 24, 0]), ("1,1,1", True, [10, 10, 10]),
+                                                 ("0.75,0.25", False, [22.5, 7.5, 0])])
+def test_layers_follow_other_splits(servers, tmp_path, zctx, reference, split, local, exact):
+    a, b = servers
+    e = SplitEngine(tmp_path, "--rpc-servers", f"{a.endpoint},{b.endpoint}", "--tensor-split", split,
+                    *([] if local else ["--no-local-layers"]))
+    c = Client(zctx, e.endpoint)
+    try:
+        keys = [a.endpoint, b.endpoint, "local"]
+        got = [e.layers[k] for k in keys]
+        assert sum(got) == N_LAYER and all(abs(g - x) < 1 for g, x in zip(got, exact)), e.layers
+        assert_layers_as_planned(e, keys[:3 if local else 2], [float(w) for w in split.split(",")])
+        text, end = completion(c, PROMPT)
+        assert isinstance(end, wire.Done) and text == reference(PROMPT), end
+    finally:
+        c.close()
+        e.close()
+
+
+def assert_layers_as_planned(e: SplitEngine, keys: list[str], weights: list[float]) -> None:
+    """LAYERS (which the engine reads from llama.cpp's per-layer log) is what the engine planned
+    for ``weights``, and what the Python replica of llama.cpp predicts for the split it used."""
+    from zswarm.engine.proc import assign_layers, layer_targets, split_for_counts
+    target = layer_targets(N_LAYER, weights)
+    assert [e.layers[k] for k in keys] == target, (e.layers, target)
+    assert assign_layers(N_LAYER, split_for_counts(target)) == target
+    log = e.read_log()
+    assert "did not say where the layers went" not in log  # the counts are llama.cpp's own
+    assert "llama.cpp placed the" not in log and f"{N_LAYER} layers split" in log, log[-3000:]
 
 
 @pytest.mark.slow

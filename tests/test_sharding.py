@@ -1,6 +1,6 @@
 import pytest
 
-from zswarm.sharding import MIB, Device, ShortOfMemory, layer_counts, make_plan, parse_size
+from zswarm.sharding import MIB, Device, ShortOfMemory, make_plan, parse_size
 
 
 def dev(i, mem_mib, local=False):
@@ -12,12 +12,6 @@ def test_split_follows_memory_and_local_goes_last():
     assert [d.id for d in p.devices] == ["a", "b", "local"]
     assert p.weights == pytest.approx((0.125, 0.375, 0.5))
     assert p.has_local and [d.id for d in p.remote] == ["a", "b"]
-
-
-def test_layer_counts_are_proportional_within_one_layer():
-    counts = layer_counts(30, (0.25, 0.75))
-    assert counts == [8, 22] and sum(counts) == 30
-    assert sum(layer_counts(30, (1 / 3, 1 / 3, 1 / 3))) == 30
 
 
 def test_shortfall_is_named():

@@ -74,17 +74,6 @@ def make_plan(workers: list[Device], local: Device | None, needed: int) -> Plan:
     return Plan(tuple(devices), tuple(d.mem / total for d in devices))
 
 
-def layer_counts(n_layers: int, weights: tuple[float, ...]) -> list[int]:
-    """Layers per device the way llama.cpp assigns them: by cumulative split, rounding at boundaries."""
-    counts, prev, acc = [], 0, 0.0
-    for w in weights:
-        acc += w
-        edge = min(n_layers, round(acc * n_layers))
-        counts.append(edge - prev)
-        prev = edge
-    return counts
-
-
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.I)
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1 << 10, "m": 1000**2, "mb": 1000**2, "mib": 1 << 20,
           "g": 1000**3, "gb": 1000**3, "gib": 1 << 30, "t": 1000**4, "tb": 1000**4, "tib": 1 << 40}

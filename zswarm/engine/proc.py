@@ -12,8 +12,12 @@ be mistaken for it. A process that cannot bind or load exits non-zero without wr
 Worker mode (``--rpc-servers``): the model's layers are split over llama.cpp RPC servers and,
 unless ``--no-local-layers``, this machine's CPU. ``--tensor-split`` gives one weight per RPC
 server, in the order of ``--rpc-servers``, followed by one weight for the local CPU when local
-layers are on (so N or N+1 numbers; only their proportions matter). Without it llama.cpp splits
-by the free memory each device reports (an RPC server reports its machine's physical memory).
+layers are on (so N or N+1 numbers; only their proportions matter): the proportions of the
+model's repeating layers each device is to hold. The engine turns them into whole layers (largest
+remainders, so every device is within one layer of its exact share) and hands llama.cpp the
+tensor split that yields exactly those counts (see split_for_counts); the output layer goes to the
+last device that holds any. Without ``--tensor-split`` llama.cpp splits by the free memory each
+device reports (an RPC server reports its machine's physical memory), in its own way.
 Just before READY the engine writes one line ``LAYERS {json}``: the repeating layers each device
 holds, read back from llama.cpp, keyed by RPC endpoint and ``"local"``, e.g.
 ``LAYERS {"127.0.0.1:5001": 8, "127.0.0.1:5002": 22, "local": 0}``. Worker mode runs one slot
@@ -47,11 +51,13 @@ import collections
 import ctypes
 import json
 import logging
+import math
 import os
 import random
 import re
 import signal
 import socket
+import struct
 import sys
 import threading
 import time
@@ -253,8 +259,9 @@ class LoadSpec:
     ctx_size: int
     threads: int
     rpc_servers: tuple[str, ...] = ()  # worker mode: llama.cpp RPC servers ("host:port")
-    # worker mode: one weight per RPC server, then one for the local CPU when local_layers;
-    # empty: llama.cpp splits by the free memory each device reports
+    # worker mode: one weight per RPC server, then one for the local CPU when local_layers: the
+    # proportions of the repeating layers each should hold (realized to within one layer, see
+    # layer_targets); empty: llama.cpp splits by the free memory each device reports
     tensor_split: tuple[float, ...] = ()
     local_layers: bool = True  # worker mode: may this machine's CPU hold layers too?
 
@@ -269,8 +276,10 @@ def load_model(spec: LoadSpec) -> _Model:
     Worker mode registers ``spec.rpc_servers`` with ggml (once per process), then loads with
     ``llama_model_params.devices`` set to those RPC devices, plus the CPU device when local
     layers are on (llama.cpp ignores RPC devices unless the list is explicit), every layer
-    offloaded to that list (``n_gpu_layers=-1``) and ``tensor_split`` in the same order. The
-    returned model's ``layers`` says how many repeating layers each device got.
+    offloaded to that list (``n_gpu_layers=-1``) and a tensor split in the same order: with
+    ``spec.tensor_split``, the one that puts exactly :func:`layer_targets` layers on each device
+    (the layer count is read from the GGUF header first). The returned model's ``layers`` says how
+    many repeating layers each device got, as llama.cpp logged it.
     """
     kwargs: dict = dict(model_path=spec.path, n_ctx=spec.ctx_size, n_threads=spec.threads,
                         n_threads_batch=spec.threads, verbose=False)
@@ -285,8 +294,23 @@ def load_model(spec: LoadSpec) -> _Model:
     if spec.local_layers:
         devices.append(ggml().dev_by_type(GGML_BACKEND_DEVICE_TYPE_CPU))
         keys.append(LOCAL)
+    split: list[float] = []  # what llama.cpp gets (empty: its own split by free memory)
+    target: list[int] | None = None  # repeating layers per device that ``split`` yields
     if spec.tensor_split:
-        kwargs["tensor_split"] = list(spec.tensor_split)
+        try:
+            n_layer = gguf_block_count(spec.path)
+        except (OSError, ValueError) as e:  # llama.cpp will most likely refuse the file too
+            log.warning("cannot read the layer count of %s (%s); handing llama.cpp the split as given",
+                        spec.path, e)
+            split = list(spec.tensor_split)
+        else:
+            target = layer_targets(n_layer, spec.tensor_split)
+            split = split_for_counts(target)
+            if assign_layers(n_layer, split) != target:  # cannot happen: split_for_counts is exact
+                raise AssertionError(f"bug: split {split} does not yield {target} of {n_layer} layers")
+            log.info("%d layers split %s as %s (llama.cpp tensor split %s)", n_layer,
+                     list(spec.tensor_split), target, [round(w, 6) for w in split])
+        kwargs["tensor_split"] = split
     with LlamaLog() as llama_log:
         try:
             model = _Model(**kwargs, devices=devices, n_gpu_layers=-1)
@@ -299,7 +323,7 @@ def load_model(spec: LoadSpec) -> _Model:
     counts = llama_log.layers(n_layer)
     if counts is None:  # llama.cpp no longer logs the assignment: work it out the same way
         log.warning("llama.cpp did not say where the layers went; computing it from the split")
-        weights = list(spec.tensor_split) or [float(device_memory(d)[0]) for d in devices]
+        weights = split or [float(device_memory(d)[0]) for d in devices]
         model.layers = dict(zip(keys, assign_layers(n_layer, weights)))
     else:
         model.layers = {key: counts.get(name, 0) for key, name in zip(keys, names)}
@@ -307,6 +331,10 @@ def load_model(spec: LoadSpec) -> _Model:
         stray = n_layer - sum(model.layers.values())
         if stray:  # layers on a device outside our list, which llama.cpp should never do
             log.warning("%d layer(s) landed on devices other than %s: %s", stray, names, counts)
+    if target is not None and [model.layers[k] for k in keys] != target:
+        # e.g. the header's block count is not llama.cpp's n_layer (then n_layer is logged too)
+        log.warning("llama.cpp placed the %d layers as %s, not as %s (wanted by --tensor-split %s)",
+                    n_layer, [model.layers[k] for k in keys], target, list(spec.tensor_split))
     return model
 
 
@@ -352,6 +380,110 @@ def assign_layers(n_layer: int, weights: Sequence[float]) -> list[int]:
         x = il / (n_layer + 1)
         counts[next((i for i, e in enumerate(edges) if e > x), len(edges) - 1)] += 1
     return counts
+
+
+def layer_targets(n_layer: int, weights: Sequence[float]) -> list[int]:
+    """Repeating layers per device for ``weights`` (proportions; only devices with weight > 0 get
+    any): the largest-remainder rounding of each exact share, so every count is the share rounded
+    down or up and they sum to ``n_layer``. Ties go to the larger weight, then the earlier device.
+    """
+    total = float(sum(weights))
+    if n_layer < 0 or not total > 0 or any(not w >= 0 for w in weights):
+        raise ValueError(f"cannot split {n_layer} layers by {list(weights)}")
+    shares = [w * n_layer / total for w in weights]
+    counts = [math.floor(q) for q in shares]
+    # The remainders are rounded so that float noise (7.4999999 vs 7.5) cannot break a tie.
+    order = sorted((i for i, w in enumerate(weights) if w > 0),
+                   key=lambda i: (-round(shares[i] - counts[i], 9), -weights[i], i))
+    for i in order[:n_layer - sum(counts)]:
+        counts[i] += 1
+    return counts
+
+
+def split_for_counts(counts: Sequence[int]) -> list[float]:
+    """The llama.cpp tensor split (one weight per device) that gives device ``k`` exactly
+    ``counts[k]`` repeating layers, the inverse of :func:`assign_layers`.
+
+    llama.cpp puts layer ``il`` (0..n_layer, the last one being the output layer) on the first
+    device whose normalized cumulative split exceeds ``il / (n_layer + 1)``. Device ``k``'s
+    cumulative split point is set half a slot below the first layer that belongs to the next
+    device, ``(C_k - 0.5) / (n_layer + 1)`` where ``C_k`` is the count up to and including ``k``,
+    far from any float rounding; 0 while no layer has been placed yet, and 1 from the last device
+    with a layer on, which therefore also takes the output layer. The weights are the points'
+    differences (0 for a device with no layers, which llama.cpp then never picks).
+    """
+    n_layer = sum(counts)
+    if n_layer < 1 or any(c < 0 for c in counts):
+        raise ValueError(f"no split gives {list(counts)} layers")
+    last = max(i for i, c in enumerate(counts) if c > 0)
+    points, acc = [], 0
+    for i, c in enumerate(counts):
+        acc += c
+        points.append(1.0 if i >= last else (acc - 0.5) / (n_layer + 1) if acc else 0.0)
+    return [b - a for a, b in zip([0.0, *points], points)]
+
+
+_GGUF_MAGIC = b"GGUF"
+_GGUF_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+_GGUF_STRING, _GGUF_ARRAY = 8, 9
+
+
+def gguf_block_count(path: str) -> int:
+    """The model's repeating layers, ``<general.architecture>.block_count``, read from the GGUF
+    header (what llama.cpp reads into n_layer). Reads only up to that key, which precedes the
+    tokenizer's big arrays in files written by llama.cpp's converters, so it takes microseconds.
+    Raises ValueError for a file that is not GGUF (v2 or later) or lacks the key.
+    """
+    with open(path, "rb") as f:
+        def take(n: int) -> bytes:
+            data = f.read(n)
+            if len(data) != n:
+                raise ValueError("the GGUF header is cut short")
+            return data
+
+        if take(4) != _GGUF_MAGIC:
+            raise ValueError("not a GGUF file")
+        order = "<"
+        version = struct.unpack("<I", take(4))[0]
+        if version & 0xFFFF == 0:  # written big-endian
+            order, version = ">", struct.unpack(">I", struct.pack("<I", version))[0]
+        if version < 2:
+            raise ValueError(f"GGUF version {version} is not supported")
+
+        def unpack(fmt: str):
+            fmt = order + fmt
+            return struct.unpack(fmt, take(struct.calcsize(fmt)))[0]
+
+        def string() -> str:
+            return take(unpack("Q")).decode("utf-8", errors="replace")
+
+        def value(kind: int):
+            if kind in _GGUF_SCALARS:
+                return unpack(_GGUF_SCALARS[kind])
+            if kind == _GGUF_STRING:
+                return string()
+            if kind == _GGUF_ARRAY:
+                item, n = unpack("I"), unpack("Q")
+                if item in _GGUF_SCALARS:
+                    f.seek(n * struct.calcsize(order + _GGUF_SCALARS[item]), os.SEEK_CUR)
+                else:
+                    for _ in range(n):
+                        value(item)
+                return None
+            raise ValueError(f"unknown GGUF value type {kind}")
+
+        _tensors, n_kv = unpack("Q"), unpack("Q")
+        arch, counts = None, {}
+        for _ in range(n_kv):
+            key = string()
+            val = value(unpack("I"))
+            if key == "general.architecture":
+                arch = val
+            elif key.endswith(".block_count") and isinstance(val, int) and not isinstance(val, bool):
+                counts[key] = val
+            if arch is not None and f"{arch}.block_count" in counts:
+                return counts[f"{arch}.block_count"]
+    raise ValueError(f"no {arch or '<architecture>'}.block_count in the GGUF header")
 
 
 _ASSIGNED = re.compile(r"layer\s+(\d+) assigned to device (\S+?),")
@@ -615,7 +747,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rpc-servers", type=_csv, default=[], help="llama.cpp RPC servers host:port,... (worker mode)")
     p.add_argument("--tensor-split", type=lambda s: [float(x) for x in _csv(s)], default=[],
                    help="worker mode: a weight per RPC server, in order, then one for the local CPU unless "
-                        "--no-local-layers (default: by each device's reported free memory)")
+                        "--no-local-layers: the proportions of the repeating layers each holds, to within "
+                        "one layer (default: llama.cpp splits by each device's reported free memory)")
     p.add_argument("--no-local-layers", dest="local_layers", action="store_false",
                    help="worker mode: every layer on the RPC servers, none on this machine's CPU")
     p.add_argument("--log-level", default="INFO")
