@@ -21,26 +21,50 @@ import msgspec
 from .. import wire
 from . import schema
 from .backend import Backend, BackendUnavailable, Reply
+from .cluster import NO_CLUSTER, ClusterSource, Nodes, TokenText
 from .errors import NODE_HEADER, ApiError, from_fail, handle_unexpected, serialize_error
+from .metrics import HttpMetrics, MetricsResource, Track, make_registry
+from .openapi import OpenApi
+from .pages import Root, Static
 
 log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 1 << 20  # a long chat history is tens of KiB; anything near 1 MiB is a mistake or an attack
-PUBLIC_PATHS = frozenset({"/healthz"})  # answered without an API key, for load balancers and systemd
+# Answered without an API key: health checks (load balancers, systemd), the API's description,
+# and the Swarm page's static files, which hold no data (the page asks for a key, then fetches
+# the cluster data and the token through the guarded /api/p2p routes).
+PUBLIC_PATHS = frozenset({"/", "/healthz", "/readyz", "/openapi.json", "/swarm"})
+PUBLIC_PREFIXES = ("/swarm/",)
 
 
 def create_app(backend: Backend, api_keys: Iterable[str] = (), node_name: str = "",
-               max_body_bytes: int = MAX_BODY_BYTES) -> falcon.App:
-    """The app for one node. ``node_name`` goes in ``X-Zswarm-Node`` when no node answered."""
+               max_body_bytes: int = MAX_BODY_BYTES, cluster: ClusterSource | None = None) -> falcon.App:
+    """The app for one node. ``node_name`` goes in ``X-Zswarm-Node`` when no node answered.
+
+    ``cluster`` is the node's view of the cluster (the admin socket, see
+    :class:`~zswarm.http.cluster.AdminCluster`); without it the ``/api/p2p`` routes answer 503
+    and ``/metrics`` has only this process's HTTP series.
+    """
     keys = [k for k in api_keys if k]
     app = falcon.App(middleware=[_NodeHeader(node_name)] + ([_ApiKeys(keys)] if keys else []))
     app.set_error_serializer(serialize_error)
     app.add_error_handler(Exception, handle_unexpected)
+    registry, metrics = make_registry(cluster)
+    app.add_route("/", Root())
     app.add_route("/healthz", _Health())
+    app.add_route("/readyz", _Ready(backend))
+    app.add_route("/metrics", MetricsResource(registry))
+    app.add_route("/openapi.json", OpenApi())
+    app.add_route("/swarm", Static(), suffix="page")
+    app.add_route("/swarm/{asset}", Static())
     app.add_route("/v1/models", _Models(backend))
     app.add_route("/v1/models/{model_id}", _Models(backend), suffix="one")
-    app.add_route("/v1/chat/completions", _Completions(backend, "chat", node_name, max_body_bytes))
-    app.add_route("/v1/completions", _Completions(backend, "completion", node_name, max_body_bytes))
+    app.add_route("/v1/chat/completions", _Completions(backend, "chat", node_name, max_body_bytes, metrics))
+    app.add_route("/v1/completions", _Completions(backend, "completion", node_name, max_body_bytes, metrics))
+    nodes = Nodes(cluster or NO_CLUSTER)
+    app.add_route("/api/p2p", nodes)
+    app.add_route("/api/p2p/stats", nodes, suffix="stats")
+    app.add_route("/api/p2p/token", TokenText(cluster or NO_CLUSTER))
     return app
 
 
@@ -60,7 +84,7 @@ class _ApiKeys:
         self._keys = [k.encode() for k in keys]
 
     def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
-        if req.path in PUBLIC_PATHS:
+        if req.path in PUBLIC_PATHS or req.path.startswith(PUBLIC_PREFIXES):
             return
         given = req.get_header("x-api-key") or ""
         scheme, _, token = (req.get_header("Authorization") or "").partition(" ")
@@ -79,6 +103,26 @@ class _Health:
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         resp.data = b'{"status":"ok"}'
         resp.content_type = falcon.MEDIA_JSON
+
+
+class _Ready:
+    """Ready when a model can be served: this node's engine has one loaded, or a routable node has."""
+
+    def __init__(self, backend: Backend):
+        self._backend = backend
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        try:
+            models = self._backend.models()
+        except BackendUnavailable as e:
+            body = {"status": "unready", "reason": f"the node is not available: {e}", "models": []}
+        else:
+            body = ({"status": "ready", "reason": "", "models": models} if models else
+                    {"status": "unready", "reason": "no model is loaded and no node is routable", "models": []})
+        resp.status = falcon.HTTP_200 if body["status"] == "ready" else falcon.HTTP_503
+        resp.data = msgspec.json.encode(body)
+        resp.content_type = falcon.MEDIA_JSON
+        resp.cache_control = ["no-store"]
 
 
 def _model_list(backend: Backend) -> list[str]:
@@ -137,16 +181,31 @@ _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # no pr
 class _Completions:
     """POST /v1/chat/completions (kind "chat") and POST /v1/completions (kind "completion")."""
 
-    def __init__(self, backend: Backend, kind: str, node_name: str, max_body_bytes: int):
+    def __init__(self, backend: Backend, kind: str, node_name: str, max_body_bytes: int,
+                 metrics: HttpMetrics):
         self._backend = backend
         self._kind = kind
         self._node_name = node_name
         self._max_body_bytes = max_body_bytes
+        self._metrics = metrics
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
+        track = self._metrics.track()
+        try:
+            self._post(req, resp, track)
+        except falcon.HTTPError as e:
+            track.end(e.status_code, _fail_node(e))
+            raise
+        except BaseException:
+            track.end(500)
+            raise
+        # a whole answer was counted when it was built; a stream is counted when it ends
+
+    def _post(self, req: falcon.Request, resp: falcon.Response, track: Track) -> None:
         oreq = schema.parse(self._kind, _read_body(req, self._max_body_bytes))
         if oreq.model not in _model_list(self._backend):
             raise _no_model(oreq.model)
+        track.model = oreq.model
         request_id = uuid.uuid4().hex
         replies = schema.Replies(self._kind, request_id, oreq.model)
         try:
@@ -159,8 +218,9 @@ class _Completions:
         if isinstance(first, wire.Fail):
             _close(items)
             raise from_fail(first, self._node_name)
+        track.first_token()
         if oreq.stream:
-            stream = self._stream(items, first, replies, request_id, oreq.include_usage)
+            stream = self._stream(items, first, replies, request_id, oreq.include_usage, track)
             next(stream)  # run to the first yield, so that close() always reaches the finally
             resp.stream = stream
             resp.content_type = "text/event-stream"
@@ -169,7 +229,7 @@ class _Completions:
             # carries ``node`` can name it here (wire.Chunk has no such field yet).
             resp.set_header(NODE_HEADER, getattr(first, "node", "") or self._node_name)
         else:
-            self._whole(items, first, replies, request_id, resp)
+            self._whole(items, first, replies, request_id, resp, track)
 
     def _next(self, items: Iterator[Reply], request_id: str, started: bool) -> Reply:
         item = next(items, None)
@@ -182,7 +242,7 @@ class _Completions:
                          started=started)
 
     def _whole(self, items: Iterator[Reply], item: Reply, replies: schema.Replies, request_id: str,
-               resp: falcon.Response) -> None:
+               resp: falcon.Response, track: Track) -> None:
         texts: list[str] = []
         terminal = False
         try:
@@ -199,9 +259,10 @@ class _Completions:
         resp.data = msgspec.json.encode(replies.whole("".join(texts), item))
         resp.content_type = falcon.MEDIA_JSON
         resp.set_header(NODE_HEADER, item.node or self._node_name)
+        track.end(200, item.node, item)
 
     def _stream(self, items: Iterator[Reply], item: Reply, replies: schema.Replies, request_id: str,
-                include_usage: bool) -> Iterator[bytes]:
+                include_usage: bool, track: Track) -> Iterator[bytes]:
         """The SSE body. Runs after Falcon has returned, so no Falcon error handler is above it."""
         terminal = False
         try:
@@ -214,6 +275,7 @@ class _Completions:
                         yield _sse(replies.chunk(item.text))
                 elif isinstance(item, wire.Done):
                     terminal = True
+                    track.end(200, item.node, item)
                     yield _sse(replies.chunk(finish_reason=item.finish_reason))
                     if include_usage:
                         yield _sse(replies.usage_chunk(item))
@@ -221,19 +283,29 @@ class _Completions:
                 else:
                     terminal = True
                     log.info("request %s failed after streaming began: %s", request_id, item.code)
+                    # counted as the status a client without streaming would have seen
+                    track.end(wire.FAIL_CODES.get(item.code, 500), item.node)
                     yield _sse(from_fail(item, self._node_name).body)
                     break
                 item = self._next(items, request_id, started=True)
             yield _SSE_DONE
         except Exception:
             log.exception("streaming request %s failed", request_id)
+            track.end(500)
             yield _sse(ApiError(500, "The server had an error while processing your request.", code="internal").body)
             yield _SSE_DONE
         finally:
             # GeneratorExit (the client went away) and any error above both land here
             if not terminal:
                 self._backend.cancel(request_id)
+            track.end(499)  # counts only when nothing above did: the client went away
             _close(items)
+
+
+def _fail_node(e: falcon.HTTPError) -> str:
+    """The node named by an error that came from a node's Fail ("" when none did)."""
+    headers = e.headers or {}
+    return headers.get(NODE_HEADER, "") if isinstance(headers, dict) else ""
 
 
 def _close(items: Iterator[Reply]) -> None:

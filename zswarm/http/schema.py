@@ -59,6 +59,8 @@ class CompletionRequest(_Common, kw_only=True):
     prompt: Union[str, list[str]]
 
 
+# strict: "5" is not a number and 1 is not a boolean (as OpenAI's API has it); the price is that
+# 4.0 is not an integer either, which JSON Schema would allow (a documented 400)
 _decoders = {"chat": msgspec.json.Decoder(ChatRequest), "completion": msgspec.json.Decoder(CompletionRequest)}
 _AT = re.compile(r" - at `\$\.?(?P<path>[^`]*)`$")
 _MISSING = re.compile(r"missing required field `(?P<field>[^`]+)`")

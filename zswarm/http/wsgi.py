@@ -8,6 +8,9 @@ Configuration comes from the environment, which the node sets when it starts gun
 - ``ZSWARM_NODE_TIMEOUT_S``: seconds without a word from the node before a request fails (300;
   a node that is down fails requests within 5 s, see NodeBackend).
 - ``ZSWARM_MAX_BODY_BYTES``: largest request body accepted (1048576).
+- ``ZSWARM_STATE_DIR``: the node's state directory, whose admin socket gives the cluster's
+  nodes, the token and the node's counters (``/api/p2p``, ``/swarm``, ``/metrics``); unset:
+  those routes answer 503 and ``/metrics`` has only this process's HTTP series.
 
 The factory runs in each worker after the fork (gunicorn's default, ``preload_app = False``),
 so no ZeroMQ state is ever shared between processes.
@@ -22,6 +25,7 @@ import falcon
 from gunicorn.errors import AppImportError
 
 from .app import MAX_BODY_BYTES, create_app
+from .cluster import AdminCluster
 from .node_backend import NodeBackend
 
 
@@ -51,9 +55,11 @@ def app_factory(env: dict[str, str] | None = None) -> falcon.App:
     if "://" not in endpoint:
         raise ConfigError(f"ZSWARM_NODE_ENDPOINT={endpoint!r} is not a ZeroMQ endpoint (ipc:///path)")
     backend = NodeBackend(endpoint, timeout_s=_number(env, "ZSWARM_NODE_TIMEOUT_S", 300.0))
+    state_dir = env.get("ZSWARM_STATE_DIR", "").strip()
     return create_app(
         backend,
         api_keys=[k.strip() for k in env.get("ZSWARM_API_KEYS", "").split(",") if k.strip()],
         node_name=env.get("ZSWARM_NODE_NAME", "").strip() or socket.gethostname(),
         max_body_bytes=_number(env, "ZSWARM_MAX_BODY_BYTES", MAX_BODY_BYTES, int),
+        cluster=AdminCluster(state_dir) if state_dir else None,
     )

@@ -1,0 +1,282 @@
+"""What the HTTP app knows about the cluster: ``/api/p2p``, ``/api/p2p/stats``, ``/api/p2p/token``.
+
+The data comes from the node's admin socket (``status``, ``peers``, ``ledger``, ``token``), read
+through :class:`AdminCluster`, which keeps one snapshot for ``ttl_s`` so that a page polling
+every second, a Prometheus scrape and a few API clients cost the node one round of admin calls,
+not one each. The shaping of that data into nodes by role is :func:`cluster_view`, a pure
+function (no socket), so it is tested on its own.
+
+Groups (the keys of ``/api/p2p``), from each node's role and flags:
+
+- ``federated``: servers started with ``--p2p --federated``: they hold a model and take requests
+  routed from the cluster;
+- ``servers``: other servers (a model of their own, or one split across workers);
+- ``workers``: ``zswarm worker`` nodes, which lend memory to a server's split model;
+- ``balancers``: ``zswarm federated`` nodes, model-less entry points that route each request.
+
+A node is ``online`` while the ledger holds it alive (heard from within the last 2 s); it is
+``suspect`` after 2 s without news, ``dead`` after 4 s, and leaves the list 30 s later.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import falcon
+import msgspec
+
+from .errors import ApiError
+
+GROUPS = ("federated", "workers", "servers", "balancers")
+
+
+class ClusterUnavailable(RuntimeError):
+    """The node's admin socket could not be asked (node down, restarting, or not configured)."""
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    status: dict[str, Any]
+    peers: list[dict[str, Any]]
+    ledger: list[dict[str, Any]]
+    taken_at: float  # unix seconds
+
+
+class ClusterSource(Protocol):
+    """The node's view of the cluster; every method may be called from any worker thread."""
+
+    def snapshot(self) -> Snapshot:
+        """Raises :class:`ClusterUnavailable`."""
+        ...
+
+    def token(self) -> str:
+        """The cluster token, or "" when the node is in no cluster; raises :class:`ClusterUnavailable`."""
+        ...
+
+
+class AdminCluster:
+    """A :class:`ClusterSource` over the node's admin socket in ``state_dir``.
+
+    ``ttl_s`` (0.5 s) is short next to the page's refresh (1 s) and the ledger's suspect time
+    (2 s), so what the page shows is never more than one refresh behind the node. One caller at
+    a time refreshes; the others wait for its result instead of asking the node again.
+    """
+
+    def __init__(self, state_dir: str, timeout_s: float = 2.5, ttl_s: float = 0.5):
+        self.state_dir = state_dir
+        self.timeout_s = timeout_s
+        self.ttl_s = ttl_s
+        self._lock = threading.Lock()
+        self._snap: Snapshot | None = None
+        self._snap_mono = 0.0
+        self._token: str | None = None
+
+    def _call(self, command: str) -> Any:
+        from ..admin_client import AdminFailed, AdminUnavailable, call
+
+        try:
+            return call(self.state_dir, command, timeout_s=self.timeout_s)
+        except (AdminUnavailable, AdminFailed, OSError) as e:
+            raise ClusterUnavailable(str(e)) from None
+        except Exception as e:  # a malformed reply (msgspec) or a ZeroMQ error: still "unavailable"
+            raise ClusterUnavailable(f"{type(e).__name__}: {e}") from None
+
+    def snapshot(self) -> Snapshot:
+        with self._lock:
+            if self._snap is not None and time.monotonic() - self._snap_mono < self.ttl_s:
+                return self._snap
+            status, peers, ledger = self._call("status"), self._call("peers"), self._call("ledger")
+            if not isinstance(status, dict) or not isinstance(peers, list) or not isinstance(ledger, list):
+                raise ClusterUnavailable("the node's admin socket answered something unexpected")
+            self._snap = Snapshot(status, peers, ledger, time.time())
+            self._snap_mono = time.monotonic()
+            return self._snap
+
+    def token(self) -> str:
+        # The token of a running node never changes; ask once per process.
+        if self._token is None:
+            token = self._call("token")
+            self._token = token if isinstance(token, str) else ""
+        return self._token
+
+
+# --- shaping (pure) ---
+
+def group_of(role: str, flags: list[str]) -> str | None:
+    if role == "worker":
+        return "workers"
+    if role == "federated":
+        return "balancers"
+    if role == "server":
+        return "federated" if "federated" in flags else "servers"
+    return None  # a peer whose record has not arrived yet: listed once it has
+
+
+def _int(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
+
+
+def _host_port(endpoint: str) -> str:
+    return endpoint.split("://", 1)[-1]
+
+
+def cluster_view(snap: Snapshot) -> dict[str, Any]:
+    """The body of ``GET /api/p2p``: this node, every known node by group, and the model split."""
+    status = snap.status
+    self_id = str(status.get("id", ""))
+    gateway = status.get("gateway") or {}
+    per_node_in_flight = gateway.get("per_node_in_flight") or {}
+    served = gateway.get("served") or {}
+    # Every server reports its shard; the model is split only while the plan has workers.
+    shard = status.get("shard") if isinstance(status.get("shard"), dict) else None
+    split = bool(shard and [w for w in shard.get("workers") or [] if isinstance(w, dict)])
+    layers: dict[str, int] = {}
+    if split:
+        for w in shard.get("workers") or []:
+            if isinstance(w, dict) and isinstance(w.get("id"), str):
+                layers[w["id"]] = _int(w.get("layers"))
+        layers[self_id] = _int(shard.get("local_layers"))
+    elif shard and _int(shard.get("local_layers")):
+        layers[self_id] = _int(shard.get("local_layers"))  # the whole model, here
+    records = {r.get("id"): r for r in snap.ledger if isinstance(r, dict)}
+    own = records.get(self_id) or {}
+    liveness = {p.get("id"): p for p in snap.peers if isinstance(p, dict)}
+    out: dict[str, Any] = {g: [] for g in GROUPS}
+    entries = [(self_id, own, {"state": "alive", "last_seen_s": 0.0})]
+    entries += [(pid, records.get(pid) or p, p) for pid, p in liveness.items() if pid != self_id]
+    for node_id, rec, live in entries:
+        role = rec.get("role") or (status.get("role") if node_id == self_id else "") or ""
+        flags = list(rec.get("flags") or (status.get("flags") if node_id == self_id else []) or [])
+        group = group_of(role, flags)
+        if group is None or not node_id:
+            continue
+        state = live.get("state", "dead")
+        in_flight = per_node_in_flight.get(node_id, rec.get("in_flight", 0))
+        out[group].append({
+            "id": node_id,
+            "name": rec.get("name") or (status.get("name") if node_id == self_id else "") or "",
+            "role": role,
+            "self": node_id == self_id,
+            "state": state,
+            "online": state == "alive",
+            "last_seen_s": float(live.get("last_seen_s") or 0.0),
+            "endpoints": dict(rec.get("endpoints") or {}),
+            "models": list(rec.get("models") or []),
+            "mem_total": _int(rec.get("mem_total")),
+            "mem_free": _int(rec.get("mem_free")),
+            "in_flight": _int(in_flight),
+            # with a split model: what each node holds (0: a worker left out); without: unknown
+            "layers": layers.get(node_id, 0 if split and role == "worker" else None),
+            "served": _int(served.get(node_id, 0)),
+            "flags": flags,
+            "software": rec.get("software") or "",
+            "started_at": float(rec.get("started_at") or 0.0),
+        })
+    for group in GROUPS:
+        out[group].sort(key=lambda n: (not n["self"], n["name"], n["id"]))
+    gossip = (status.get("endpoints") or {}).get("gossip")
+    return {
+        "node": {
+            "id": self_id,
+            "name": status.get("name") or "",
+            "role": status.get("role") or "",
+            "network_id": status.get("network_id"),
+            "gossip": _host_port(gossip) if gossip else None,
+            "software": status.get("software") or "",
+        },
+        **out,
+        "split": _split(shard, own, self_id, status, out["workers"]) if split else None,
+        "updated_at": snap.taken_at,
+    }
+
+
+def _split(shard: dict, own: dict, self_id: str, status: dict, workers: list[dict]) -> dict[str, Any]:
+    """The model's layers by holder, this node first (bars on the page)."""
+    names = {w["id"]: w["name"] for w in workers}
+    parts = []
+    local = _int(shard.get("local_layers"))
+    if local:
+        parts.append({"id": self_id, "name": own.get("name") or status.get("name") or "", "layers": local,
+                      "mem": _int(own.get("mem_total")), "local": True})
+    for w in shard.get("workers") or []:
+        if not isinstance(w, dict) or not isinstance(w.get("id"), str):
+            continue
+        parts.append({"id": w["id"], "name": str(w.get("name") or names.get(w["id"], "")),
+                      "layers": _int(w.get("layers")), "mem": _int(w.get("mem")), "local": False})
+    models = own.get("models") or []
+    error = shard.get("error")
+    return {"model": models[0] if models else None, "n_layers": _int(shard.get("n_layers")), "parts": parts,
+            "reshards": _int(shard.get("reshards")), "error": error if isinstance(error, str) and error else None}
+
+
+def cluster_stats(view: dict[str, Any]) -> dict[str, Any]:
+    """The body of ``GET /api/p2p/stats``: online and total per group, and over all nodes."""
+    out = {g: {"online": sum(n["online"] for n in view[g]), "total": len(view[g])} for g in GROUPS}
+    out["all"] = {"online": sum(v["online"] for v in out.values()), "total": sum(v["total"] for v in out.values())}
+    return out
+
+
+# --- resources ---
+
+def _unavailable(e: Exception) -> ApiError:
+    return ApiError(503, f"The node's cluster state is not available: {e}", code="node_unavailable")
+
+
+def _json(resp: falcon.Response, body: Any) -> None:
+    resp.data = msgspec.json.encode(body)
+    resp.content_type = falcon.MEDIA_JSON
+    resp.cache_control = ["no-store"]
+
+
+class _NoCluster:
+    """Stands in when the HTTP server was started without the node's state directory."""
+
+    def snapshot(self) -> Snapshot:
+        raise ClusterUnavailable("this HTTP server was started without ZSWARM_STATE_DIR")
+
+    def token(self) -> str:
+        raise ClusterUnavailable("this HTTP server was started without ZSWARM_STATE_DIR")
+
+
+NO_CLUSTER = _NoCluster()
+
+
+class Nodes:
+    """GET /api/p2p and GET /api/p2p/stats."""
+
+    def __init__(self, source: ClusterSource):
+        self._source = source
+
+    def _view(self) -> dict[str, Any]:
+        try:
+            return cluster_view(self._source.snapshot())
+        except ClusterUnavailable as e:
+            raise _unavailable(e) from None
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        _json(resp, self._view())
+
+    def on_get_stats(self, req: falcon.Request, resp: falcon.Response) -> None:
+        _json(resp, cluster_stats(self._view()))
+
+
+class TokenText:
+    """GET /api/p2p/token: the token as text/plain (the API-key middleware guards it like the rest)."""
+
+    def __init__(self, source: ClusterSource):
+        self._source = source
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        try:
+            token = self._source.token()
+        except ClusterUnavailable as e:
+            raise _unavailable(e) from None
+        if not token:
+            raise ApiError(404, "This node is not part of a cluster (start it with --p2p or --token).",
+                           code="no_cluster")
+        resp.text = token
+        resp.content_type = falcon.MEDIA_TEXT
+        resp.cache_control = ["no-store"]
