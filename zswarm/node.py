@@ -378,11 +378,12 @@ def http_argv() -> list[str]:
 
 def run(settings: NodeSettings, ready_line: str | None = None) -> int:
     """Run a node until SIGTERM/SIGINT. Returns the process exit status."""
-    stop = threading.Event()
+    stopping: list[int] = []  # a plain list, not an Event: a handler must take no lock (a second
+    # signal arriving inside Event.set() in the first handler would deadlock the main thread)
 
     def _on_signal(signum: int, frame: Any) -> None:
-        log.info("received %s; stopping", signal.Signals(signum).name)
-        stop.set()
+        if not stopping:
+            stopping.append(signum)
 
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
@@ -407,8 +408,9 @@ def run(settings: NodeSettings, ready_line: str | None = None) -> int:
             gossip = record.endpoints["gossip"]
             print(ready_line.format(id=record.id, gossip=gossip, gossip_hostport=gossip[len("tcp://"):]),
                   flush=True)
-        while not stop.wait(1.0):
-            pass
+        while not stopping:
+            time.sleep(0.1)
+        log.info("received %s; stopping", signal.Signals(stopping[0]).name)
         return 0
     finally:
         node.stop()

@@ -82,7 +82,10 @@ class AdminActor(pykka.ThreadingActor):
         if len(frames) != 2:
             self._stats.inc("admin_bad_frames")
             return
-        self.actor_ref.tell(frames)
+        try:
+            self.actor_ref.tell(frames)
+        except pykka.ActorDeadError:
+            pass  # stopping
 
     def _reply(self, ident: bytes, reply: wire.AdminReply) -> None:
         payload = wire.encode_json(reply)

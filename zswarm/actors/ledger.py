@@ -77,7 +77,7 @@ class LedgerActor(pykka.ThreadingActor):
     def open(self) -> wire.NodeRecord:
         """Bind and start gossiping; returns our record with its gossip endpoint filled in."""
         loop = SocketLoop("ledger-io", self._ctx, self._setup, self._timing.heartbeat_interval_s,
-                          lambda: self.actor_ref.tell(_Tick()))
+                          lambda: self._tell(_Tick()))
         try:
             loop.start_and_wait()
         except zmq.ZMQError as e:
@@ -148,7 +148,7 @@ class LedgerActor(pykka.ThreadingActor):
         if isinstance(msg.body, wire.Beat) and msg.body.id != msg.sender:
             self._drop("beat for another node")
             return
-        self.actor_ref.tell(_Inbound(msg))
+        self._tell(_Inbound(msg))
 
     def _drop(self, why: str) -> None:
         self._stats.inc("gossip_bad_frames")
@@ -156,7 +156,14 @@ class LedgerActor(pykka.ThreadingActor):
 
     def _on_pub_event(self, frames: list[bytes]) -> None:
         event = parse_monitor_message(frames)
-        self.actor_ref.tell(_Connected(event["endpoint"].decode(errors="replace")))
+        self._tell(_Connected(event["endpoint"].decode(errors="replace")))
+
+    def _tell(self, msg: Any) -> None:
+        """From the io thread: the actor may already be stopping, and then there is nobody to tell."""
+        try:
+            self.actor_ref.tell(msg)
+        except pykka.ActorDeadError:
+            pass
 
     def _on_sub_event(self, frames: list[bytes]) -> None:
         parse_monitor_message(frames)

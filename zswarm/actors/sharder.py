@@ -148,7 +148,7 @@ class SharderActor(ListenerMixin, pykka.ThreadingActor):
         if self._timer is not None:
             return  # one re-shard is already coming; it will read the ledger afresh
         delay = max(0.0, self._last + self._settle_s - time.monotonic())
-        self._timer = threading.Timer(delay, self.actor_ref.tell, args=(_Reshard(reason),))
+        self._timer = threading.Timer(delay, _tell, args=(self.actor_ref, _Reshard(reason)))
         self._timer.daemon = True
         self._timer.start()
 

@@ -201,7 +201,7 @@ class SupervisorActor(pykka.ThreadingActor):
         delay = c.backoff_s
         c.backoff_s = min(BACKOFF_MAX_S, c.backoff_s * 2)
         log.info("%s: restarting in %.1f s", c.spec.name, delay)
-        c.timer = threading.Timer(delay, self.actor_ref.tell, args=(_Restart(c.spec.name),))
+        c.timer = threading.Timer(delay, _tell, args=(self.actor_ref, _Restart(c.spec.name)))
         c.timer.daemon = True
         c.timer.start()
 
