@@ -17,7 +17,6 @@ from typing import Callable, Iterator
 
 import falcon
 import falcon.testing
-import msgspec
 import openai
 import pytest
 

@@ -233,23 +233,22 @@ class Node:
         from .engine.model import default_model_path
         from .sharding import Device, memory_needed
 
-        s, serve = self.s, self.s.serve
+        serve = self.s.serve
         _, avail = memory_bytes()
         local = None
         if serve.local_layers:
             local = Device("local", self.s.name, "", min(avail, serve.mem) if serve.mem else avail)
-        open_tunnel = None
-        if self.keys is not None:
-            def open_tunnel(remote: str) -> TunnelEntry:
-                entry = TunnelEntry(self.ctx, self.keys, remote, self.stats)
-                entry.start()
-                return entry
+
+        def open_tunnel(remote: str) -> TunnelEntry:
+            entry = TunnelEntry(self.ctx, self.keys, remote, self.stats)
+            entry.start()
+            return entry
         try:
             needed = memory_needed(serve.model or default_model_path(), serve.ctx_size)
         except OSError:
             needed = 0  # the engine will say what is wrong with the model file
         sharder = self._start(SharderActor, self.plan_box, gateway.proxy(), supervisor.proxy(),
-                              ledger.proxy() if ledger else None, open_tunnel, local, needed,
+                              ledger.proxy() if ledger else None, open_tunnel if self.keys else None, local, needed,
                               serve.reshard_settle_s, serve.rpc_servers, self.stats)
         sharder.proxy().initial_plan().get(timeout=START_TIMEOUT_S)
         if ledger is not None and not serve.rpc_servers:

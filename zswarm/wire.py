@@ -95,10 +95,10 @@ class Envelope(msgspec.Struct, array_like=True):
 
 
 class Message(msgspec.Struct):
-    """A decoded, checked gossip message."""
+    """A decoded, checked message: ``body`` is a gossip Body or an Inference message."""
 
     sender: str
-    body: Body
+    body: Any
 
 
 _env_encoder = msgspec.msgpack.Encoder()
@@ -119,16 +119,21 @@ class WrongNetwork(BadFrame):
 
 
 def decode(payload: bytes, net: str) -> Message:
+    """Decode a gossip message of network ``net``."""
+    return _decode(payload, _body_decoder, net)
+
+
+def _decode(payload: bytes, decoder: msgspec.msgpack.Decoder, net: str | None) -> Message:
     try:
         env = _env_decoder.decode(payload)
     except DECODE_ERRORS as e:
         raise BadFrame(f"unreadable envelope: {e}") from None
     if env.proto != PROTOCOL:
         raise WrongProtocol(f"protocol {env.proto} from {env.sender!r}; this node speaks {PROTOCOL}")
-    if env.net != net:
+    if net is not None and env.net != net:
         raise WrongNetwork(f"network {env.net!r} is not ours")
     try:
-        body = _body_decoder.decode(env.body)
+        body = decoder.decode(env.body)
     except DECODE_ERRORS as e:
         raise BadFrame(f"unreadable body from {env.sender!r}: {e}") from None
     return Message(env.sender, body)
@@ -263,15 +268,6 @@ def encode_inference(sender: str, body: Inference) -> bytes:
 
 
 def decode_inference(payload: bytes) -> Message:
-    """Decode an inference message (local hops carry no network id: the socket is ipc)."""
-    try:
-        env = _env_decoder.decode(payload)
-    except DECODE_ERRORS as e:
-        raise BadFrame(f"unreadable envelope: {e}") from None
-    if env.proto != PROTOCOL:
-        raise WrongProtocol(f"protocol {env.proto} from {env.sender!r}; this node speaks {PROTOCOL}")
-    try:
-        body = _inference_decoder.decode(env.body)
-    except DECODE_ERRORS as e:
-        raise BadFrame(f"unreadable body from {env.sender!r}: {e}") from None
-    return Message(env.sender, body)
+    """Decode an inference message. It carries no network id: it arrives over ipc, or over a
+    CURVE socket that only the cluster's key opens."""
+    return _decode(payload, _inference_decoder, None)

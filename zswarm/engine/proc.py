@@ -55,7 +55,6 @@ import math
 import os
 import random
 import re
-import signal
 import socket
 import struct
 import sys
@@ -70,6 +69,7 @@ from llama_cpp._logger import llama_log_callback as llama_cpp_python_log  # the 
 
 from .. import wire
 from ..transport import SocketLoop, Stats
+from .child import StopFlag, take_stdout
 from .model import ModelMissing, default_model_path, model_name
 from .rpc_server import GGML_BACKEND_DEVICE_TYPE_CPU, device_memory, ggml
 
@@ -792,19 +792,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    # The handshake gets a private copy of stdout; fd 1 then points at stderr, so whatever
-    # llama.cpp or ggml print can never look like READY.
-    handshake = os.fdopen(os.dup(1), "w")
-    os.dup2(2, 1)
-    os.environ.setdefault("GGML_NO_BACKTRACE", "1")  # an abort must not attach gdb to print a backtrace
+    handshake = take_stdout()
     args = parse_args(argv)
     logging.basicConfig(stream=sys.stderr, level=args.log_level.upper(),
                         format=f"%(asctime)s engine[{os.getpid()}] %(levelname)s %(message)s")
     for warning in args.warnings:
         log.warning("%s", warning)
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
+    stop = StopFlag()
     parent = os.getppid()
 
     try:

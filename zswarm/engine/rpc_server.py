@@ -43,13 +43,14 @@ import importlib.util
 import ipaddress
 import logging
 import os
-import signal
 import socket
 import struct
 import sys
 import threading
 import time
 from types import SimpleNamespace
+
+from .child import StopFlag, take_stdout
 
 log = logging.getLogger("zswarm.rpc_server")
 
@@ -213,17 +214,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    # READY gets a private copy of stdout; fd 1 then points at stderr, so ggml's banner (printed
-    # to stdout) can never be mistaken for the handshake.
-    handshake = os.fdopen(os.dup(1), "w")
-    os.dup2(2, 1)
-    os.environ.setdefault("GGML_NO_BACKTRACE", "1")  # an abort must not attach gdb to print a backtrace
+    handshake = take_stdout()
     args = parse_args(argv)
     logging.basicConfig(stream=sys.stderr, level=args.log_level.upper(),
                         format=f"%(asctime)s rpc-server[{os.getpid()}] %(levelname)s %(message)s")
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
+    stop = StopFlag()
     parent = os.getppid()
 
     cache_dir = None
