@@ -252,7 +252,9 @@ class Node:
                               serve.reshard_settle_s, serve.rpc_servers, self.stats)
         sharder.proxy().initial_plan().get(timeout=START_TIMEOUT_S)
         if ledger is not None and not serve.rpc_servers:
-            ledger.proxy().add_listener(sharder)
+            ledger.proxy().add_listener(sharder).get(timeout=START_TIMEOUT_S)
+            # discovery runs already: workers the ledger learned before we listened get no event
+            notify([sharder], "ledger_changed")
         sp = sharder.proxy()
 
         def reshard() -> str:
