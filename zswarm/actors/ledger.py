@@ -16,6 +16,7 @@ and counted there and never reaches the actor.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -33,6 +34,7 @@ from .listener import notify
 log = logging.getLogger(__name__)
 
 WANT_RETRY_S = 1.0  # ask again for a record that has not come; PUB drops sends to a pipe not yet up
+HELLO_AGAIN_S = 0.15  # a subscription crosses a fresh connection in well under this
 RECONNECT_IVL_MAX_MS = 2000  # keep redialing a vanished peer at least this often
 
 
@@ -47,6 +49,10 @@ class _Connected:
 
 
 class _Tick:
+    pass
+
+
+class _HelloAgain:
     pass
 
 
@@ -176,10 +182,21 @@ class LedgerActor(pykka.ThreadingActor):
         elif isinstance(message, _Tick):
             self._tick()
         elif isinstance(message, _Connected):
-            self._send(wire.TOPIC_ALL, wire.Beat(self.m.own.id, self.m.own.incarnation, self.m.own.version,
-                                                 self.m.heartbeat, self.m.own.endpoints.get("gossip", "")))
-            self._send(wire.TOPIC_ALL, wire.Digest(self.m.digest()))
-            self._ask(force=True)
+            self._hello()
+            # ZeroMQ's slow joiner: the peer's subscription may not have reached our PUB yet, and
+            # PUB drops what no subscription matches; say it again a moment later
+            timer = threading.Timer(HELLO_AGAIN_S, self._tell, args=(_HelloAgain(),))
+            timer.daemon = True
+            timer.start()
+        elif isinstance(message, _HelloAgain):
+            self._hello()
+
+    def _hello(self) -> None:
+        """Tell a new connection (and everyone) who we are and what we know, and ask what we lack."""
+        self._send(wire.TOPIC_ALL, wire.Beat(self.m.own.id, self.m.own.incarnation, self.m.own.version,
+                                             self.m.heartbeat, self.m.own.endpoints.get("gossip", "")))
+        self._send(wire.TOPIC_ALL, wire.Digest(self.m.digest()))
+        self._ask(force=True)
 
     def _handle(self, msg: wire.Message) -> None:
         match msg.body:

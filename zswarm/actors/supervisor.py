@@ -131,7 +131,7 @@ class SupervisorActor(pykka.ThreadingActor):
     def _spawn(self, c: _Child) -> None:
         c.generation += 1
         c.state = "starting"
-        env = {**os.environ, **c.spec.env}
+        env = {**os.environ, **c.spec.env, "ZSWARM_PARENT_PID": str(os.getpid())}
         argv = c.spec.argv() if callable(c.spec.argv) else c.spec.argv
         if argv is None:
             c.state = "waiting"

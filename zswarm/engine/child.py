@@ -16,6 +16,18 @@ from typing import IO
 POLL_S = 0.05
 
 
+PARENT_ENV = "ZSWARM_PARENT_PID"  # set by the node's supervisor for each child
+
+
+def parent_pid() -> int:
+    """The node that started us. From the environment when the supervisor set it: reading
+    getppid() at start-up would record 1 if the node had already died, and never notice."""
+    try:
+        return int(os.environ[PARENT_ENV])
+    except (KeyError, ValueError):
+        return os.getppid()
+
+
 def take_stdout() -> IO[str]:
     handshake = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)

@@ -69,7 +69,7 @@ from llama_cpp._logger import llama_log_callback as llama_cpp_python_log  # the 
 
 from .. import wire
 from ..transport import SocketLoop, Stats
-from .child import StopFlag, take_stdout
+from .child import StopFlag, parent_pid, take_stdout
 from .model import ModelMissing, default_model_path, model_name
 from .rpc_server import GGML_BACKEND_DEVICE_TYPE_CPU, device_memory, ggml
 
@@ -799,7 +799,7 @@ def main(argv: list[str] | None = None) -> int:
     for warning in args.warnings:
         log.warning("%s", warning)
     stop = StopFlag()
-    parent = os.getppid()
+    parent = parent_pid()
 
     try:
         path = args.model or default_model_path()

@@ -50,7 +50,7 @@ import threading
 import time
 from types import SimpleNamespace
 
-from .child import StopFlag, take_stdout
+from .child import StopFlag, parent_pid, take_stdout
 
 log = logging.getLogger("zswarm.rpc_server")
 
@@ -219,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(stream=sys.stderr, level=args.log_level.upper(),
                         format=f"%(asctime)s rpc-server[{os.getpid()}] %(levelname)s %(message)s")
     stop = StopFlag()
-    parent = os.getppid()
+    parent = parent_pid()
 
     cache_dir = None
     if args.cache_dir:
