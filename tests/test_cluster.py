@@ -110,6 +110,24 @@ def test_restarted_node_keeps_its_id(cluster):
              what="a to see b again under the same id")
 
 
+def test_restarted_node_that_knew_nobody_finds_its_peers_again(cluster):
+    # a knows nobody; c learned a only through b; b then leaves for good, so after a's restart
+    # nobody dials a: a must dial its remembered peers itself
+    a = cluster.node("a")
+    b = cluster.node("b", bootstrap=[a])
+    c = cluster.node("c", bootstrap=[b])
+    wait_for(lambda: all_see_each_other([a, b, c]), 10, what="three nodes")
+    wait_for(lambda: (a.state_dir / "peers.json").exists(), 10, what="a to remember its peers")
+    b.signal(signal.SIGTERM)
+    assert b.wait(10) == 0
+    a.signal(signal.SIGTERM)
+    assert a.wait(10) == 0
+    wait_for(lambda: c.peers() == [], 5, what="c to drop a and b")
+    a.start()
+    wait_for(lambda: a.alive_peer_names() == {"c"} and c.alive_peer_names() == {"a"}, 5,
+             what="a and c to find each other again")
+
+
 def test_admin_socket(cluster):
     a = cluster.node("a")
     a.node_id()

@@ -156,7 +156,8 @@ class Node:
         if s.p2p:
             # ZAP first: a CURVE socket bound before a handler runs would let anyone in.
             self.zap.start()
-            ledger = self._start(LedgerActor, self.ctx, self.keys, own, s.p2p_listen, host, self.stats, s.timing)
+            ledger = self._start(LedgerActor, self.ctx, self.keys, own, s.p2p_listen, host, self.stats, s.timing,
+                                 self.state.path / "peers.json")
             own = ledger.proxy().open().get(timeout=START_TIMEOUT_S)
         self.record = own
         routes_peers = s.p2p and (s.federated or s.role == "federated")

@@ -15,10 +15,13 @@ and counted there and never reaches the actor.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pykka
@@ -34,6 +37,8 @@ from .listener import notify
 log = logging.getLogger(__name__)
 
 WANT_RETRY_S = 1.0  # ask again for a record that has not come; PUB drops sends to a pipe not yet up
+MAX_REMEMBERED = 64  # peers dialed again after a restart
+REMEMBER_EVERY_S = 5.0  # how often the list of alive peers is written to the state directory
 HELLO_AGAIN_S = 0.15  # a subscription crosses a fresh connection in well under this
 RECONNECT_IVL_MAX_MS = 2000  # keep redialing a vanished peer at least this often
 
@@ -62,8 +67,10 @@ class BindError(RuntimeError):
 
 class LedgerActor(pykka.ThreadingActor):
     def __init__(self, ctx: zmq.Context, keys: Keys, own: wire.NodeRecord, listen: str,
-                 advertise_host: str, stats: Stats, timing: Timing = Timing()):
+                 advertise_host: str, stats: Stats, timing: Timing = Timing(), peers_file: Path | None = None):
         super().__init__()
+        self._peers_file = peers_file
+        self._peers_saved: list[str] = []
         self._ctx = ctx
         self._keys = keys
         self._net = keys.network_id
@@ -77,6 +84,7 @@ class LedgerActor(pykka.ThreadingActor):
         self._wants: dict[str, tuple[str, float]] = {}  # node id -> (peer to ask, last asked)
         self._listeners: list[Any] = []
         self._last_sync = 0.0
+        self._last_remember = 0.0
         self._self_endpoints: set[str] = set()
 
     # --- API (asked by the node and other actors) ---
@@ -89,6 +97,8 @@ class LedgerActor(pykka.ThreadingActor):
         except zmq.ZMQError as e:
             raise BindError(f"cannot listen on {self._listen}: {e.strerror}") from None
         self._loop = loop
+        for endpoint in self._remembered():
+            self._dial(endpoint, "remembered")
         self._send(wire.TOPIC_ALL, self.m.beat())
         return self.m.own
 
@@ -223,6 +233,36 @@ class LedgerActor(pykka.ThreadingActor):
             self._send(wire.TOPIC_ALL, wire.Digest(self.m.digest()))
         self._apply(self.m.sweep())
         self._ask()
+        if now - self._last_remember >= REMEMBER_EVERY_S:
+            self._last_remember = now
+            self._remember()
+
+    def _remembered(self) -> list[str]:
+        """Peers alive when this node last ran: dialed again at start, so a node that knew nobody
+        (no bootstrap) finds its cluster again after a restart even if no peer dials it."""
+        if self._peers_file is None:
+            return []
+        try:
+            endpoints = json.loads(self._peers_file.read_text())
+        except (OSError, ValueError):
+            return []
+        if not isinstance(endpoints, list):
+            return []
+        return [e for e in endpoints if isinstance(e, str) and e.startswith("tcp://")][:MAX_REMEMBERED]
+
+    def _remember(self) -> None:
+        if self._peers_file is None:
+            return
+        alive = sorted(m.gossip for m in self.m.members.values() if m.state == "alive" and m.gossip)
+        if not alive or alive == self._peers_saved:
+            return  # keep the last non-empty list: a node alone now still wants its old peers later
+        try:
+            tmp = self._peers_file.with_suffix(".tmp")
+            tmp.write_text(json.dumps(alive[:MAX_REMEMBERED]))
+            os.replace(tmp, self._peers_file)
+            self._peers_saved = alive
+        except OSError as e:
+            log.warning("cannot remember peers in %s: %s", self._peers_file, e)
 
     def _apply(self, ch: Changes) -> None:
         if not ch:
@@ -298,6 +338,7 @@ class LedgerActor(pykka.ThreadingActor):
         """Tell everyone we leave, give the Leave half a second to flush, and close."""
         if self._loop is None:
             return
+        self._remember()
         self._send(wire.TOPIC_ALL, wire.Leave(self.m.own.id, self.m.own.incarnation))
 
         def _quiet() -> None:
