@@ -367,8 +367,8 @@ class GatewayActor(pykka.ThreadingActor):
         body = msg.body
         rid = getattr(body, "id", None)
         f = self._flights.get(rid) if isinstance(rid, str) else None
-        if f is None:
-            return  # a cancelled or timed-out request's late reply
+        if f is None or f.route is None:
+            return  # a late reply: the request was cancelled, timed out, or is waiting for a retry
         match body:
             case wire.Chunk():
                 if not f.started:
