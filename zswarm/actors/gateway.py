@@ -191,7 +191,7 @@ class GatewayActor(pykka.ThreadingActor):
     def _engine_up(self, endpoint: str) -> None:
         if self._engine is not None:
             self._l.remove(self._engine)
-        self._engine = self._l.socket(zmq.DEALER, self._on_reply)
+        self._engine = self._l.socket(zmq.DEALER, lambda frames: self._on_reply(frames, ""))
         self._engine.connect(endpoint)
         self._held, self._on_idle = False, None
         self._unpark()
@@ -225,7 +225,7 @@ class GatewayActor(pykka.ThreadingActor):
     def _dealer(self, endpoint: str) -> zmq.Socket:
         sock = self._dealers.get(endpoint)
         if sock is None:
-            sock = self._l.socket(zmq.DEALER, self._on_reply)
+            sock = self._l.socket(zmq.DEALER, lambda frames, src=endpoint: self._on_reply(frames, src))
             curve_client(sock, self._keys)
             sock.immediate = True  # queue only on a live connection: a dead peer fails the send now
             # a dropped connection loses the peer's replies for good (its ROUTER forgets us),
@@ -357,7 +357,8 @@ class GatewayActor(pykka.ThreadingActor):
         except zmq.Again:
             return False
 
-    def _on_reply(self, frames: list[bytes]) -> None:
+    def _on_reply(self, frames: list[bytes], source: str) -> None:
+        """A reply from the engine (``source`` "") or from the peer gateway at ``source``."""
         if len(frames) != 1:
             self._stats.inc("gateway_bad_frames")
             return
@@ -367,8 +368,8 @@ class GatewayActor(pykka.ThreadingActor):
         body = msg.body
         rid = getattr(body, "id", None)
         f = self._flights.get(rid) if isinstance(rid, str) else None
-        if f is None or f.route is None:
-            return  # a late reply: the request was cancelled, timed out, or is waiting for a retry
+        if f is None or f.route is None or f.route.endpoint != source:
+            return  # a late reply: the request was cancelled, timed out, or moved to another node
         match body:
             case wire.Chunk():
                 if not f.started:
