@@ -864,7 +864,7 @@ def report(res: dict, args: argparse.Namespace) -> tuple[str, str]:
     diag = (f"Per generated token, llama.cpp made {rt:.1f} RPC round trips through the tunnels, one per worker "
             f"and graph ({per_worker[0]['turns']:.1f} to w1: {kib(per_worker[0]['bytes_out'])} out, "
             f"{kib(per_worker[0]['bytes_in'])} back; {per_worker[1]['turns']:.1f} to w2: "
-            f"{kib(per_worker[1]['bytes_out'])} out, {kib(per_worker[1]['bytes_in'])} back, the logits; "
+            f"{kib(per_worker[1]['bytes_out'])} out, {kib(per_worker[1]['bytes_in'])} back; "
             f"{med(msgs_out):.1f} DATA messages out and {med(msgs_in):.1f} back). "
             f"(c) - (b) = {gap_ms:+.2f} ms per token (medians), {implied_us:+.0f} us per round trip; the same "
             f"request/reply sizes through a tunnel in this process, after the engines stopped, added "

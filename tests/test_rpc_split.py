@@ -11,6 +11,7 @@ shared cores.
 from __future__ import annotations
 
 import os
+import re
 import select
 import signal
 import socket
@@ -195,6 +196,31 @@ def test_the_split_means_repeating_layers_and_is_realized_exactly():
                 assert assign_layers(n_layer, split_for_counts(counts)) == counts, counts
 
 
+def test_the_output_layer_can_go_to_a_device_past_the_last_layer():
+    """--no-local-layers: the CPU (last device) gets no repeating layer but the output layer,
+    so the logits never cross the network; by default it stays with the last layer."""
+    from zswarm.engine.proc import assign_layers, output_device, split_for_counts
+    split = split_for_counts([7, 23, 0], output=2)
+    assert assign_layers(N_LAYER, split) == [7, 23, 0] and output_device(N_LAYER, split) == 2
+    # the last RPC device's cumulative point sits half a slot below the output slot, the CPU has the rest
+    assert abs(split[0] + split[1] - (N_LAYER - 0.5) / (N_LAYER + 1)) < 1e-12, split
+    assert abs(split[2] - 1.5 / (N_LAYER + 1)) < 1e-12, split
+    assert output_device(N_LAYER, split_for_counts([7, 23, 0])) == 1
+    assert output_device(N_LAYER, split_for_counts([7, 23])) == 1
+    assert output_device(N_LAYER, [1, 3]) == 1 and output_device(N_LAYER, [1, 3, 0]) == 1  # llama.cpp's own
+    for n_layer in range(1, 100):
+        for counts in ([n_layer, 0], [0, n_layer, 0], [n_layer // 2, n_layer - n_layer // 2, 0, 0],
+                       [n_layer // 3, 0, n_layer - n_layer // 3, 0]):
+            for output in range(max(i for i, c in enumerate(counts) if c), len(counts)):
+                split = split_for_counts(counts, output)
+                assert all(w >= 0 for w in split) and abs(sum(split) - 1) < 1e-9, split
+                assert assign_layers(n_layer, split) == counts, (counts, output)
+                assert output_device(n_layer, split) == output, (counts, output, split)
+    for counts, output in (([7, 23, 0], 0), ([7, 23, 0], 3), ([0, 0], 1)):
+        with pytest.raises(ValueError):
+            split_for_counts(counts, output)
+
+
 def test_the_layer_count_comes_from_the_gguf_header(tmp_path):
     import struct
 
@@ -254,6 +280,8 @@ def test_split_output_equals_single_process_and_layers_follow_the_split(servers,
         # 1:3 of the 30 repeating layers: 7.5 and 22.5, each within one layer
         assert e.layers[a.endpoint] in (7, 8) and e.layers[b.endpoint] in (22, 23), e.layers
         assert_layers_as_planned(e, [a.endpoint, b.endpoint], [1, 3])
+        # ... and the output layer stays here: llama.cpp's own log line for il == n_layer says CPU
+        assert_output_layer(e, "local", "CPU")
         text, end = completion(c, PROMPT)
         assert isinstance(end, wire.Done), end
         assert text == reference(PROMPT)
@@ -275,6 +303,7 @@ def test_local_layers_take_the_last_share_and_one_slot_serves(servers, tmp_path,
         assert e.layers["local"] == 15, e.layers  # 2/4 of 30
         assert e.layers[a.endpoint] in (7, 8) and e.layers[b.endpoint] in (7, 8), e.layers
         assert_layers_as_planned(e, [a.endpoint, b.endpoint, "local"], [1, 1, 2])
+        assert_output_layer(e, "local", "CPU")  # with the last repeating layer
         ref = reference(COUNT_PROMPT, 12)
         ids = [c.request(kind="completion", prompt=COUNT_PROMPT, temperature=0.0, max_tokens=12)
                for _ in range(2)]
@@ -299,6 +328,7 @@ def test_layers_follow_other_splits(servers, tmp_path, zctx, reference, split, l
         got = [e.layers[k] for k in keys]
         assert sum(got) == N_LAYER and all(abs(g - x) < 1 for g, x in zip(got, exact)), e.layers
         assert_layers_as_planned(e, keys[:3 if local else 2], [float(w) for w in split.split(",")])
+        assert_output_layer(e, "local", "CPU")
         text, end = completion(c, PROMPT)
         assert isinstance(end, wire.Done) and text == reference(PROMPT), end
     finally:
@@ -316,6 +346,15 @@ def assert_layers_as_planned(e: SplitEngine, keys: list[str], weights: list[floa
     log = e.read_log()
     assert "did not say where the layers went" not in log  # the counts are llama.cpp's own
     assert "llama.cpp placed the" not in log and f"{N_LAYER} layers split" in log, log[-3000:]
+
+
+def assert_output_layer(e: SplitEngine, key: str, device: str) -> None:
+    """The engine logged llama.cpp's own line for the output layer (layer n_layer): on the device
+    named ``device`` (a regular expression), the one the engine knows as ``key``."""
+    log = e.read_log()
+    assert re.search(rf"output layer on {re.escape(key)} \(llama\.cpp: load_tensors: layer +{N_LAYER} "
+                     rf"assigned to device {device},", log), log[-3000:]
+    assert "not on local" not in log, log[-3000:]
 
 
 @pytest.mark.slow
@@ -364,9 +403,12 @@ def test_a_worker_dying_mid_request_aborts_the_engine_and_the_survivor_serves_ag
         c.close()
         e.close()
 
-        e = SplitEngine(tmp_path, "--rpc-servers", a.endpoint, "--no-local-layers")
+        # Local layers on but none wanted: the output layer goes with the last repeating layer, to
+        # the server (with --no-local-layers it would stay here, and no tensor would be cached).
+        e = SplitEngine(tmp_path, "--rpc-servers", a.endpoint, "--tensor-split", "1,0")
         c = Client(zctx, e.endpoint)
         assert e.layers == {a.endpoint: N_LAYER, "local": 0}
+        assert_output_layer(e, a.endpoint, r"RPC\d+")
         text, end = completion(c, PROMPT)
         assert isinstance(end, wire.Done) and text == reference(PROMPT), end
         assert any((tmp_path / "cache").iterdir())  # the output layer's 30 MB went to the tensor cache

@@ -15,9 +15,14 @@ server, in the order of ``--rpc-servers``, followed by one weight for the local 
 layers are on (so N or N+1 numbers; only their proportions matter): the proportions of the
 model's repeating layers each device is to hold. The engine turns them into whole layers (largest
 remainders, so every device is within one layer of its exact share) and hands llama.cpp the
-tensor split that yields exactly those counts (see split_for_counts); the output layer goes to the
-last device that holds any. Without ``--tensor-split`` llama.cpp splits by the free memory each
-device reports (an RPC server reports its machine's physical memory), in its own way.
+tensor split that yields exactly those counts (see split_for_counts). Without ``--tensor-split``
+the repeating layers are split by the free memory each device reports (an RPC server reports its
+machine's physical memory), in llama.cpp's own way. The input layer (token embeddings) is always on
+this machine's CPU (llama.cpp never offloads it). The output layer (final norm and the projection
+to the vocabulary) goes to the last device that holds repeating layers, except with
+``--no-local-layers``: then it stays on this machine's CPU too, so each token brings back the last
+layer's hidden state (n_embd floats, 2.25 KiB for SmolLM2-135M) rather than the logits (n_vocab
+floats, 192 KiB), and the RPC servers hold no copy of the output weights.
 Just before READY the engine writes one line ``LAYERS {json}``: the repeating layers each device
 holds, read back from llama.cpp, keyed by RPC endpoint and ``"local"``, e.g.
 ``LAYERS {"127.0.0.1:5001": 8, "127.0.0.1:5002": 22, "local": 0}``. Worker mode runs one slot
@@ -209,6 +214,7 @@ class _Model(llama_cpp.Llama):
 
     job: Job | None = None  # set by the slot thread before each request
     layers: dict[str, int] | None = None  # worker mode: repeating layers per device (load_model)
+    output: str | None = None  # worker mode: the device (a ``layers`` key) that holds the output layer
 
     def __init__(self, *args, devices: Sequence[int] = (), **kwargs):
         # llama_model_params.devices: a NULL-terminated array of ggml devices (empty: llama.cpp's
@@ -263,7 +269,9 @@ class LoadSpec:
     # proportions of the repeating layers each should hold (realized to within one layer, see
     # layer_targets); empty: llama.cpp splits by the free memory each device reports
     tensor_split: tuple[float, ...] = ()
-    local_layers: bool = True  # worker mode: may this machine's CPU hold layers too?
+    # worker mode: may this machine's CPU hold repeating layers too? Either way it holds the
+    # input layer; without local layers it holds the output layer too (see load_model)
+    local_layers: bool = True
 
 
 class LoadError(RuntimeError):
@@ -274,12 +282,15 @@ def load_model(spec: LoadSpec) -> _Model:
     """The one place a model is loaded.
 
     Worker mode registers ``spec.rpc_servers`` with ggml (once per process), then loads with
-    ``llama_model_params.devices`` set to those RPC devices, plus the CPU device when local
-    layers are on (llama.cpp ignores RPC devices unless the list is explicit), every layer
-    offloaded to that list (``n_gpu_layers=-1``) and a tensor split in the same order: with
-    ``spec.tensor_split``, the one that puts exactly :func:`layer_targets` layers on each device
-    (the layer count is read from the GGUF header first). The returned model's ``layers`` says how
-    many repeating layers each device got, as llama.cpp logged it.
+    ``llama_model_params.devices`` set to those RPC devices followed by the CPU device (llama.cpp
+    ignores RPC devices unless the list is explicit), every layer offloaded to that list
+    (``n_gpu_layers=-1``) and a tensor split in the same order. With ``spec.tensor_split``, the
+    split puts exactly :func:`layer_targets` repeating layers on each device (the layer count is
+    read from the GGUF header first). Without local layers the CPU's share of the split is the
+    output layer's slot alone, so it holds no repeating layer but does hold the output layer (and,
+    lacking ``spec.tensor_split``, the RPC devices get the layers llama.cpp would give them by
+    their free memory). The returned model's ``layers`` says how many repeating layers each device
+    got and ``output`` which one holds the output layer, both as llama.cpp logged them.
     """
     kwargs: dict = dict(model_path=spec.path, n_ctx=spec.ctx_size, n_threads=spec.threads,
                         n_threads_batch=spec.threads, verbose=False)
@@ -289,27 +300,42 @@ def load_model(spec: LoadSpec) -> _Model:
         except (ValueError, OSError) as e:  # llama-cpp-python raises ValueError for an unreadable file
             raise LoadError(f"cannot load the model: {e}") from None
 
-    devices = [rpc_device(endpoint) for endpoint in spec.rpc_servers]
-    keys = list(spec.rpc_servers)
-    if spec.local_layers:
-        devices.append(ggml().dev_by_type(GGML_BACKEND_DEVICE_TYPE_CPU))
-        keys.append(LOCAL)
+    rpc = [rpc_device(endpoint) for endpoint in spec.rpc_servers]
+    devices = [*rpc, ggml().dev_by_type(GGML_BACKEND_DEVICE_TYPE_CPU)]
+    keys = [*spec.rpc_servers, LOCAL]
+    weights = list(spec.tensor_split)  # one per device in ``devices`` (empty: llama.cpp's own split)
+    planned_output: str | None = None  # where the output layer must go (None: with the last layer)
+    if not spec.local_layers:
+        # What llama.cpp would split by on its own (free memory) if no weights were given; the CPU
+        # gets no repeating layer, only the output layer (split_for_counts's ``output``).
+        weights = (weights or [float(device_memory(d)[0]) for d in rpc]) + [0.0]
+        if not sum(weights) > 0:  # no device says it has memory free: llama.cpp would divide by 0
+            weights = [1.0] * len(rpc) + [0.0]
+        planned_output = LOCAL
     split: list[float] = []  # what llama.cpp gets (empty: its own split by free memory)
     target: list[int] | None = None  # repeating layers per device that ``split`` yields
-    if spec.tensor_split:
+    if weights:
         try:
             n_layer = gguf_block_count(spec.path)
         except (OSError, ValueError) as e:  # llama.cpp will most likely refuse the file too
-            log.warning("cannot read the layer count of %s (%s); handing llama.cpp the split as given",
-                        spec.path, e)
-            split = list(spec.tensor_split)
+            log.warning("cannot read the layer count of %s (%s); handing llama.cpp the split as given%s",
+                        spec.path, e, "" if spec.local_layers else " (the output layer will not be local)")
+            split, planned_output = weights, None
         else:
-            target = layer_targets(n_layer, spec.tensor_split)
-            split = split_for_counts(target)
-            if assign_layers(n_layer, split) != target:  # cannot happen: split_for_counts is exact
-                raise AssertionError(f"bug: split {split} does not yield {target} of {n_layer} layers")
-            log.info("%d layers split %s as %s (llama.cpp tensor split %s)", n_layer,
-                     list(spec.tensor_split), target, [round(w, 6) for w in split])
+            if spec.tensor_split:
+                target = layer_targets(n_layer, weights)
+            else:  # by free memory, as llama.cpp would have split it (the output slot included)
+                target = assign_layers(n_layer, weights)
+            output = None if planned_output is None else keys.index(planned_output)
+            split = split_for_counts(target, output)
+            if assign_layers(n_layer, split) != target or (
+                    output is not None and output_device(n_layer, split) != output):
+                # cannot happen: split_for_counts is exact
+                raise AssertionError(f"bug: split {split} does not yield {target} of {n_layer} layers"
+                                     f" and the output layer on device {output}")
+            log.info("%d layers split %s as %s (llama.cpp tensor split %s)%s", n_layer,
+                     list(spec.tensor_split) or "by free memory", target, [round(w, 6) for w in split],
+                     "" if planned_output is None else f", the output layer on {planned_output}")
         kwargs["tensor_split"] = split
     with LlamaLog() as llama_log:
         try:
@@ -325,16 +351,25 @@ def load_model(spec: LoadSpec) -> _Model:
         log.warning("llama.cpp did not say where the layers went; computing it from the split")
         weights = split or [float(device_memory(d)[0]) for d in devices]
         model.layers = dict(zip(keys, assign_layers(n_layer, weights)))
+        model.output = keys[output_device(n_layer, weights)]
     else:
         model.layers = {key: counts.get(name, 0) for key, name in zip(keys, names)}
-        model.layers.setdefault(LOCAL, 0)
         stray = n_layer - sum(model.layers.values())
         if stray:  # layers on a device outside our list, which llama.cpp should never do
             log.warning("%d layer(s) landed on devices other than %s: %s", stray, names, counts)
+        said = llama_log.output(n_layer)
+        if said is not None:
+            name, line = said
+            model.output = keys[names.index(name)] if name in names else name
+            log.info("output layer on %s (llama.cpp: %s)", model.output, line)
     if target is not None and [model.layers[k] for k in keys] != target:
         # e.g. the header's block count is not llama.cpp's n_layer (then n_layer is logged too)
-        log.warning("llama.cpp placed the %d layers as %s, not as %s (wanted by --tensor-split %s)",
-                    n_layer, [model.layers[k] for k in keys], target, list(spec.tensor_split))
+        log.warning("llama.cpp placed the %d layers as %s, not as %s (wanted by %s)",
+                    n_layer, [model.layers[k] for k in keys], target,
+                    f"--tensor-split {list(spec.tensor_split)}" if spec.tensor_split else "free memory")
+    if planned_output is not None and model.output != planned_output:
+        log.warning("llama.cpp put the output layer on %s, not on %s: every token brings the logits "
+                    "back over the network", model.output, planned_output)
     return model
 
 
@@ -377,9 +412,26 @@ def assign_layers(n_layer: int, weights: Sequence[float]) -> list[int]:
         edges.append(acc / total)
     counts = [0] * len(weights)
     for il in range(n_layer):
-        x = il / (n_layer + 1)
-        counts[next((i for i, e in enumerate(edges) if e > x), len(edges) - 1)] += 1
+        counts[_device_of(il, n_layer, edges)] += 1
     return counts
+
+
+def output_device(n_layer: int, weights: Sequence[float]) -> int:
+    """The device (an index into ``weights``) that llama.cpp gives the output layer, as
+    :func:`assign_layers` does the repeating ones: the slot ``il == n_layer``."""
+    total = sum(weights)
+    edges, acc = [], 0.0
+    for w in weights:
+        acc += w
+        edges.append(acc / total)
+    return _device_of(n_layer, n_layer, edges)
+
+
+def _device_of(il: int, n_layer: int, edges: Sequence[float]) -> int:
+    # llama.cpp: std::upper_bound(splits, il / (n_layer + 1)) over the normalized cumulative
+    # splits; past the end (float noise in the last edge) it would index out of range, here: the last
+    x = il / (n_layer + 1)
+    return next((i for i, e in enumerate(edges) if e > x), len(edges) - 1)
 
 
 def layer_targets(n_layer: int, weights: Sequence[float]) -> list[int]:
@@ -400,26 +452,32 @@ def layer_targets(n_layer: int, weights: Sequence[float]) -> list[int]:
     return counts
 
 
-def split_for_counts(counts: Sequence[int]) -> list[float]:
+def split_for_counts(counts: Sequence[int], output: int | None = None) -> list[float]:
     """The llama.cpp tensor split (one weight per device) that gives device ``k`` exactly
-    ``counts[k]`` repeating layers, the inverse of :func:`assign_layers`.
+    ``counts[k]`` repeating layers, the inverse of :func:`assign_layers`, and the output layer to
+    device ``output`` (default: the last device with a repeating layer; else a later device).
 
     llama.cpp puts layer ``il`` (0..n_layer, the last one being the output layer) on the first
     device whose normalized cumulative split exceeds ``il / (n_layer + 1)``. Device ``k``'s
     cumulative split point is set half a slot below the first layer that belongs to the next
     device, ``(C_k - 0.5) / (n_layer + 1)`` where ``C_k`` is the count up to and including ``k``,
-    far from any float rounding; 0 while no layer has been placed yet, and 1 from the last device
-    with a layer on, which therefore also takes the output layer. The weights are the points'
-    differences (0 for a device with no layers, which llama.cpp then never picks).
+    far from any float rounding; 0 while no layer has been placed yet, and 1 from the device that
+    takes the output layer on (for every device before it, after the last repeating layer, that
+    is ``(n_layer - 0.5) / (n_layer + 1)``: the output slot alone is left past it). The weights are
+    the points' differences (0 for a device with no layers, which llama.cpp then never picks).
     """
     n_layer = sum(counts)
     if n_layer < 1 or any(c < 0 for c in counts):
         raise ValueError(f"no split gives {list(counts)} layers")
     last = max(i for i, c in enumerate(counts) if c > 0)
+    if output is None:
+        output = last
+    if not last <= output < len(counts):
+        raise ValueError(f"the output layer cannot go to device {output} after {list(counts)} layers")
     points, acc = [], 0
     for i, c in enumerate(counts):
         acc += c
-        points.append(1.0 if i >= last else (acc - 0.5) / (n_layer + 1) if acc else 0.0)
+        points.append(1.0 if i >= output else (acc - 0.5) / (n_layer + 1) if acc else 0.0)
     return [b - a for a, b in zip([0.0, *points], points)]
 
 
@@ -524,6 +582,15 @@ class LlamaLog:
         if not where:
             return None
         return dict(collections.Counter(where.values()))
+
+    def output(self, n_layer: int) -> tuple[str, str] | None:
+        """(device name, llama.cpp's log line) for the output layer (``il == n_layer``); None if
+        llama.cpp logged no such line."""
+        for _, text in reversed(self.lines):
+            m = _ASSIGNED.search(text)
+            if m and int(m.group(1)) == n_layer:
+                return m.group(2), text.strip()
+        return None
 
     def errors(self) -> str:
         return " ".join(text.strip() for level, text in self.lines if level == _LLAMA_ERROR)[-500:]
@@ -750,7 +817,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "--no-local-layers: the proportions of the repeating layers each holds, to within "
                         "one layer (default: llama.cpp splits by each device's reported free memory)")
     p.add_argument("--no-local-layers", dest="local_layers", action="store_false",
-                   help="worker mode: every layer on the RPC servers, none on this machine's CPU")
+                   help="worker mode: every repeating layer on the RPC servers, none on this machine's CPU "
+                        "(which keeps the input and output layers)")
     p.add_argument("--log-level", default="INFO")
     args = p.parse_args(argv)
     args.warnings = []
