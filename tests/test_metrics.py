@@ -165,15 +165,20 @@ def test_real_node_metrics_parse_and_move(tmp_path):
             req = urllib.request.Request(url + "/v1/chat/completions", body, {"Content-Type": "application/json"})
             with urllib.request.urlopen(req, timeout=120) as r:
                 assert json.loads(r.read())["usage"]["completion_tokens"] > 0
-        after = samples(get(url + "/metrics"))
+        # node figures come from a snapshot kept for half a second: poll until it shows the requests
+        def fresh():
+            scraped = samples(get(url + "/metrics"))
+            return scraped if value(scraped, "zswarm_routed_requests_total", node=s1_id, name="s1") == 2 else None
+        after = wait_for(fresh, 10, 0.2, what="the node's counters to show both requests")
         assert value(after, "zswarm_node_up") == 1
         assert value(after, "zswarm_http_requests_total", node=s1_id, model=MODEL, status="200") == 2
         assert value(after, "zswarm_tokens_generated_total", node=s1_id, model=MODEL) > 0
         assert value(after, "zswarm_time_to_first_token_seconds_count", model=MODEL) == 2
         assert value(after, "zswarm_request_duration_seconds_count", model=MODEL) == 2
         assert value(after, "zswarm_peers", state="alive") == 1
-        assert value(after, "zswarm_gossip_messages_total", direction="in") > value(
-            before, "zswarm_gossip_messages_total", direction="in")
+        gossip_before = value(before, "zswarm_gossip_messages_total", direction="in")
+        wait_for(lambda: value(samples(get(url + "/metrics")), "zswarm_gossip_messages_total",
+                               direction="in") > gossip_before, 10, 0.2, what="gossip counters to move")
         assert value(after, "zswarm_gateway_requests_total", outcome="done") >= 2
         assert value(after, "zswarm_routed_requests_total", node=s1_id, name="s1") == 2
         assert value(after, "zswarm_http_in_flight") == 0
