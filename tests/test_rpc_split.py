@@ -165,7 +165,7 @@ def test_allow_remote_binds_elsewhere_with_a_loud_warning():
 
 
 def test_layer_assignment_follows_llama_cpp():
-    from zswarm.engine.proc import assign_layers
+    from zswarm.engine.layers import assign_layers
     assert assign_layers(N_LAYER, [1, 3]) == [8, 22]  # what llama.cpp logs for this split
     assert assign_layers(N_LAYER, [1, 1, 2]) == [8, 8, 14]
     assert assign_layers(N_LAYER, [1]) == [N_LAYER]
@@ -175,7 +175,7 @@ def test_layer_assignment_follows_llama_cpp():
 def test_the_split_means_repeating_layers_and_is_realized_exactly():
     """--tensor-split is the proportion of the repeating layers; llama.cpp, handed the weights
     as they are, counts the output layer as one more slot (1:3 gives 8/22 above, not 7.5/22.5)."""
-    from zswarm.engine.proc import assign_layers, layer_targets, split_for_counts
+    from zswarm.engine.layers import assign_layers, layer_targets, split_for_counts
     cases = {(1, 3): [7.5, 22.5], (0.25, 0.75): [7.5, 22.5], (3, 1): [22.5, 7.5], (0.2, 0.8): [6, 24],
              (1, 1, 1): [10, 10, 10], (1, 1, 2): [7.5, 7.5, 15], (1, 3, 0): [7.5, 22.5, 0],
              (0.166667, 0.5, 0.333333): [5, 15, 10], (1,): [30], (0, 1): [0, 30], (1e-4, 1): [0, 30]}
@@ -199,7 +199,7 @@ def test_the_split_means_repeating_layers_and_is_realized_exactly():
 def test_the_output_layer_can_go_to_a_device_past_the_last_layer():
     """--no-local-layers: the CPU (last device) gets no repeating layer but the output layer,
     so the logits never cross the network; by default it stays with the last layer."""
-    from zswarm.engine.proc import assign_layers, output_device, split_for_counts
+    from zswarm.engine.layers import assign_layers, output_device, split_for_counts
     split = split_for_counts([7, 23, 0], output=2)
     assert assign_layers(N_LAYER, split) == [7, 23, 0] and output_device(N_LAYER, split) == 2
     # the last RPC device's cumulative point sits half a slot below the output slot, the CPU has the rest
@@ -224,7 +224,7 @@ def test_the_output_layer_can_go_to_a_device_past_the_last_layer():
 def test_the_layer_count_comes_from_the_gguf_header(tmp_path):
     import struct
 
-    from zswarm.engine.proc import gguf_block_count
+    from zswarm.engine.gguf import gguf_block_count
     assert gguf_block_count(default_model_path()) == N_LAYER
 
     def gguf(*kvs: bytes) -> Path:
@@ -339,7 +339,7 @@ def test_layers_follow_other_splits(servers, tmp_path, zctx, reference, split, l
 def assert_layers_as_planned(e: SplitEngine, keys: list[str], weights: list[float]) -> None:
     """LAYERS (which the engine reads from llama.cpp's per-layer log) is what the engine planned
     for ``weights``, and what the Python replica of llama.cpp predicts for the split it used."""
-    from zswarm.engine.proc import assign_layers, layer_targets, split_for_counts
+    from zswarm.engine.layers import assign_layers, layer_targets, split_for_counts
     target = layer_targets(N_LAYER, weights)
     assert [e.layers[k] for k in keys] == target, (e.layers, target)
     assert assign_layers(N_LAYER, split_for_counts(target)) == target

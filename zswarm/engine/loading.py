@@ -1,0 +1,289 @@
+"""Loading the model: the one place a ``Llama`` is built, locally or across llama.cpp RPC servers.
+
+Owns :class:`LoadSpec` and :func:`load_model`, the ``Llama`` subclass every slot runs
+(:class:`_Model`: exact usage counts, a stop between tokens, the device list in the model
+params), registering RPC servers with ggml (:func:`rpc_device`), and reading llama.cpp's load log
+(:class:`LlamaLog`) to learn where the layers went. Layer arithmetic is :mod:`.layers`'s and the
+GGUF header :mod:`.gguf`'s. It must never touch the socket or the queue; a failed load is a
+:class:`LoadError`, never an exit.
+"""
+
+from __future__ import annotations
+
+import collections
+import ctypes
+import logging
+import re
+import socket
+from dataclasses import dataclass
+from typing import Sequence
+
+import llama_cpp
+from llama_cpp._logger import llama_log_callback as llama_cpp_python_log  # the callback to put back
+
+from .ggml import GGML_BACKEND_DEVICE_TYPE_CPU, device_memory, ggml
+from .gguf import gguf_block_count
+from .layers import assign_layers, layer_targets, output_device, split_for_counts
+from .scheduler import Job
+
+log = logging.getLogger("zswarm.engine")
+
+RPC_PROBE_TIMEOUT_S = 3.0  # a worker that does not accept a TCP connection in this time is down
+LOCAL = "local"  # the LAYERS key for this machine's CPU
+
+
+class ContextTooLong(Exception):
+    def __init__(self, prompt_tokens: int, n_ctx: int):
+        super().__init__(f"the prompt is {prompt_tokens} tokens; this model's context holds {n_ctx} "
+                         f"(prompt tokens must be fewer than {n_ctx})")
+
+
+class _Model(llama_cpp.Llama):
+    """A Llama that counts usage exactly and can be stopped between tokens.
+
+    llama-cpp-python 0.3.36 puts ``usage`` only in non-streamed responses, so the two public
+    methods every streamed request passes through are wrapped instead: ``create_completion``
+    (the chat handler renders the template, tokenizes it and calls it with the token list) and
+    ``generate`` (called once per request with the full prompt tokens; it yields every sampled
+    token, and the caller stops at the first end-of-generation token without counting it, so
+    counting the others gives the same numbers as the non-streamed ``usage``).
+    """
+
+    job: Job | None = None  # set by the slot thread before each request
+    layers: dict[str, int] | None = None  # worker mode: repeating layers per device (load_model)
+    output: str | None = None  # worker mode: the device (a ``layers`` key) that holds the output layer
+
+    def __init__(self, *args, devices: Sequence[int] = (), **kwargs):
+        # llama_model_params.devices: a NULL-terminated array of ggml devices (empty: llama.cpp's
+        # default choice, which never takes RPC servers). Kept here for the model's lifetime.
+        self._devices = (ctypes.c_void_p * (len(devices) + 1))(*devices, None) if devices else None
+        super().__init__(*args, **kwargs)
+
+    # Llama.__init__ builds its llama_model_params and loads the weights in one go, with no
+    # argument for ``devices``; it assigns ``self.model_params`` before the load, so this setter
+    # is where the device list goes in (the rest of the params are Llama's, untouched).
+    @property
+    def model_params(self):
+        return self._model_params
+
+    @model_params.setter
+    def model_params(self, params) -> None:
+        if self._devices is not None:
+            params.devices = ctypes.addressof(self._devices)
+        self._model_params = params
+
+    def create_completion(self, prompt, *args, **kwargs):  # type: ignore[override]
+        if isinstance(prompt, list):
+            n = len(prompt)
+        else:  # the same special-token handling as Llama._create_completion's prompt
+            n = len(self.tokenize(prompt.encode("utf-8"), add_bos=True, special=True))
+        if n >= self.n_ctx():
+            raise ContextTooLong(n, self.n_ctx())
+        return super().create_completion(prompt, *args, **kwargs)
+
+    def generate(self, tokens, *args, **kwargs):  # type: ignore[override]
+        job = self.job
+        assert job is not None
+        job.prompt_tokens = len(tokens)
+        job.check()
+        vocab = self._model.vocab
+        for token in super().generate(tokens, *args, **kwargs):
+            job.check()
+            if not llama_cpp.llama_vocab_is_eog(vocab, token):
+                job.completion_tokens += 1
+            yield token
+
+
+@dataclass(frozen=True)
+class LoadSpec:
+    """Everything that decides how the weights are loaded; the same for every slot."""
+
+    path: str
+    ctx_size: int
+    threads: int
+    rpc_servers: tuple[str, ...] = ()  # worker mode: llama.cpp RPC servers ("host:port")
+    # worker mode: one weight per RPC server, then one for the local CPU when local_layers: the
+    # proportions of the repeating layers each should hold (realized to within one layer, see
+    # layer_targets); empty: llama.cpp splits by the free memory each device reports
+    tensor_split: tuple[float, ...] = ()
+    # worker mode: may this machine's CPU hold repeating layers too? Either way it holds the
+    # input layer; without local layers it holds the output layer too (see load_model)
+    local_layers: bool = True
+
+
+class LoadError(RuntimeError):
+    pass
+
+
+def load_model(spec: LoadSpec) -> _Model:
+    """The one place a model is loaded.
+
+    Worker mode registers ``spec.rpc_servers`` with ggml (once per process), then loads with
+    ``llama_model_params.devices`` set to those RPC devices followed by the CPU device (llama.cpp
+    ignores RPC devices unless the list is explicit), every layer offloaded to that list
+    (``n_gpu_layers=-1``) and a tensor split in the same order. With ``spec.tensor_split``, the
+    split puts exactly :func:`layer_targets` repeating layers on each device (the layer count is
+    read from the GGUF header first). Without local layers the CPU's share of the split is the
+    output layer's slot alone, so it holds no repeating layer but does hold the output layer (and,
+    lacking ``spec.tensor_split``, the RPC devices get the layers llama.cpp would give them by
+    their free memory). The returned model's ``layers`` says how many repeating layers each device
+    got and ``output`` which one holds the output layer, both as llama.cpp logged them.
+    """
+    kwargs: dict = dict(model_path=spec.path, n_ctx=spec.ctx_size, n_threads=spec.threads,
+                        n_threads_batch=spec.threads, verbose=False)
+    if not spec.rpc_servers:
+        try:
+            return _Model(**kwargs)
+        except (ValueError, OSError) as e:  # llama-cpp-python raises ValueError for an unreadable file
+            raise LoadError(f"cannot load the model: {e}") from None
+
+    rpc = [rpc_device(endpoint) for endpoint in spec.rpc_servers]
+    devices = [*rpc, ggml().dev_by_type(GGML_BACKEND_DEVICE_TYPE_CPU)]
+    keys = [*spec.rpc_servers, LOCAL]
+    weights = list(spec.tensor_split)  # one per device in ``devices`` (empty: llama.cpp's own split)
+    planned_output: str | None = None  # where the output layer must go (None: with the last layer)
+    if not spec.local_layers:
+        # What llama.cpp would split by on its own (free memory) if no weights were given; the CPU
+        # gets no repeating layer, only the output layer (split_for_counts's ``output``).
+        weights = (weights or [float(device_memory(d)[0]) for d in rpc]) + [0.0]
+        if not sum(weights) > 0:  # no device says it has memory free: llama.cpp would divide by 0
+            weights = [1.0] * len(rpc) + [0.0]
+        planned_output = LOCAL
+    split: list[float] = []  # what llama.cpp gets (empty: its own split by free memory)
+    target: list[int] | None = None  # repeating layers per device that ``split`` yields
+    if weights:
+        try:
+            n_layer = gguf_block_count(spec.path)
+        except (OSError, ValueError) as e:  # llama.cpp will most likely refuse the file too
+            log.warning("cannot read the layer count of %s (%s); handing llama.cpp the split as given%s",
+                        spec.path, e, "" if spec.local_layers else " (the output layer will not be local)")
+            split, planned_output = weights, None
+        else:
+            if spec.tensor_split:
+                target = layer_targets(n_layer, weights)
+            else:  # by free memory, as llama.cpp would have split it (the output slot included)
+                target = assign_layers(n_layer, weights)
+            output = None if planned_output is None else keys.index(planned_output)
+            split = split_for_counts(target, output)
+            if assign_layers(n_layer, split) != target or (
+                    output is not None and output_device(n_layer, split) != output):
+                # cannot happen: split_for_counts is exact
+                raise AssertionError(f"bug: split {split} does not yield {target} of {n_layer} layers"
+                                     f" and the output layer on device {output}")
+            log.info("%d layers split %s as %s (llama.cpp tensor split %s)%s", n_layer,
+                     list(spec.tensor_split) or "by free memory", target, [round(w, 6) for w in split],
+                     "" if planned_output is None else f", the output layer on {planned_output}")
+        kwargs["tensor_split"] = split
+    with LlamaLog() as llama_log:
+        try:
+            model = _Model(**kwargs, devices=devices, n_gpu_layers=-1)
+        except (ValueError, OSError) as e:
+            why = llama_log.errors()
+            raise LoadError(f"cannot load the model across {', '.join(spec.rpc_servers)}: {e}"
+                            + (f" (llama.cpp: {why})" if why else "")) from None
+    names = [ggml().dev_name(d).decode() for d in devices]
+    n_layer = llama_cpp.llama_model_n_layer(model.model)
+    counts = llama_log.layers(n_layer)
+    if counts is None:  # llama.cpp no longer logs the assignment: work it out the same way
+        log.warning("llama.cpp did not say where the layers went; computing it from the split")
+        weights = split or [float(device_memory(d)[0]) for d in devices]
+        model.layers = dict(zip(keys, assign_layers(n_layer, weights)))
+        model.output = keys[output_device(n_layer, weights)]
+    else:
+        model.layers = {key: counts.get(name, 0) for key, name in zip(keys, names)}
+        stray = n_layer - sum(model.layers.values())
+        if stray:  # layers on a device outside our list, which llama.cpp should never do
+            log.warning("%d layer(s) landed on devices other than %s: %s", stray, names, counts)
+        said = llama_log.output(n_layer)
+        if said is not None:
+            name, line = said
+            model.output = keys[names.index(name)] if name in names else name
+            log.info("output layer on %s (llama.cpp: %s)", model.output, line)
+    if target is not None and [model.layers[k] for k in keys] != target:
+        # e.g. the header's block count is not llama.cpp's n_layer (then n_layer is logged too)
+        log.warning("llama.cpp placed the %d layers as %s, not as %s (wanted by %s)",
+                    n_layer, [model.layers[k] for k in keys], target,
+                    f"--tensor-split {list(spec.tensor_split)}" if spec.tensor_split else "free memory")
+    if planned_output is not None and model.output != planned_output:
+        log.warning("llama.cpp put the output layer on %s, not on %s: every token brings the logits "
+                    "back over the network", model.output, planned_output)
+    return model
+
+
+_rpc_devices: dict[str, int] = {}  # endpoint -> ggml device, registered once per process
+
+
+def rpc_device(endpoint: str) -> int:
+    """The ggml device of the RPC server at ``endpoint`` ("host:port"), registered on first use.
+
+    ``ggml_backend_rpc_add_server`` connects at once and aborts the whole process when nobody
+    answers, so a plain TCP connection is tried first to turn the common failure into a LoadError.
+    """
+    dev = _rpc_devices.get(endpoint)
+    if dev is not None:
+        return dev
+    host, _, port = endpoint.rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=RPC_PROBE_TIMEOUT_S).close()
+    except (OSError, ValueError) as e:
+        raise LoadError(f"cannot reach the RPC server {endpoint}: {e}") from None
+    g = ggml()
+    reg = g.rpc_add_server(endpoint.encode())
+    if not reg or g.reg_dev_count(reg) < 1:
+        raise LoadError(f"the RPC server {endpoint} offers no device (a different llama.cpp version?)")
+    g.register(reg)
+    # A server lends one device per ggml device it was started with; zswarm's lend exactly one.
+    dev = _rpc_devices[endpoint] = g.reg_dev_get(reg, 0)
+    return dev
+
+
+_ASSIGNED = re.compile(r"layer\s+(\d+) assigned to device (\S+?),")
+_LLAMA_ERROR = 3  # GGML_LOG_LEVEL_ERROR
+
+
+class LlamaLog:
+    """Collects llama.cpp's log while a model loads (``with LlamaLog() as log: ...``).
+
+    llama-cpp-python sends llama.cpp's log to one global callback and, with ``verbose=False``,
+    silences stderr during the load anyway; this one keeps the lines instead, for the layer
+    assignment (a DEBUG line per layer) and for error messages, then puts llama-cpp-python's
+    callback back. Loads happen one at a time, on the main thread.
+    """
+
+    def __init__(self) -> None:
+        self.lines: list[tuple[int, str]] = []
+        self._cb = llama_cpp.llama_log_callback(self._on_log)
+
+    def _on_log(self, level: int, text: bytes, user_data) -> None:
+        self.lines.append((level, text.decode("utf-8", errors="replace")))
+
+    def __enter__(self) -> LlamaLog:
+        llama_cpp.llama_log_set(self._cb, ctypes.c_void_p(0))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        llama_cpp.llama_log_set(llama_cpp_python_log, ctypes.c_void_p(0))
+
+    def layers(self, n_layer: int) -> dict[str, int] | None:
+        """Repeating layers per device name ("RPC0", "CPU") as llama.cpp logged them; None if
+        it logged no assignment."""
+        where: dict[int, str] = {}
+        for _, text in self.lines:
+            m = _ASSIGNED.search(text)
+            if m and int(m.group(1)) < n_layer:  # layer n_layer is the output layer
+                where[int(m.group(1))] = m.group(2)
+        if not where:
+            return None
+        return dict(collections.Counter(where.values()))
+
+    def output(self, n_layer: int) -> tuple[str, str] | None:
+        """(device name, llama.cpp's log line) for the output layer (``il == n_layer``); None if
+        llama.cpp logged no such line."""
+        for _, text in reversed(self.lines):
+            m = _ASSIGNED.search(text)
+            if m and int(m.group(1)) == n_layer:
+                return m.group(2), text.strip()
+        return None
+
+    def errors(self) -> str:
+        return " ".join(text.strip() for level, text in self.lines if level == _LLAMA_ERROR)[-500:]
