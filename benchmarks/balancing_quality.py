@@ -49,8 +49,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fake_engine import (STAND_IN_MODEL, Nodes, command_line, exit_on_sigterm, loadavg, machine,  # noqa: E402
-                         now_utc, percentile, write_section)
+from common import (Nodes, command_line, exit_on_sigterm, loadavg, machine, now_utc,  # noqa: E402
+                    percentile, publish)
+from fake_engine import STAND_IN_MODEL  # noqa: E402
 
 KEY = "balancing"
 BODY = json.dumps({"model": STAND_IN_MODEL, "prompt": "hi", "max_tokens": 1}).encode()
@@ -311,10 +312,7 @@ def main() -> int:
         p.error("--nodes must be at least 2")
     result = measure(args)
     printed, doc = report(result, args)
-    print(printed)
-    if args.write:
-        write_section(KEY, doc)
-        print("wrote docs/BENCHMARKS.md", file=sys.stderr)
+    publish(KEY, printed, doc, args.write)
     return 0
 
 

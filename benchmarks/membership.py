@@ -37,9 +37,7 @@ import datetime
 import os
 import random
 import re
-import shlex
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -49,13 +47,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import ROOT, DOC, command_line, free_port, machine as common_machine, replace_in_doc  # noqa: E402
+from common import terminate_all  # noqa: E402
 from zswarm.admin_client import AdminFailed, AdminUnavailable, call  # noqa: E402
 
 POLL_S = 0.02  # pause between sweeps, so that polling does not starve the nodes
 WINDOW_S = 5.0  # the quiet window for traffic and CPU
-DOC = ROOT / "docs" / "BENCHMARKS.md"
 START, END = "<!-- membership:start -->", "<!-- membership:end -->"
 COLUMNS = {"N": "N", "up": "N-1 up (s)", "conv_first": "conv from 1st spawn (s)",
            "conv_last": "conv from last spawn (s)", "join_spawn": "join from spawn (s)",
@@ -87,8 +85,6 @@ class Node:
 
 
 class Cluster:
-    _next_port = 10000 + os.getpid() % 4000 * 2
-
     def __init__(self, tmp: str, deadline_s: float, role: str):
         self.tmp, self.deadline_s, self.role = tmp, deadline_s, role
         self.token = subprocess.run([sys.executable, "-m", "zswarm", "token", "new"], cwd=ROOT, check=True,
@@ -100,12 +96,12 @@ class Cluster:
         self._pool = ThreadPoolExecutor(max_workers=16)
 
     def spawn(self) -> Node:
-        name, port = f"n{len(self.nodes):02d}", self._free_port()
+        name, port = f"n{len(self.nodes):02d}", free_port(2)
         state_dir = os.path.join(self.tmp, name)
         cmd = [sys.executable, "-m", "zswarm", self.role, "--token", self.token, "--no-mdns",
                "--p2p-listen", f"127.0.0.1:{port}", "--state-dir", state_dir, "--name", name]
         if self.role == "federated":
-            cmd += ["--address", f"127.0.0.1:{self._free_port()}"]
+            cmd += ["--address", f"127.0.0.1:{free_port(2)}"]
         if self.nodes:
             cmd += ["--bootstrap", f"127.0.0.1:{random.choice(self.nodes).port}"]
         with open(self.log_path(name), "wb") as log:
@@ -115,22 +111,6 @@ class Cluster:
 
     def log_path(self, name: str) -> str:
         return os.path.join(self.tmp, name + ".log")
-
-    def _free_port(self) -> int:
-        """A port P with P and P+1 free (a node also binds P+1), taken in sequence from 10000-19999:
-        below the kernel's ephemeral range (32768+), so no port picked by the kernel (for an outgoing
-        connection, or by a node's own bind to port 0) can take it before the node binds it, and
-        below the range the tests use (20000-32000)."""
-        while True:
-            port = Cluster._next_port
-            Cluster._next_port = port + 2 if port + 2 < 20000 else 10000
-            try:
-                for p in (port, port + 1):
-                    with socket.socket() as sock:
-                        sock.bind(("127.0.0.1", p))
-                return port
-            except OSError:
-                continue
 
     def wait_up(self, nodes: list[Node]) -> None:
         deadline = time.monotonic() + self.deadline_s
@@ -187,16 +167,7 @@ class Cluster:
 
     def stop(self) -> None:
         self.note_children()
-        for n in self.nodes:
-            if n.proc.poll() is None:
-                n.proc.terminate()
-        deadline = time.monotonic() + 10.0
-        for n in self.nodes:
-            try:
-                n.proc.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                n.proc.kill()
-                n.proc.wait(5.0)
+        terminate_all([(n.name, n.proc) for n in self.nodes], 10.0)
         deadline = time.monotonic() + 5.0  # a node's children should go with it; those that do not, we end
         while left := [p for p, start in self.children.items() if processes().get(p, (0, 0, ""))[2] == start]:
             if time.monotonic() > deadline:
@@ -321,11 +292,7 @@ def table(rows: list[dict]) -> str:
 
 
 def machine() -> str:
-    try:
-        model = next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name"))
-    except (OSError, StopIteration):
-        model = "unknown CPU"
-    return f"nproc {os.cpu_count()}, {model}, Linux {os.uname().release}, Python {sys.version.split()[0]}"
+    return common_machine(unknown_cpu="unknown CPU")
 
 
 def section(rows: list[dict], command: str, role: str) -> str:
@@ -368,19 +335,6 @@ and marks a node offline only after 40 s: a new node shows up after 5 s or more,
 """
 
 
-def write_doc(text: str) -> None:
-    doc = DOC.read_text() if DOC.exists() else (
-        "# zswarm benchmarks\n\nEach section is written by one script in `benchmarks/` between its own "
-        "markers; rerun the command it shows to refresh it.\n")
-    if START in doc and END in doc:
-        head, rest = doc.split(START, 1)
-        doc = head + text.rstrip("\n") + rest.split(END, 1)[1]
-    else:
-        doc = doc.rstrip("\n") + "\n\n" + text
-    DOC.parent.mkdir(parents=True, exist_ok=True)
-    DOC.write_text(doc)
-
-
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     p.add_argument("--sizes", default="8,16,32", help="cluster sizes, comma-separated [default: 8,16,32]")
@@ -398,8 +352,7 @@ def main() -> int:
             print(f"N = {size}: {rows[-1]['note']}", file=sys.stderr)
     print(table(rows))
     if args.write:
-        python = os.path.relpath(sys.executable, ROOT) if sys.executable.startswith(str(ROOT)) else "python"
-        write_doc(section(rows, shlex.join([python, "benchmarks/membership.py", *sys.argv[1:]]), args.role))
+        replace_in_doc(START, END, section(rows, command_line(), args.role).rstrip("\n"))
         print(f"wrote {DOC.relative_to(ROOT)}", file=sys.stderr)
     return 0
 

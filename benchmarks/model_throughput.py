@@ -30,7 +30,6 @@ Run from the repository root:
 from __future__ import annotations
 
 import argparse
-import http.client
 import json
 import statistics
 import sys
@@ -38,7 +37,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fake_engine import Nodes, command_line, exit_on_sigterm, loadavg, machine, now_utc, write_section  # noqa: E402
+from common import (Nodes, command_line, exit_on_sigterm, loadavg, machine, now_utc,  # noqa: E402
+                    publish, stream_completion)
 
 KEY = "model-throughput"
 REQUEST_TIMEOUT_S = 300.0
@@ -63,45 +63,7 @@ def in_process(llm, prompt: str, tokens: int) -> dict:
 
 
 def through_api(address: str, model: str, prompt: str, tokens: int) -> dict:
-    host, port = address.rsplit(":", 1)
-    body = json.dumps({"model": model, "prompt": prompt, "max_tokens": tokens, "temperature": 0, "top_p": 1,
-                       "stream": True, "stream_options": {"include_usage": True}}).encode()
-    conn = http.client.HTTPConnection(host, int(port), timeout=REQUEST_TIMEOUT_S)
-    try:
-        conn.connect()  # connection set-up is not part of the request (a client keeps it alive)
-        t0 = time.perf_counter()
-        conn.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
-        resp = conn.getresponse()
-        if resp.status != 200:
-            raise RuntimeError(f"{address}: HTTP {resp.status}: {resp.read()[:300]!r}")
-        first = None
-        text, usage, finish = [], None, None
-        while True:
-            line = resp.readline()
-            if not line:
-                raise RuntimeError(f"{address}: the stream ended without [DONE]")
-            line = line.strip()
-            if not line.startswith(b"data: "):
-                continue
-            data = line[len(b"data: "):]
-            if data == b"[DONE]":
-                break
-            event = json.loads(data)
-            if "error" in event:
-                raise RuntimeError(f"{address}: {event['error']}")
-            if event.get("usage"):
-                usage = event["usage"]
-            for choice in event.get("choices") or []:
-                if choice.get("text"):
-                    if first is None:
-                        first = time.perf_counter()
-                    text.append(choice["text"])
-                finish = choice.get("finish_reason") or finish
-        end = time.perf_counter()
-    finally:
-        conn.close()
-    return {"seconds": end - t0, "ttft": (first or end) - t0, "tokens": (usage or {}).get("completion_tokens", 0),
-            "text": "".join(text), "finish": finish}
+    return stream_completion(address, model, prompt, tokens, REQUEST_TIMEOUT_S)
 
 
 def load_llm(path: str, threads: int):
@@ -229,10 +191,7 @@ def main() -> int:
     exit_on_sigterm()
     result = measure(args)
     printed, doc = report(result, args)
-    print(printed)
-    if args.write:
-        write_section(KEY, doc)
-        print("wrote docs/BENCHMARKS.md", file=sys.stderr)
+    publish(KEY, printed, doc, args.write)
     return 0
 
 

@@ -43,8 +43,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fake_engine import (STAND_IN_MODEL, Node, Nodes, command_line, comm, cpu_s, exit_on_sigterm,  # noqa: E402
-                         loadavg, machine, now_utc, percentile, write_section)
+from common import (Node, Nodes, command_line, comm, cpu_s, exit_on_sigterm, loadavg, machine,  # noqa: E402
+                    now_utc, percentile, publish)
+from fake_engine import STAND_IN_MODEL  # noqa: E402
 
 KEY = "routing"
 BODY = json.dumps({"model": STAND_IN_MODEL, "prompt": "hi", "max_tokens": 1}).encode()
@@ -271,10 +272,7 @@ def main() -> int:
     exit_on_sigterm()
     result = measure(args)
     printed, doc = report(result, args)
-    print(printed)
-    if args.write:
-        write_section(KEY, doc)
-        print("wrote docs/BENCHMARKS.md", file=sys.stderr)
+    publish(KEY, printed, doc, args.write)
     return 0
 
 

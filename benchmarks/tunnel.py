@@ -31,7 +31,6 @@ import datetime
 import os
 import platform
 import resource
-import shlex
 import socket
 import statistics
 import sys
@@ -42,13 +41,12 @@ from typing import Callable
 
 import zmq
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import command_line, machine as common_machine, replace_in_doc  # noqa: E402
 from zswarm.token import Token  # noqa: E402
 from zswarm.transport import Stats, ZapHandler, curve_client, curve_server  # noqa: E402
 from zswarm.tunnel import TunnelEntry, TunnelExit  # noqa: E402
 
-DOC = ROOT / "docs" / "BENCHMARKS.md"
 START, END = "<!-- tunnel:start -->", "<!-- tunnel:end -->"
 DEADLINE_S = 120.0  # per transfer; a stuck variant fails instead of hanging
 
@@ -258,29 +256,8 @@ def pct(xs: list[float], q: float) -> float:
 
 
 def machine() -> str:
-    cpu = platform.processor() or "?"
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return (f"nproc {os.cpu_count()}, {cpu}, Linux {platform.release()}, Python {platform.python_version()}, "
-            f"libzmq {zmq.zmq_version()}, pyzmq {zmq.__version__}")
-
-
-def write_doc(text: str) -> None:
-    doc = DOC.read_text() if DOC.exists() else (
-        "# zswarm benchmarks\n\nEach section is written by one script in `benchmarks/` between its own "
-        "markers; rerun the command it shows to refresh it.\n")
-    if START in doc and END in doc:
-        head, rest = doc.split(START, 1)
-        doc = head + text.rstrip("\n") + rest.split(END, 1)[1]
-    else:
-        doc = doc.rstrip("\n") + "\n\n" + text
-    DOC.parent.mkdir(parents=True, exist_ok=True)
-    DOC.write_text(doc)
+    return common_machine(f"libzmq {zmq.zmq_version()}", f"pyzmq {zmq.__version__}",
+                          unknown_cpu=platform.processor() or "?")
 
 
 def main() -> int:
@@ -326,11 +303,10 @@ def main() -> int:
                   f"tunnel x{args.streams}/curve {med[f'tunnel x{args.streams}'] / med['curve']:.2f}; "
                   f"latency tunnel/tcp {statistics.median(lat['tunnel']) / statistics.median(lat['tcp']):.1f}x")
     print(ratio_line)
-    cmd = ".venv/bin/python benchmarks/tunnel.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     text = f"""{START}
 ## RPC tunnel throughput
 
-Command (repository root): `{cmd.strip()}`
+Command (repository root): `{command_line()}`
 Date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC. Machine: {machine()}.
 Load average (1 min) before the run: {load:.2f}.
 
@@ -356,7 +332,7 @@ Ratios: {ratio_line}.
 """
     print(text)
     if args.write:
-        write_doc(text)
+        replace_in_doc(START, END, text.rstrip("\n"))
     return 0
 
 

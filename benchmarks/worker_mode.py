@@ -47,13 +47,12 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import http.client
 import json
 import os
-import platform
 import re
 import select
-import shlex
 import shutil
 import signal
 import socket
@@ -68,15 +67,15 @@ from pathlib import Path
 
 import zmq
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import ROOT, free_port, now_utc, publish, stream_completion, wait_for  # noqa: E402
+from common import command_line, load_values as loadavg, machine as common_machine  # noqa: E402
 from zswarm import wire  # noqa: E402
 from zswarm.admin_client import AdminFailed, AdminUnavailable, call  # noqa: E402
 from zswarm.token import Token  # noqa: E402
 from zswarm.transport import Stats, ZapHandler  # noqa: E402
 from zswarm.tunnel import DATA, TunnelEntry, TunnelExit  # noqa: E402
 
-DOC = ROOT / "docs" / "BENCHMARKS.md"
 KEY = "worker-mode"
 PY = sys.executable
 COUNT_PROMPT = "1, 2, 3, 4, 5, 6,"  # greedy decoding keeps counting: never stops by itself
@@ -88,78 +87,13 @@ CHILDREN: list["Child"] = []  # every process this run started, for the final cl
 
 # --- small helpers ---
 
-def loadavg() -> tuple[float, float, float]:
-    try:
-        a, b, c = Path("/proc/loadavg").read_text().split()[:3]
-        return float(a), float(b), float(c)
-    except (OSError, ValueError):
-        return (float("nan"),) * 3
+# an admin socket not there yet, a child still starting: "not yet"
+wait_for = functools.partial(wait_for, retry=(AdminUnavailable, AdminFailed, OSError, KeyError, TypeError))
 
 
 def machine() -> str:
-    cpu = "?"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     from importlib.metadata import version
-    return (f"nproc {os.cpu_count()}, {cpu}, Linux {platform.release()}, Python {platform.python_version()}, "
-            f"llama-cpp-python {version('llama_cpp_python')}, libzmq {zmq.zmq_version()}")
-
-
-def command_line() -> str:
-    script = Path(sys.argv[0]).resolve()
-    try:
-        text = str(script.relative_to(ROOT))
-    except ValueError:
-        text = str(script)
-    return shlex.join([".venv/bin/python", text, *sys.argv[1:]])
-
-
-_next_port = 24000 + (os.getpid() % 200) * 20
-
-
-def free_port(span: int = 3) -> int:
-    """P such that P..P+span-1 are free now (a node binds its p2p port and the next ones)."""
-    global _next_port
-    for _ in range(2000):
-        base = _next_port
-        _next_port += span
-        if _next_port > 32000:
-            _next_port = 20000
-        socks = []
-        try:
-            for p in range(base, base + span):
-                s = socket.socket()
-                socks.append(s)
-                s.bind(("127.0.0.1", p))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise RuntimeError("no free ports")
-
-
-def wait_for(pred, timeout_s: float, what: str, interval_s: float = 0.1, check=None):
-    deadline = time.monotonic() + timeout_s
-    last: BaseException | None = None
-    while True:
-        if check is not None:
-            check()
-        try:
-            v = pred()
-            if v:
-                return v
-        except (AdminUnavailable, AdminFailed, OSError, KeyError, TypeError) as e:
-            last = e
-        if time.monotonic() >= deadline:
-            raise TimeoutError(f"timed out after {timeout_s} s waiting for {what}" + (f" ({last})" if last else ""))
-        time.sleep(interval_s)
+    return common_machine(f"llama-cpp-python {version('llama_cpp_python')}", f"libzmq {zmq.zmq_version()}")
 
 
 class Child:
@@ -253,7 +187,7 @@ def rpc_server(name: str, tmp: Path) -> tuple[Child, str]:
 
 
 def worker(name: str, tmp: Path, token: str, bootstrap: int | None) -> tuple[Child, int, str]:
-    port = free_port()
+    port = free_port(3)
     argv = [PY, "-m", "zswarm", "worker", "--token", token, "--no-mdns", "--p2p-listen", f"127.0.0.1:{port}",
             "--state-dir", str(tmp / name), "--name", name, "--mem", "2GiB", "--threads", "1"]
     if bootstrap:
@@ -356,47 +290,6 @@ class Engine:
         self.child.stop()
 
 
-def through_api(address: str, model: str, prompt: str, tokens: int, timeout_s: float) -> dict:
-    host, port = address.rsplit(":", 1)
-    body = json.dumps({"model": model, "prompt": prompt, "max_tokens": tokens, "temperature": 0, "top_p": 1,
-                       "stream": True, "stream_options": {"include_usage": True}}).encode()
-    conn = http.client.HTTPConnection(host, int(port), timeout=timeout_s)
-    try:
-        conn.connect()
-        t0 = time.perf_counter()
-        conn.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
-        resp = conn.getresponse()
-        if resp.status != 200:
-            raise RuntimeError(f"{address}: HTTP {resp.status}: {resp.read()[:300]!r}")
-        first, text, usage, finish = None, [], None, None
-        while True:
-            line = resp.readline()
-            if not line:
-                raise RuntimeError(f"{address}: the stream ended without [DONE]")
-            line = line.strip()
-            if not line.startswith(b"data: "):
-                continue
-            data = line[len(b"data: "):]
-            if data == b"[DONE]":
-                break
-            event = json.loads(data)
-            if "error" in event:
-                raise RuntimeError(f"{address}: {event['error']}")
-            if event.get("usage"):
-                usage = event["usage"]
-            for choice in event.get("choices") or []:
-                if choice.get("text"):
-                    if first is None:
-                        first = time.perf_counter()
-                    text.append(choice["text"])
-                finish = choice.get("finish_reason") or finish
-        end = time.perf_counter()
-    finally:
-        conn.close()
-    return {"seconds": end - t0, "ttft": (first or end) - t0, "tokens": (usage or {}).get("completion_tokens", 0),
-            "text": "".join(text), "finish": finish}
-
-
 # --- node level: the real servers ---
 
 LOG_TS = r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) \w+ "
@@ -456,7 +349,7 @@ class Server:
 
     def wait_http(self, timeout_s: float) -> None:
         def ok():
-            through_api(self.http, self.model, "Hi", 1, 60)
+            stream_completion(self.http, self.model, "Hi", 1, 60)
             return True
         wait_for(lambda: _quiet(ok), timeout_s, f"{self.name}'s API", 0.5, self.child.check)
 
@@ -611,10 +504,10 @@ def measure(args: argparse.Namespace) -> dict:
             print("node level: a static server over the RPC servers, a p2p server over the workers",
                   file=sys.stderr)
             s_b = Server("server-static", tmp, ["--rpc-servers", f"{ep1},{ep2}", "--no-mdns", "--p2p-listen",
-                                                f"127.0.0.1:{free_port()}"], model)
+                                                f"127.0.0.1:{free_port(3)}"], model)
             wait_for(lambda: s_b.ready(2), args.deadline, "the static server's engine", 0.1, s_b.child.check)
             s_c = Server("server-p2p", tmp, ["--p2p", "--token", T, "--no-mdns", "--p2p-listen",
-                                               f"127.0.0.1:{free_port()}", "--reshard-settle", "1",
+                                               f"127.0.0.1:{free_port(3)}", "--reshard-settle", "1",
                                                "--bootstrap", f"127.0.0.1:{p1}"], model)
             try:
                 wait_for(lambda: s_c.ready(2, 1), min(30.0, args.deadline), "the p2p server's split", 0.1,
@@ -653,11 +546,11 @@ def measure(args: argparse.Namespace) -> dict:
                           f"(engine start -> ready {got['engine_start_to_ready']:.2f} s)", file=sys.stderr)
             for s in servers.values():
                 s.wait_http(args.deadline)
-                through_api(s.http, model, args.prompt, args.tokens, args.request_timeout)  # warm-up
+                stream_completion(s.http, model, args.prompt, args.tokens, args.request_timeout)  # warm-up
             res["node_runs"] = {v: [] for v in servers}
             for rep in range(args.reps):
                 for v in (["b", "c"] if rep % 2 == 0 else ["c", "b"]):
-                    r = through_api(servers[v].http, model, args.prompt, args.tokens, args.request_timeout)
+                    r = stream_completion(servers[v].http, model, args.prompt, args.tokens, args.request_timeout)
                     res["node_runs"][v].append(r)
                     print(f"rep {rep + 1} node {v}: {r['tokens']} tokens in {r['seconds']:.2f} s = "
                           f"{r['tokens'] / r['seconds']:.1f} tokens/s", file=sys.stderr)
@@ -888,7 +781,7 @@ def report(res: dict, args: argparse.Namespace) -> tuple[str, str]:
     doc = f"""## Worker mode: one node vs. llama.cpp RPC vs. zswarm tunnels
 
 Command (repository root): `{command_line()}`
-Date: {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}. Machine: {machine()}.
+Date: {now_utc()}. Machine: {machine()}.
 Load average (1, 5, 15 min) before: {' '.join(f'{x:.2f}' for x in la_b)}; mean 1-minute load during: {res['load_during']:.2f}; after: {' '.join(f'{x:.2f}' for x in la_a)} (other work was running on this 2-core machine: absolute figures swing with it, the variants take turns so the ratios are steadier).
 
 The embedded SmolLM2-135M-Instruct (Q4_1), {args.tokens} new tokens for the prompt {json.dumps(args.prompt)}
@@ -940,24 +833,6 @@ process is only the client there):
     return printed, doc
 
 
-def write_section(text: str) -> None:
-    """Replace this benchmark's section of docs/BENCHMARKS.md, re-reading the file right before
-    (other scripts write their own sections)."""
-    start, end = f"<!-- {KEY}:start -->", f"<!-- {KEY}:end -->"
-    body = f"{start}\n{text.strip()}\n{end}"
-    doc = DOC.read_text() if DOC.exists() else (
-        "# zswarm benchmarks\n\nEach section is written by one script in `benchmarks/` between its own "
-        "markers; rerun the command it shows to refresh it.\n")
-    if start in doc and end in doc:
-        head, rest = doc.split(start, 1)
-        doc = head + body + rest.split(end, 1)[1]
-    else:
-        doc = doc.rstrip("\n") + "\n\n" + body + "\n"
-    tmp = DOC.with_name(f".BENCHMARKS.md.{os.getpid()}.tmp")
-    tmp.write_text(doc)
-    os.replace(tmp, DOC)
-
-
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tokens", type=int, default=128, help="new tokens per request (default 128)")
@@ -979,10 +854,7 @@ def main() -> int:
 
     res = measure(args)
     printed, doc = report(res, args)
-    print(printed)
-    if args.write:
-        write_section(doc)
-        print("wrote docs/BENCHMARKS.md", file=sys.stderr)
+    publish(KEY, printed, doc, args.write)
     return 0
 
 

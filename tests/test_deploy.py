@@ -339,7 +339,7 @@ def test_three_hosts_find_each_other_and_a_completion_crosses_hosts(cluster, dis
         f = node("f", "federated", h1, bootstrap=[s])
         w = node("w", "worker", h2, bootstrap=[s])
         wait_for(lambda: s.alive_peer_names() == {"f", "w"} and f.alive_peer_names() == {"s", "w"}
-                 and w.alive_peer_names() == {"s", "f"}, 20, 0.1, what=f"three hosts to find each other ({discovery})")
+                 and w.alive_peer_names() == {"s", "f"}, 45, 0.1, what=f"three hosts to find each other ({discovery})")
         for n, h in ((s, h0), (f, h1), (w, h2)):
             gossip = {p["name"]: p["endpoints"]["gossip"] for p in n.peers()}
             assert all(e.startswith("tcp://10.213.") for e in gossip.values()), gossip

@@ -24,9 +24,9 @@ def test_two_nodes_find_each_other_by_mdns_and_ignore_other_clusters(cluster):
                          extra=["--mdns-interface", h1.addr])
         other = cluster.node("other", host=h2.addr, prefix=h2.exec_prefix, mdns=True, token=Token.generate().encode(),
                              extra=["--mdns-interface", h2.addr])
-        wait_for(lambda: a.alive_peer_names() == {"b"} and b.alive_peer_names() == {"a"}, 15,
-                 what="a and b to find each other by mDNS")
-        wait_for(lambda: a.admin("status")["counters"].get("mdns_ignored", 0) >= 1, 15,
+        wait_for(lambda: a.alive_peer_names() == {"b"} and b.alive_peer_names() == {"a"}, 45,
+                 what="a and b to find each other by mDNS")  # zeroconf re-queries with back-off: generous on a busy host
+        wait_for(lambda: a.admin("status")["counters"].get("mdns_ignored", 0) >= 1, 45,
                  what="a to ignore the other cluster's announcement")
         assert other.peers() == []
         found = a.admin("status")["discovery"]["mdns_found"]
