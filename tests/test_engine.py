@@ -65,10 +65,11 @@ class EngineProc:
             raise
 
     def _wait_ready(self, timeout_s: float) -> str:
+        """The model name from READY; the handshake lines before it may only be STAGE and LAYERS."""
         deadline = time.monotonic() + timeout_s
         buf = b""
         fd = self.proc.stdout.fileno()
-        while b"\n" not in buf:
+        while not any(line.startswith(b"READY ") for line in buf.split(b"\n")[:-1]):
             left = deadline - time.monotonic()
             if left <= 0:
                 raise AssertionError(f"no READY within {timeout_s} s; log:\n{self.read_log()}")
@@ -78,9 +79,12 @@ class EngineProc:
                 if not data:
                     raise AssertionError(f"engine exited ({self.proc.wait(5)}) before READY; log:\n{self.read_log()}")
                 buf += data
-        line = buf.split(b"\n", 1)[0].decode()
-        assert line.startswith("READY "), line
-        return line.split(" ", 1)[1]
+        lines = buf.decode().split("\n")
+        at = next(i for i, line in enumerate(lines) if line.startswith("READY "))
+        self.handshake = lines[:at + 1]
+        assert all(line.split(" ", 1)[0] in ("STAGE", "LAYERS") for line in lines[:at]), lines
+        assert lines[:2] == ["STAGE loading", "STAGE proving"], lines
+        return lines[at].split(" ", 1)[1]
 
     def read_log(self) -> str:
         self.log.flush()

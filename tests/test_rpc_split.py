@@ -42,7 +42,9 @@ class RpcServer:
         cmd = [sys.executable, "-m", "zswarm.engine.rpc_server", "--port", "0", "--threads", "1", *args]
         self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=self.log)
         try:
-            words = read_lines(self.proc, 20.0, self.read_log)[-1].split()
+            lines = read_lines(self.proc, 20.0, self.read_log)
+            assert lines[:-1] == ["STAGE proving"], lines  # it computed a test graph before READY
+            words = lines[-1].split()
             assert words[0] == "READY", words
             self.endpoint, self.free = words[1], int(words[2])
             self.port = int(self.endpoint.rsplit(":", 1)[1])
@@ -94,9 +96,10 @@ class SplitEngine(EngineProc):
         import json
 
         lines = read_lines(self.proc, timeout_s, self.read_log)
-        assert len(lines) == 2 and lines[0].startswith("LAYERS "), lines
-        self.layers = json.loads(lines[0][len("LAYERS "):])
-        return lines[1].split(" ", 1)[1]
+        assert len(lines) == 4 and lines[:2] == ["STAGE loading", "STAGE proving"], lines
+        assert lines[2].startswith("LAYERS "), lines
+        self.layers = json.loads(lines[2][len("LAYERS "):])
+        return lines[3].split(" ", 1)[1]
 
 
 def completion(client: Client, prompt: str, max_tokens: int = 16) -> tuple[str, object]:

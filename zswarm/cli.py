@@ -1,4 +1,4 @@
-"""The ``zswarm`` command: server, federated, worker, token, admin.
+"""The ``zswarm`` command: server, federated, worker, token, admin, doctor.
 
 User errors (a malformed token, a bad flag value, a port in use) print one line on stderr and
 exit with status 2 (bad input) or 1 (could not run); never a traceback.
@@ -55,6 +55,16 @@ def build_parser() -> argparse.ArgumentParser:
     ti.add_argument("token", metavar="TOKEN")
     ti.add_argument("--json", action="store_true", help="print JSON")
 
+    dp = sub.add_parser("doctor", help="check this machine for running a node: llama.cpp, model, ports, token…",
+                        description="Check this machine for running a node of ROLE (default server) with "
+                                    "the given settings (the same flags and environment as the role takes). "
+                                    "One line per check; exit status 1 if any check fails.")
+    dsub = dp.add_subparsers(dest="doctor_role", metavar="ROLE")
+    for role in ROLES:
+        rp = dsub.add_parser(role, help=f"check for `zswarm {role}`")
+        add_options(rp, role_options(role))
+        rp.add_argument("--json", action="store_true", help="print JSON")
+
     ap = sub.add_parser("admin", help="talk to a running node through its admin socket")
     ap.add_argument("--state-dir", metavar="DIR", default=None,
                     help="the node's state directory [default: ~/.local/state/zswarm/ROLE; env: ZSWARM_STATE_DIR]")
@@ -68,10 +78,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["doctor"] and (len(argv) == 1 or argv[1] not in ROLES):
+        argv.insert(1, "server")  # `zswarm doctor [--flags]` checks for a server
     args = build_parser().parse_args(argv)
     try:
         if args.command == "token":
             return cmd_token(args)
+        if args.command == "doctor":
+            return cmd_doctor(args)
         if args.command == "admin":
             return cmd_admin(args)
         return cmd_node(args)
@@ -97,6 +112,23 @@ def cmd_token(args: argparse.Namespace) -> int:
         print(f"network id: {info['network_id']}")
         print(f"bootstrap:  {', '.join(info['bootstrap']) or '(none)'}")
     return 0
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from .doctor import FAIL, as_json, run_checks
+
+    role = args.doctor_role
+    try:
+        cfg = resolve(args, role_options(role))
+    except ConfigError as e:
+        raise UserError(str(e)) from None
+    checks = run_checks(role, cfg)
+    if args.json:
+        print(json.dumps(as_json(checks)))
+    else:
+        for c in checks:
+            print(c.line(), flush=True)
+    return 1 if any(c.status == FAIL for c in checks) else 0
 
 
 def cmd_admin(args: argparse.Namespace) -> int:

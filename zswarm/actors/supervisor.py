@@ -9,6 +9,14 @@ its exit, then tells the actor. A child that dies is restarted after a back-off 
 from ``BACKOFF_MIN_S`` to ``BACKOFF_MAX_S`` and resets once it has stayed up ``STABLE_AFTER_S``
 (circus calls a child that keeps dying "flapping"; it must not spin). Stop is graceful: SIGTERM,
 then SIGKILL after ``GRACE_S``.
+
+A child that dies *before* it was ever ready is a different matter: a build for another CPU, a
+model file llama.cpp aborts on, a port in use. Restarting cannot fix it, so the first such death
+is reported once, clearly and with the remedy (:func:`explain`; the child's ``FAULT`` line from
+:mod:`zswarm.engine.fault` names the library that faulted, its ``STAGE`` lines say what it was
+doing), and after ``GIVE_UP_AFTER`` identical ones in a row the child is left ``failed``: the
+node says why in its log, ``zswarm admin status``, ``/readyz`` and the API's 503 body
+(``on_failed``). ``restart_child`` (a new plan, an operator) tries again.
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ from typing import Any, Callable
 
 import pykka
 
+from ..engine import fault
 from .listener import notify
 
 log = logging.getLogger(__name__)
@@ -32,6 +41,7 @@ BACKOFF_MIN_S = 0.5
 BACKOFF_MAX_S = 30.0
 STABLE_AFTER_S = 60.0
 GRACE_S = 5.0
+GIVE_UP_AFTER = 3  # identical deaths before ready, in a row, after which restarting stops
 
 
 @dataclass
@@ -45,6 +55,7 @@ class ChildSpec:
     on_down: Callable[[str], None] | None = None  # called (in the actor) with why it went down
     report_prefix: str | None = None  # lines starting with this go to on_report (e.g. "LAYERS")
     on_report: Callable[[str], None] | None = None
+    on_failed: Callable[[str], None] | None = None  # called (in the actor) when restarting stops
 
 
 @dataclass
@@ -59,6 +70,12 @@ class _Child:
     timer: threading.Timer | None = None
     last_exit: str = ""
     restart_now: bool = False  # asked for (restart_child): no back-off, not a crash
+    stage: str = ""  # what the child said it was doing (its last STAGE line)
+    fault: dict | None = None  # its FAULT report, if it wrote one before dying
+    last_words: str = ""  # its last error line (else its last line of output) before exiting
+    last_error: bool = False  # whether last_words is an error line
+    early: tuple[str, int] = ("", 0)  # (why, how many times in a row) it died before ready
+    problem: str = ""  # why it is failed, or why it last died before ready
 
 
 @dataclass
@@ -73,6 +90,7 @@ class _Report:
     name: str
     generation: int
     line: str
+    kind: str = "report"  # "report" (the spec's report_prefix), "stage", "fault" or "output"
 
 
 @dataclass
@@ -104,8 +122,8 @@ class SupervisorActor(pykka.ThreadingActor):
         self._spawn(c)
 
     def status(self) -> dict[str, Any]:
-        return {name: {"state": c.state, "pid": c.proc.pid if c.proc and c.state != "backoff" else None,
-                       "restarts": c.restarts, "last_exit": c.last_exit}
+        return {name: {"state": c.state, "pid": c.proc.pid if c.proc and c.state not in ("backoff", "failed")
+                       else None, "restarts": c.restarts, "last_exit": c.last_exit, "problem": c.problem}
                 for name, c in self._children.items()}
 
     def restart_child(self, name: str) -> bool:
@@ -120,10 +138,11 @@ class SupervisorActor(pykka.ThreadingActor):
             killer = threading.Timer(GRACE_S, lambda: proc.poll() is None and proc.kill())
             killer.daemon = True
             killer.start()
-        elif c.state in ("backoff", "waiting", "stopped"):
+        elif c.state in ("backoff", "waiting", "stopped", "failed"):
             if c.timer is not None:
                 c.timer.cancel()
             c.backoff_s = BACKOFF_MIN_S
+            c.early = ("", 0)
             self._spawn(c)
         return True
 
@@ -131,6 +150,7 @@ class SupervisorActor(pykka.ThreadingActor):
     def _spawn(self, c: _Child) -> None:
         c.generation += 1
         c.state = "starting"
+        c.stage, c.fault, c.last_words, c.last_error = "", None, "", False
         env = {**os.environ, **c.spec.env, "ZSWARM_PARENT_PID": str(os.getpid())}
         argv = c.spec.argv() if callable(c.spec.argv) else c.spec.argv
         if argv is None:
@@ -158,15 +178,27 @@ class SupervisorActor(pykka.ThreadingActor):
             return
         if isinstance(message, _Ready) and message.generation == c.generation:
             self._on_ready(c, message.detail)
-        elif isinstance(message, _Report) and message.generation == c.generation and c.spec.on_report:
-            c.spec.on_report(message.line)
+        elif isinstance(message, _Report) and message.generation == c.generation:
+            self._on_line(c, message)
         elif isinstance(message, _Exited) and message.generation == c.generation:
             self._on_exit(c, message.returncode)
         elif isinstance(message, _Restart) and c.state == "backoff" and not self._stopping:
             self._spawn(c)
 
+    def _on_line(self, c: _Child, m: _Report) -> None:
+        if m.kind == "stage":
+            c.stage = m.line
+        elif m.kind == "fault":
+            c.fault = fault.parse(m.line)
+        elif m.kind == "error" or (m.kind == "output" and not c.last_error):
+            c.last_words = m.line
+            c.last_error = c.last_error or m.kind == "error"
+        elif c.spec.on_report:
+            c.spec.on_report(m.line)
+
     def _on_ready(self, c: _Child, detail: str) -> None:
         c.state = "ready"
+        c.early, c.problem = ("", 0), ""
         log.info("%s: ready %s", c.spec.name, detail)
         if c.spec.on_ready:
             c.spec.on_ready(detail)
@@ -176,10 +208,14 @@ class SupervisorActor(pykka.ThreadingActor):
         why = f"exited with status {rc}" if rc >= 0 else f"killed by {signal.Signals(-rc).name}"
         c.last_exit = why
         was_up = c.state in ("starting", "ready")
+        was_ready = c.state == "ready"
         if self._stopping:
             c.state = "stopped"
             return
         planned, c.restart_now = c.restart_now, False
+        if not planned and not was_ready and c.spec.ready_prefix is not None:
+            if self._died_early(c, rc, why):
+                return
         if not planned:
             log.warning("%s: %s", c.spec.name, why)
             if self._stats is not None:
@@ -194,6 +230,29 @@ class SupervisorActor(pykka.ThreadingActor):
         if time.monotonic() - c.started_at >= STABLE_AFTER_S:
             c.backoff_s = BACKOFF_MIN_S
         self._schedule_restart(c, why)
+
+    def _died_early(self, c: _Child, rc: int, why: str) -> bool:
+        """A death before ready: report the first clearly, give up after a few. True: gave up."""
+        same = c.early[0] == why
+        c.early = (why, c.early[1] + 1 if same else 1)
+        c.problem = explain(c.spec.name, rc, c.stage, c.fault, c.last_words)
+        if c.early[1] == 1:
+            log.error("%s", c.problem)
+        else:
+            log.warning("%s: %s again before it was ready (%d in a row)", c.spec.name, why, c.early[1])
+        if c.early[1] < GIVE_UP_AFTER:
+            return False
+        c.state = "failed"
+        c.restarts += 1
+        c.problem = f"{c.problem} (gave up after {c.early[1]} identical failures before ready)"
+        log.error("%s: not restarting it: it died %d times in a row the same way before it was ready",
+                  c.spec.name, c.early[1])
+        if self._stats is not None:
+            self._stats.inc(f"failed_{c.spec.name}")
+        if c.spec.on_failed:
+            c.spec.on_failed(c.problem)
+        notify(self._listeners, "child_down", child=c.spec.name, why=why)
+        return True
 
     def _schedule_restart(self, c: _Child, why: str) -> None:
         c.state = "backoff"
@@ -228,6 +287,29 @@ class SupervisorActor(pykka.ThreadingActor):
             c.state = "stopped"
 
 
+_WHAT = {"loading": "while loading the model", "proving": "during its test computation"}
+
+
+def explain(name: str, rc: int, stage: str, report: dict | None, last_words: str) -> str:
+    """One line saying why child ``name`` died before it was ready, with the remedy."""
+    from ..install import rebuild_command
+
+    doing = f" {_WHAT.get(stage, 'while ' + stage)}" if stage else ""
+    if rc >= 0:
+        said = f": {last_words}" if last_words else ""
+        return f"the {name} exited with status {rc} before it was ready{doing}{said}"
+    sig = signal.Signals(-rc).name
+    where = f" ({fault.describe(report)})" if report else ""
+    head = f"the {name} was killed by {sig} before it was ready{doing}{where}"
+    if sig == "SIGILL":
+        return (f"{head}: llama.cpp uses CPU instructions this machine cannot execute (built for "
+                f"another CPU, or for a feature this CPU advertises but cannot run); rebuild it "
+                f"here: {rebuild_command()}")
+    if sig in ("SIGSEGV", "SIGBUS", "SIGFPE", "SIGABRT"):
+        return f"{head}: llama.cpp crashed; `zswarm doctor` checks the build and the model"
+    return head
+
+
 def _die_with_parent() -> None:
     """In the child, before exec: get SIGTERM when the node dies, even by SIGKILL (Linux only)."""
     try:
@@ -249,10 +331,26 @@ def _watch(ref: pykka.ActorRef, spec: ChildSpec, proc: subprocess.Popen, generat
             _tell(ref, _Ready(spec.name, generation, line[len(spec.ready_prefix):].strip()))
         elif spec.report_prefix and line.startswith(spec.report_prefix):
             _tell(ref, _Report(spec.name, generation, line[len(spec.report_prefix):].strip()))
+        elif line.startswith("STAGE "):
+            _tell(ref, _Report(spec.name, generation, line[len("STAGE "):].strip(), "stage"))
+        elif line.startswith("FAULT "):
+            child_log.error("%s", line)
+            _tell(ref, _Report(spec.name, generation, line, "fault"))
         elif line:
             child_log.info("%s", line)
+            level, words = _words(line)
+            _tell(ref, _Report(spec.name, generation, words, "error" if level in ("ERROR", "CRITICAL") else "output"))
     rc = proc.wait()
     _tell(ref, _Exited(spec.name, generation, rc))
+
+
+def _words(line: str) -> tuple[str, str]:
+    """(level, text) of a child's log line ("time child[pid] LEVEL text"); level "" if none."""
+    for level in ("ERROR", "CRITICAL", "WARNING", "INFO", "DEBUG"):
+        head, sep, rest = line.partition(f" {level} ")
+        if sep and "[" in head:
+            return level, rest.strip()[:300]
+    return "", line.strip()[:300]
 
 
 def _tell(ref: pykka.ActorRef, msg: Any) -> None:

@@ -210,6 +210,26 @@ def load_model(spec: LoadSpec) -> _Model:
     return model
 
 
+PROOF_TEXT = b"Hello"  # what prove() evaluates: a couple of tokens in any vocabulary
+
+
+def prove(model: llama_cpp.Llama) -> None:
+    """Run one real forward pass (a couple of prompt tokens) and forget it.
+
+    A build that uses instructions this CPU cannot execute dies here, by SIGILL, before the
+    engine says READY rather than at a user's first request; in worker mode the pass crosses every
+    RPC server, so a worker whose build cannot compute is caught too. Raises LoadError if the
+    pass fails without killing the process.
+    """
+    tokens = model.tokenize(PROOF_TEXT, add_bos=True, special=False)
+    try:
+        model.eval(tokens)
+    except (RuntimeError, ValueError) as e:
+        raise LoadError(f"the model loaded but cannot compute: {e}") from None
+    finally:
+        model.reset()  # the next request starts from an empty context (eval drops the rest)
+
+
 _rpc_devices: dict[str, int] = {}  # endpoint -> ggml device, registered once per process
 
 

@@ -4,8 +4,10 @@
         --ctx-size 2048 --threads 2 --parallel 2 --node-id ID \\
         [--rpc-servers HOST:PORT,... [--tensor-split W,...] [--no-local-layers]]
 
-Start-up handshake: bind the ROUTER, load every slot, then write exactly one line
-``READY <model name>`` to stdout and flush. Before anything else, fd 1 is pointed at fd 2 and the
+Start-up handshake: bind the ROUTER, load every slot (``STAGE loading``), run one forward pass
+to prove the build computes on this CPU (``STAGE proving``, :func:`.loading.prove`), then write
+exactly one line ``READY <model name>`` to stdout and flush. A fault (SIGILL from a build for
+another CPU) before then is reported as a ``FAULT`` line naming the library (:mod:`.fault`). Before anything else, fd 1 is pointed at fd 2 and the
 handshake is written to a private copy of the original stdout, so nothing llama.cpp prints can
 be mistaken for it. A process that cannot bind or load exits non-zero without writing READY.
 
@@ -68,8 +70,9 @@ import zmq
 
 from .. import wire
 from ..transport import SocketLoop, Stats
+from . import fault
 from .child import StopFlag, parent_pid, take_stdout
-from .loading import LoadError, LoadSpec, load_model
+from .loading import LoadError, LoadSpec, load_model, prove
 from .model import ModelMissing, default_model_path, model_name
 from .scheduler import _STOP_MESSAGES, Job, Scheduler
 from .slots import Slot
@@ -268,8 +271,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def _stage(handshake, what: str) -> None:
+    handshake.write(f"STAGE {what}\n")
+    handshake.flush()
+
+
 def main(argv: list[str] | None = None) -> int:
     handshake = take_stdout()
+    fault.install(handshake.fileno())
     args = parse_args(argv)
     logging.basicConfig(stream=sys.stderr, level=args.log_level.upper(),
                         format=f"%(asctime)s engine[{os.getpid()}] %(levelname)s %(message)s")
@@ -298,12 +307,15 @@ def main(argv: list[str] | None = None) -> int:
     slots = []
     layers: dict[str, int] | None = None
     try:
+        _stage(handshake, "loading")
         for i in range(args.parallel):
             if stop.is_set():
                 return _shutdown(ctx, engine, sched, slots, stats)
             llm = load_model(spec)
             layers = llm.layers
             slots.append(Slot(i, llm, sched, engine.reply, args.node_id))
+        _stage(handshake, "proving")
+        prove(llm)  # every slot runs the same build and devices: one pass proves them all
     except LoadError as e:
         log.error("%s", e)
         engine.stop()

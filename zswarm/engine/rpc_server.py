@@ -13,6 +13,10 @@ the server binds 127.0.0.1 (any loopback address) only; the cluster reaches it t
 tunnel. Any other ``--host`` is refused unless ``--allow-remote`` is given (static mode on a
 trusted network), and then it is warned about loudly.
 
+Proof: before it listens, the server computes one small graph on the CPU device it lends
+(:mod:`.selftest`, ``STAGE proving``), so a build that cannot run on this CPU dies by SIGILL
+before READY (its ``FAULT`` line names the library) instead of under a server's first token.
+
 Handshake: once this process holds the listening socket (seen in /proc, not by connecting to
 it), exactly one line ``READY <host:port> <free bytes>`` goes to the original stdout. fd 1 is
 pointed at fd 2 before anything else, because ggml prints its banner to stdout. ``--port 0``
@@ -48,8 +52,10 @@ import sys
 import threading
 import time
 
+from . import fault
 from .child import StopFlag, parent_pid, take_stdout
 from .ggml import GGML_BACKEND_DEVICE_TYPE_CPU, device_memory, ggml
+from .selftest import compute_on
 
 log = logging.getLogger("zswarm.rpc_server")
 
@@ -145,6 +151,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     handshake = take_stdout()
+    fault.install(handshake.fileno())
     args = parse_args(argv)
     logging.basicConfig(stream=sys.stderr, level=args.log_level.upper(),
                         format=f"%(asctime)s rpc-server[{os.getpid()}] %(levelname)s %(message)s")
@@ -167,6 +174,13 @@ def main(argv: list[str] | None = None) -> int:
     cpu = g.dev_by_type(GGML_BACKEND_DEVICE_TYPE_CPU)
     if not cpu:
         log.error("ggml has no CPU device")
+        return 2
+    handshake.write("STAGE proving\n")
+    handshake.flush()
+    try:
+        compute_on(cpu)
+    except (RuntimeError, OSError, AttributeError) as e:
+        log.error("the CPU cannot compute with this llama.cpp build: %s", e)
         return 2
     devices = (ctypes.c_void_p * 1)(cpu)
     endpoint = f"{args.host}:{args.port}".encode()
