@@ -126,6 +126,9 @@ class FakeBackend:
             raise BackendUnavailable("no answer")
         return list(self.model_names)
 
+    def problem(self) -> str:
+        return getattr(self, "problem_text", "")
+
     def generate(self, req: wire.GenRequest) -> Iterator[object]:
         yield wire.Chunk(req.id, "Hel")
         yield wire.Chunk(req.id, "lo")

@@ -63,6 +63,9 @@ class ScriptedBackend:
             raise BackendUnavailable("no answer")
         return list(self.model_names)
 
+    def problem(self) -> str:
+        return getattr(self, "problem_text", "")
+
     def generate(self, req: wire.GenRequest) -> Iterator[object]:
         self.requests.append(req)
         try:

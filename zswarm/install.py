@@ -155,7 +155,7 @@ def embedded_model() -> str | None:
 
 
 def check(python: str = sys.executable, model: str | None = None,
-          timeout_s: float = _CHECK_TIMEOUT_S) -> dict:
+          timeout_s: float = _CHECK_TIMEOUT_S, env: dict | None = None) -> dict:
     """Prove the installed llama.cpp in a child process: imports, has RPC, runs a generation.
 
     Returns ``{"ok": bool, "problem": str|None, "version", "rpc", "system_info", "generated",
@@ -166,7 +166,7 @@ def check(python: str = sys.executable, model: str | None = None,
     result: dict = {"ok": False, "problem": None, "signal": None}
     try:
         p = subprocess.run([python, "-c", _CHECK_CHILD, model], capture_output=True, text=True,
-                           timeout=timeout_s)
+                           timeout=timeout_s, env=env)
     except subprocess.TimeoutExpired:
         result["problem"] = f"a test generation did not finish in {timeout_s:.0f} s"
         return result
@@ -185,15 +185,15 @@ def check(python: str = sys.executable, model: str | None = None,
                 "CPU, or a feature the CPU advertises but cannot run)") if name == "SIGILL" else \
             "llama.cpp crashed"
         result["problem"] = f"llama.cpp was killed by {name} during a test generation: {what}; {fix}"
+    elif result.get("rpc") is False:
+        result["problem"] = ("llama-cpp-python was built without the RPC backend (a wheel from "
+                             f"pip's cache built without CMAKE_ARGS?); {fix}")
     elif p.returncode != 0:
         last = (p.stderr.strip().splitlines() or ["no output"])[-1]
         if "No module named 'llama_cpp'" in p.stderr:
             result["problem"] = f"llama-cpp-python is not installed; {fix}"
         else:
             result["problem"] = f"llama.cpp failed a test generation ({last}); {fix}"
-    elif not result.get("rpc"):
-        result["problem"] = ("llama-cpp-python was built without the RPC backend (a wheel from "
-                             f"pip's cache built without CMAKE_ARGS?); {fix}")
     elif model and "generated" not in result:
         result["problem"] = f"the test generation produced nothing; {fix}"
     else:

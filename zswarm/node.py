@@ -216,10 +216,17 @@ class Node:
                 if ledger is not None:
                     ledger.proxy().update_own(models=[])
 
+            def failed(problem: str) -> None:
+                gw.engine_failed(problem)  # requests get a 503 with the problem, /readyz says it
+                notify([balancer], "engine_down")
+                if ledger is not None:
+                    ledger.proxy().update_own(models=[])
+
             box = self.plan_box
             argv = lambda: engine_argv(s.serve, engine_endpoint, node_id, box.plan)  # noqa: E731
             sup.start_child(ChildSpec("engine", argv, on_ready=up, on_down=down, report_prefix="LAYERS",
-                                      on_report=sharder.proxy().engine_layers)).get(timeout=START_TIMEOUT_S)
+                                      on_report=sharder.proxy().engine_layers, on_failed=failed)
+                            ).get(timeout=START_TIMEOUT_S)
         if s.http is not None:
             env = {"ZSWARM_NODE_ENDPOINT": self.state.endpoint("gateway"), "ZSWARM_ADDRESS": s.http.address,
                    "ZSWARM_API_KEYS": ",".join(s.http.api_keys), "ZSWARM_NODE_NAME": s.name,
@@ -295,7 +302,8 @@ class Node:
                 ledger.proxy().update_own(flags=sorted(set(own.flags) - {"rpc"}))
 
         argv = rpc_server_argv(host, int(port), w, mem_free, allow_remote=static and host not in LOOPBACK)
-        supervisor.proxy().start_child(ChildSpec("rpc", argv, on_ready=up, on_down=down)).get(timeout=START_TIMEOUT_S)
+        supervisor.proxy().start_child(ChildSpec("rpc", argv, on_ready=up, on_down=down, on_failed=down)
+                                       ).get(timeout=START_TIMEOUT_S)
         admin.proxy().register_status("rpc", lambda: {"listen": f"{host}:{port}", "tunnel": tunnel,
                                                       "mem_total": mem_total, "mem_free": mem_free})
 

@@ -245,6 +245,9 @@ class ModelsQuery(msgspec.Struct, tag=106):
 class ModelsReply(msgspec.Struct, tag=107):
     id: str
     models: list[str]
+    # why this node serves nothing although it should (its engine failed before ready, with the
+    # remedy); "" when there is nothing to say. Answered to the node's own HTTP app only.
+    problem: str = ""
 
 
 FAIL_CODES = {

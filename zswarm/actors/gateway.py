@@ -83,6 +83,7 @@ class GatewayActor(pykka.ThreadingActor):
         self._on_idle: Any = None  # called once the held engine has nothing in flight
         self._parked: list[Flight] = []  # requests waiting for the local engine
         self._endpoint = ""
+        self._problem = ""  # why the local engine cannot serve at all (set_problem); "" if none
 
     # --- API (actor thread) ---
     def open(self) -> str:
@@ -100,6 +101,18 @@ class GatewayActor(pykka.ThreadingActor):
 
     def engine_down(self, why: str) -> None:
         self._submit(lambda: self._engine_down(why))
+
+    def engine_failed(self, problem: str) -> None:
+        """The local engine will not come back by itself (it died the same way before it was
+        ready, again and again): a request with no other route fails at once with ``problem``."""
+        def _failed() -> None:
+            self._problem = problem
+            self._engine_down(problem)
+            parked, self._parked = self._parked, []
+            for f in parked:
+                if f.req.id in self._flights:
+                    self._dispatch(f)
+        self._submit(_failed)
 
     def hold_engine(self, on_idle: Any) -> None:
         """Stop giving the engine new requests (they wait); call ``on_idle()`` once it has none."""
@@ -129,6 +142,7 @@ class GatewayActor(pykka.ThreadingActor):
                 "engine": self._engine is not None,
                 "held": self._held,
                 "parked": len(self._parked),
+                "problem": self._problem,
             })
         self._submit(_snap)
         return fut.result(timeout=ASK_TIMEOUT_S)
@@ -194,6 +208,7 @@ class GatewayActor(pykka.ThreadingActor):
         self._engine = self._l.socket(zmq.DEALER, lambda frames: self._on_reply(frames, ""))
         self._engine.connect(endpoint)
         self._held, self._on_idle = False, None
+        self._problem = ""
         self._unpark()
 
     def _engine_ready(self) -> bool:
@@ -289,7 +304,7 @@ class GatewayActor(pykka.ThreadingActor):
                     self._flights[rid] = f  # only the request's own client may cancel it
             case wire.ModelsQuery(id=qid):
                 models = self._router.table.models() if kind == "local" else self._local_models()
-                self._reply((kind, ident), wire.ModelsReply(qid, models))
+                self._reply((kind, ident), wire.ModelsReply(qid, models, self._problem if kind == "local" else ""))
             case _:
                 self._stats.inc("gateway_bad_frames")
 
@@ -302,7 +317,11 @@ class GatewayActor(pykka.ThreadingActor):
             try:
                 route = self._choose(f)
             except NoRoute as e:
-                self._finish(f, wire.Fail(id=req.id, code=e.code, message=str(e), node=self._node_id))
+                code, message = (e.code, str(e)) if not self._problem else ("engine_down", self._problem)
+                self._finish(f, wire.Fail(id=req.id, code=code, message=message, node=self._node_id))
+                return
+            if route is None and self._problem:  # nothing to wait for: the engine is not coming back
+                self._finish(f, wire.Fail(id=req.id, code="engine_down", message=self._problem, node=self._node_id))
                 return
             if route is None:  # waits for this node's engine
                 f.route = None

@@ -118,7 +118,8 @@ class _Ready:
             body = {"status": "unready", "reason": f"the node is not available: {e}", "models": []}
         else:
             body = ({"status": "ready", "reason": "", "models": models} if models else
-                    {"status": "unready", "reason": "no model is loaded and no node is routable", "models": []})
+                    {"status": "unready", "reason": self._backend.problem() or
+                     "no model is loaded and no node is routable", "models": []})
         resp.status = falcon.HTTP_200 if body["status"] == "ready" else falcon.HTTP_503
         resp.data = msgspec.json.encode(body)
         resp.content_type = falcon.MEDIA_JSON
@@ -204,6 +205,9 @@ class _Completions:
     def _post(self, req: falcon.Request, resp: falcon.Response, track: Track) -> None:
         oreq = schema.parse(self._kind, _read_body(req, self._max_body_bytes))
         if oreq.model not in _model_list(self._backend):
+            problem = self._backend.problem()
+            if problem:  # this node should serve but cannot: say why (503), not "no such model"
+                raise ApiError(503, f"This node cannot serve: {problem}", code="engine_down")
             raise _no_model(oreq.model)
         track.model = oreq.model
         request_id = uuid.uuid4().hex

@@ -20,6 +20,11 @@ class Backend(Protocol):
         """Names of the models servable through this node; raises :class:`BackendUnavailable`."""
         ...
 
+    def problem(self) -> str:
+        """Why this node serves nothing although it should (with the remedy), as of the last
+        :meth:`models`; "" when there is nothing wrong. Never raises."""
+        ...
+
     def generate(self, req: wire.GenRequest) -> Iterator[Reply]:
         """Blocking iterator over the answer to ``req``.
 

@@ -62,6 +62,7 @@ class NodeBackend:
         self._pid = 0
         self._ctx: zmq.Context | None = None
         self._models: tuple[float, list[str]] | None = None  # (monotonic time fetched, names)
+        self._problem = ""  # from the last ModelsReply
 
     # --- the Backend protocol; any thread ---
     def models(self) -> list[str]:
@@ -77,8 +78,13 @@ class NodeBackend:
             if isinstance(body, wire.ModelsReply):
                 with self._lock:
                     self._models = (time.monotonic(), list(body.models))
+                    self._problem = body.problem
                 return list(body.models)
         raise BackendUnavailable(f"the node at {self.endpoint} did not answer within {self.quick_timeout_s} s")
+
+    def problem(self) -> str:
+        with self._lock:
+            return self._problem
 
     def generate(self, req: wire.GenRequest) -> Iterator[Reply]:
         sock = self._socket()
