@@ -107,7 +107,7 @@ def test_bootstrap_peers_reachable_unreachable_and_of_another_cluster(cluster, t
     assert rc == 1
     boot = [c for c in report["checks"] if c["name"] == "bootstrap"]
     assert [c["status"] for c in boot] == ["ok", "fail", "fail"], boot
-    assert "not reachable" in boot[1]["detail"]
+    assert "refused the connection" in boot[1]["detail"]
     assert "refused the handshake" in boot[2]["detail"] and "another token" in boot[2]["fix"]
 
 

@@ -181,6 +181,9 @@ def check_peer(endpoint: str, keys: Any, timeout_s: float = HANDSHAKE_TIMEOUT_S)
             event = recv_monitor_message(monitor)["event"]
             if event == zmq.EVENT_CONNECTED:
                 connected = True
+            elif event == zmq.EVENT_CONNECT_RETRIED and not connected:  # refused: nobody listens
+                return Check("bootstrap", FAIL, f"{endpoint} refused the connection (nothing listens there)",
+                             "check the address and port, and that the node runs")
             elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 return Check("bootstrap", OK, f"{endpoint} answers with this cluster's key")
             elif event in (zmq.EVENT_HANDSHAKE_FAILED_AUTH, zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL):
