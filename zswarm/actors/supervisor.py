@@ -14,8 +14,9 @@ A child that dies *before* it was ever ready is a different matter: a build for 
 model file llama.cpp aborts on, a port in use. Restarting cannot fix it, so the first such death
 is reported once, clearly and with the remedy (:func:`explain`; the child's ``FAULT`` line from
 :mod:`zswarm.engine.fault` names the library that faulted, its ``STAGE`` lines say what it was
-doing), and after ``GIVE_UP_AFTER`` identical ones in a row the child is left ``failed``: the
-node says why in its log, ``zswarm admin status``, ``/readyz`` and the API's 503 body
+doing), and after ``GIVE_UP_AFTER`` identical deaths by a fault (``FAULTS``) in a row the child
+is left ``failed``; other early deaths keep the back-off restarts. A failed child makes the
+node say why in its log, ``zswarm admin status``, ``/readyz`` and the API's 503 body
 (``on_failed``). ``restart_child`` (a new plan, an operator) tries again.
 """
 
@@ -42,6 +43,9 @@ BACKOFF_MAX_S = 30.0
 STABLE_AFTER_S = 60.0
 GRACE_S = 5.0
 GIVE_UP_AFTER = 3  # identical deaths before ready, in a row, after which restarting stops
+# Deaths before ready that a restart cannot fix: the build or the machine faults. SIGABRT is not
+# among them: llama.cpp aborts when an RPC worker vanishes mid-load, and the next plan fixes that.
+FAULTS = frozenset({signal.SIGILL, signal.SIGSEGV, signal.SIGBUS, signal.SIGFPE})
 
 
 @dataclass
@@ -240,7 +244,7 @@ class SupervisorActor(pykka.ThreadingActor):
             log.error("%s", c.problem)
         else:
             log.warning("%s: %s again before it was ready (%d in a row)", c.spec.name, why, c.early[1])
-        if c.early[1] < GIVE_UP_AFTER:
+        if c.early[1] < GIVE_UP_AFTER or rc >= 0 or -rc not in FAULTS:
             return False
         c.state = "failed"
         c.restarts += 1
