@@ -15,7 +15,8 @@ installed ``lib`` folder and loaded through ``LLAMA_CPP_LIB_PATH``:
 Each build runs in its own child process: greedy decode of ``--tokens`` tokens of the embedded
 model with 2 threads, the builds interleaved round by round (ABCABC) so that drift in a noisy
 machine's load falls on all of them alike; the figure is each build's median tokens/s. A build
-that dies (SIGILL) is reported as not running here. The aim (issue: portable build): zswarm's
+that dies (SIGILL) is reported as not running here. zswarm's build runs a second time under
+another name, so the table shows how far apart two identical builds measure (the noise floor). The aim (issue: portable build): zswarm's
 build at ≥ 0.95 of the fastest build that runs. ``--write`` replaces this script's section of
 docs/BENCHMARKS.md. Builds are cached in ``~/.cache/zswarm/bench-builds``.
 """
@@ -46,6 +47,8 @@ VARIANTS = {  # name -> (cmake flags, extra C/C++ flags)
     "avx2": ("-DGGML_NATIVE=OFF", ""),
     "avx512": (f"-DGGML_NATIVE=OFF {AVX512}", ""),
 }
+
+AGAIN = "zswarm's again (noise floor)"
 
 CHILD = r"""
 import json, sys, time
@@ -136,6 +139,7 @@ def main() -> int:
         if name == "avx512" and "avx512f" not in cpu:
             continue
         builds[name] = build_variant(name, flags, cflags)
+    builds[AGAIN] = None  # zswarm's build once more: the spread between identical builds is the noise
     results: dict[str, list] = {name: [] for name in builds}
     for _ in range(args.rounds):
         for name, libdir in builds.items():
@@ -145,7 +149,7 @@ def main() -> int:
         speeds = [r for r in runs if isinstance(r, float)]
         figures[name] = statistics.median(speeds) if len(speeds) == len(runs) else next(
             r for r in runs if isinstance(r, str))
-    running = {k: v for k, v in figures.items() if isinstance(v, float)}
+    running = {k: v for k, v in figures.items() if isinstance(v, float) and k != AGAIN}
     ours = figures["zswarm (native minus AMX)"]
     best_name = max(running, key=running.get)
     rows = ["| build | decode tokens/s (median) | vs zswarm's |", "|---|---|---|"]
@@ -154,8 +158,10 @@ def main() -> int:
                     else f"| {name} | {v} | – |")
     ratio = ours / running[best_name] if isinstance(ours, float) else float("nan")
     verdict = "met" if ratio >= 0.95 else "missed"
+    again = figures[AGAIN]
+    noise = abs(again / ours - 1) if isinstance(again, float) and isinstance(ours, float) else float("nan")
     summary = (f"zswarm's build / fastest build that runs here ({best_name}): {ratio:.3f} "
-               f"(aim ≥ 0.95: {verdict})")
+               f"(aim ≥ 0.95: {verdict}); the same build measured twice differed by {noise:.1%}")
     table = "\n".join(rows)
     env = install.build_env()
     doc = (f"## llama.cpp build: zswarm's against other builds of the same source\n\n"
