@@ -232,3 +232,36 @@ def test_sigkill_under_load_loses_no_unstarted_request(tmp_path):
         assert out.choices[0].message.content is not None
     finally:
         c.close()
+
+
+def test_a_reshard_on_a_server_does_not_make_the_entry_point_answer_404(tmp_path):
+    """A planned engine restart keeps the server's model announced: requests routed to it wait
+    for the engine instead of finding no route (seen: a worker joining a --p2p --federated server
+    made the entry point answer 404 model_not_found for the second the engine reloaded)."""
+    c = Cluster(tmp_path, Token.generate().encode())
+    try:
+        s = c.node("s", "server", extra=SERVER_ARGS)
+        f = c.node("f", "federated", bootstrap=[s])
+        wait_for(lambda: routes_ready(f, 1), 60, 0.2, what="the server routable from the entry point")
+        api = client(f)
+        pid_before = s.admin("status")["children"]["engine"]["pid"]
+        statuses, errors = [], []
+
+        def ask() -> None:
+            try:
+                api.chat.completions.create(model=MODEL, messages=MESSAGES, temperature=0, max_tokens=4)
+                statuses.append(200)
+            except openai.APIStatusError as e:
+                statuses.append(e.status_code)
+                errors.append(str(e))
+
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            futures = [pool.submit(ask) for _ in range(4)]
+            s.admin("reshard")
+            futures += [pool.submit(ask) for _ in range(12)]
+            concurrent.futures.wait(futures, timeout=120)
+        assert s.admin("status")["children"]["engine"]["pid"] != pid_before, "the engine did not restart"
+        assert statuses and all(code == 200 for code in statuses), errors
+        assert "routes: none" not in f.log(), "the entry point lost its only route during the restart"
+    finally:
+        c.close()

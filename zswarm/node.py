@@ -28,7 +28,7 @@ from .actors.gateway import GatewayActor
 from .actors.ledger import BindError, LedgerActor
 from .actors.listener import notify
 from .actors.sharder import PlanBox
-from .actors.supervisor import ChildSpec, SupervisorActor
+from .actors.supervisor import RESTARTING, ChildSpec, SupervisorActor
 from .membership import Timing
 from .state import StateDir
 from .token import Token
@@ -213,7 +213,10 @@ class Node:
             def down(why: str) -> None:
                 gw.engine_down(f"the engine {why}")
                 notify([balancer], "engine_down")
-                if ledger is not None:
+                # A planned restart (a re-shard) keeps the model announced: the gateway holds
+                # requests routed here until the engine is back, where withdrawing the model
+                # would make every entry point answer 404 for that second.
+                if ledger is not None and why != RESTARTING:
                     ledger.proxy().update_own(models=[])
 
             def failed(problem: str) -> None:

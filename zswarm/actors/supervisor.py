@@ -42,6 +42,7 @@ BACKOFF_MIN_S = 0.5
 BACKOFF_MAX_S = 30.0
 STABLE_AFTER_S = 60.0
 GRACE_S = 5.0
+RESTARTING = "is restarting"  # what on_down hears for a planned restart (restart_child)
 GIVE_UP_AFTER = 3  # identical deaths before ready, in a row, after which restarting stops
 # Deaths before ready that a restart cannot fix: the build or the machine faults. SIGABRT is not
 # among them: llama.cpp aborts when an RPC worker vanishes mid-load, and the next plan fixes that.
@@ -225,7 +226,7 @@ class SupervisorActor(pykka.ThreadingActor):
             if self._stats is not None:
                 self._stats.inc(f"restarts_{c.spec.name}")
         if was_up and c.spec.on_down:
-            c.spec.on_down("is restarting" if planned else why)
+            c.spec.on_down(RESTARTING if planned else why)
         notify(self._listeners, "child_down", child=c.spec.name, why=why)
         if planned:
             c.state = "stopped"
