@@ -114,14 +114,19 @@ def cmd_token(args: argparse.Namespace) -> int:
     return 0
 
 
+def _resolve(args: argparse.Namespace, role: str) -> dict[str, Any]:
+    """The settings of ``role`` from flags, environment and defaults; a bad value is one line."""
+    try:
+        return resolve(args, role_options(role))
+    except ConfigError as e:
+        raise UserError(str(e)) from None
+
+
 def cmd_doctor(args: argparse.Namespace) -> int:
     from .doctor import FAIL, as_json, run_checks
 
     role = args.doctor_role
-    try:
-        cfg = resolve(args, role_options(role))
-    except ConfigError as e:
-        raise UserError(str(e)) from None
+    cfg = _resolve(args, role)
     checks = run_checks(role, cfg)
     if args.json:
         print(json.dumps(as_json(checks)))
@@ -175,10 +180,7 @@ def cmd_node(args: argparse.Namespace) -> int:
     from .node import HttpSettings, NodeSettings, ServeSettings, WorkerSettings, run
 
     role = args.command
-    try:
-        cfg = resolve(args, role_options(role))
-    except ConfigError as e:
-        raise UserError(str(e)) from None
+    cfg = _resolve(args, role)
     _setup_logging(cfg["log_level"])
     generated = False
     token = None
