@@ -4,15 +4,23 @@ A node is a process holding pykka actors: Ledger (gossip), Discovery, Admin; the
 Balancer and RPCSupervisor join the same sequence. Start-up asks each actor to ``open()`` (bind)
 with a timeout, so a port in use is one clear error line, not a traceback. SIGTERM and SIGINT
 stop the node gracefully (the Ledger announces the leave); SIGUSR1 logs every thread's stack.
+
+Stopping is bounded, whatever the node is doing: :func:`run` starts the node in a helper thread so
+that the main thread sees SIGTERM at once, even while start-up still waits on an actor, and
+:meth:`Node.stop` gives the actors, the children and the Leave ``STOP_BUDGET_S`` in all. What is
+still running then (an actor stuck in a call, a child ignoring SIGTERM) is killed or abandoned,
+logged as a bug, and the process exits anyway.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 import threading
 import time
+import traceback
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,7 +46,15 @@ from .tunnel import TunnelEntry, TunnelExit
 log = logging.getLogger(__name__)
 
 START_TIMEOUT_S = 10.0
-STOP_TIMEOUT_S = 5.0
+# SIGTERM to exit: 2 s (what the tests and an operator may expect). The actors, the children and
+# the Leave share STOP_BUDGET_S; the interpreter's own exit takes the rest.
+STOP_BUDGET_S = 1.2
+CHILDREN_STOP_S = 0.7  # of the budget: by then the supervisor has stopped its children, or they get SIGKILL
+POLL_S = 0.05  # how often the main thread looks at its signals (a handler only appends to a list)
+
+
+class StartCancelled(Exception):
+    """The node began stopping (SIGTERM, SIGINT) while it was still starting."""
 
 
 @dataclass
@@ -128,7 +144,8 @@ def memory_bytes() -> tuple[int, int]:
 
 
 class Node:
-    """Holds the running actors; :meth:`start` and :meth:`stop` are called from the main thread."""
+    """Holds the running actors. :func:`run` calls :meth:`start` in a helper thread and
+    :meth:`stop` from the main thread, possibly while :meth:`start` is still running."""
 
     def __init__(self, settings: NodeSettings):
         self.s = settings
@@ -142,8 +159,18 @@ class Node:
         self.http_url = ""
         self.plan_box = PlanBox()
         self.tunnel_exit: TunnelExit | None = None
+        self._lock = threading.Lock()  # self.actors and self._closed, between start() and stop()
+        self._closed = False  # stop() has begun: start() creates no more actors
+        self._starting = False
 
     def start(self) -> wire.NodeRecord:
+        self._starting = True
+        try:
+            return self._start_all()
+        finally:
+            self._starting = False
+
+    def _start_all(self) -> wire.NodeRecord:
         s = self.s
         node_id = self.state.node_id()
         total, avail = memory_bytes()
@@ -204,11 +231,15 @@ class Node:
             engine_endpoint = self.state.endpoint("engine")
             sharder = self._start_sharder(gateway, supervisor, ledger, admin)
 
+            # up, down and failed run in the supervisor's thread: they only tell (a proxy made
+            # once, here: making one for an actor that has stopped raises)
+            ledger_proxy = ledger.proxy() if ledger is not None else None
+
             def up(model: str) -> None:
                 gw.engine_up(engine_endpoint)
                 notify([balancer], "engine_up", model=model)
-                if ledger is not None:
-                    ledger.proxy().update_own(models=[model])
+                if ledger_proxy is not None:
+                    ledger_proxy.update_own(models=[model])
 
             def down(why: str) -> None:
                 gw.engine_down(f"the engine {why}")
@@ -216,14 +247,14 @@ class Node:
                 # A planned restart (a re-shard) keeps the model announced: the gateway holds
                 # requests routed here until the engine is back, where withdrawing the model
                 # would make every entry point answer 404 for that second.
-                if ledger is not None and why != RESTARTING:
-                    ledger.proxy().update_own(models=[])
+                if ledger_proxy is not None and why != RESTARTING:
+                    ledger_proxy.update_own(models=[])
 
             def failed(problem: str) -> None:
                 gw.engine_failed(problem)  # requests get a 503 with the problem, /readyz says it
                 notify([balancer], "engine_down")
-                if ledger is not None:
-                    ledger.proxy().update_own(models=[])
+                if ledger_proxy is not None:
+                    ledger_proxy.update_own(models=[])
 
             box = self.plan_box
             argv = lambda: engine_argv(s.serve, engine_endpoint, node_id, box.plan)  # noqa: E731
@@ -293,16 +324,18 @@ class Node:
             ledger.proxy().update_own(endpoints={**own.endpoints, "tunnel": tunnel}, mem_total=mem_total,
                                       mem_free=mem_free).get(timeout=START_TIMEOUT_S)
 
+        # up and down run in the supervisor's thread: they tell the Ledger, never wait on it (a
+        # proxy made now, because making one for an actor already gone raises in the supervisor)
+        ledger_proxy = ledger.proxy() if ledger is not None else None
+
         def up(detail: str) -> None:
             log.info("RPC server ready on %s:%s%s", host, port, f", tunnel {tunnel}" if tunnel else "")
-            if ledger is not None:
-                own = ledger.proxy().own().get(timeout=START_TIMEOUT_S)
-                ledger.proxy().update_own(flags=sorted(set(own.flags) | {"rpc"}))
+            if ledger_proxy is not None:
+                ledger_proxy.set_flag("rpc", True)
 
         def down(why: str) -> None:
-            if ledger is not None:
-                own = ledger.proxy().own().get(timeout=START_TIMEOUT_S)
-                ledger.proxy().update_own(flags=sorted(set(own.flags) - {"rpc"}))
+            if ledger_proxy is not None:
+                ledger_proxy.set_flag("rpc", False)
 
         argv = rpc_server_argv(host, int(port), w, mem_free, allow_remote=static and host not in LOOPBACK)
         supervisor.proxy().start_child(ChildSpec("rpc", argv, on_ready=up, on_down=down, on_failed=down)
@@ -311,28 +344,107 @@ class Node:
                                                       "mem_total": mem_total, "mem_free": mem_free})
 
     def _start(self, cls: type, *args: Any) -> pykka.ActorRef:
-        ref = cls.start(*args)
-        self.actors.append(ref)
+        with self._lock:  # stop() either sees this actor or start() sees the node closed
+            if self._closed:
+                raise StartCancelled(f"the node is stopping; {cls.__name__} not started")
+            ref = cls.start(*args)
+            self.actors.append(ref)
         return ref
 
-    def stop(self) -> None:
-        for ref in reversed(self.actors):
-            try:
-                ref.stop(timeout=STOP_TIMEOUT_S + 5)
-            except pykka.Timeout:
-                log.error("actor %s did not stop in time", ref)
-        self.actors.clear()
-        if self.tunnel_exit is not None:
-            self.tunnel_exit.stop()
-        if self.zap is not None:
-            self.zap.stop()
-        self.ctx.destroy(linger=0)
-        leftovers = [t.name for t in threading.enumerate()
-                     if t is not threading.main_thread() and t.is_alive() and not t.daemon]
+    def stop(self, budget_s: float = STOP_BUDGET_S) -> bool:
+        """Stop everything within ``budget_s`` (main thread), however far :meth:`start` got.
+
+        Every actor but the Ledger is asked to stop at once, newest first, so the slowest sets
+        the pace instead of the sum; children still alive after ``CHILDREN_STOP_S`` get SIGKILL.
+        The Ledger goes last so that its Leave follows everything else. Returns False when
+        something could not be stopped (an actor or a thread still running, start() still
+        stuck): the caller must then leave with ``os._exit``, not wait for it.
+        """
+        t0 = time.monotonic()
+        deadline = t0 + budget_s
+        with self._lock:
+            self._closed = True
+            actors, self.actors = list(self.actors), []
+        ledgers = [r for r in actors if r.actor_class is LedgerActor]
+        stuck = _stop_actors([r for r in reversed(actors) if r not in ledgers], t0 + CHILDREN_STOP_S)
+        if _kill_children("still running after the supervisor had %.1f s to stop it" % CHILDREN_STOP_S):
+            stuck = _stop_actors(stuck, t0 + CHILDREN_STOP_S + 0.2)  # it was waiting on those children
+        stuck += _stop_actors(ledgers, deadline - 0.1)
+        left = lambda: max(0.05, deadline - time.monotonic())  # noqa: E731
+        if self.tunnel_exit is not None and not self.tunnel_exit.stop(timeout_s=left()):
+            stuck.append("the tunnel exit")
+        if self.zap is not None and not self.zap.stop(timeout_s=left()):
+            stuck.append("the ZAP handler")
+        _kill_children("still running after stop")  # a supervisor stuck in a call never reached on_stop
+        for what in stuck:
+            log.error("%s did not stop within %.1f s; the node exits without it", what, budget_s)
         for ref in pykka.ActorRegistry.get_all():
-            log.error("bug: actor %s still running after stop", ref)
+            if ref not in stuck:
+                log.error("bug: actor %s still running after stop", ref)
+                stuck.append(ref)
+        threads = [t for t in threading.enumerate()
+                   if t is not threading.current_thread() and t.is_alive() and not t.daemon]
+        for t in threads:
+            t.join(max(0.0, deadline - time.monotonic()))  # an actor's thread ends just after its stop answers
+        leftovers = [t.name for t in threads if t.is_alive()]
         if leftovers:
             log.error("bug: threads still running after stop: %s", ", ".join(leftovers))
+        if self._starting:
+            log.warning("start-up was still waiting when the node stopped")
+        if stuck or leftovers or self._starting:
+            return False  # ctx.destroy() would wait for sockets that a stuck thread still holds
+        self.ctx.destroy(linger=0)  # the Ledger's closed sockets keep their short linger for the Leave
+        return True
+
+
+def _stop_actors(refs: list[pykka.ActorRef], deadline: float) -> list[pykka.ActorRef]:
+    """Ask every actor in ``refs`` to stop, at once; wait until ``deadline``; return those still running."""
+    pending = [(ref, ref.stop(block=False)) for ref in refs]
+    stuck = []
+    for ref, fut in pending:
+        try:
+            fut.get(timeout=max(0.0, deadline - time.monotonic()))
+        except pykka.Timeout:
+            stuck.append(ref)
+    return stuck
+
+
+def _child_pids() -> list[int]:
+    """This process's live children, from /proc (Linux; elsewhere none are found)."""
+    me, found = os.getpid(), []
+    try:
+        names = os.listdir("/proc")
+    except OSError:
+        return []
+    for name in names:
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue  # gone meanwhile
+        state, ppid = stat[stat.rindex(b")") + 2:].split()[:2]
+        if int(ppid) == me and state not in (b"Z", b"X"):
+            found.append(int(name))
+    return found
+
+
+def _kill_children(why: str) -> bool:
+    """SIGKILL every child of this process, with its process group (the supervisor starts each in
+    a session of its own, so gunicorn's workers go too). The last resort of a bounded stop: the
+    supervisor owns its children, and this only runs once it had its chance. True if any was found."""
+    pids = _child_pids()
+    for pid in pids:
+        try:
+            if os.getpgid(pid) == pid:
+                os.killpg(pid, signal.SIGKILL)
+            else:  # not a group leader: never kill a group that may hold this node itself
+                os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            continue
+        log.warning("child process %d %s; killed", pid, why)
+    return bool(pids)
 
 
 def next_port(listen: str, offset: int) -> str:
@@ -390,7 +502,12 @@ def http_argv() -> list[str]:
 
 
 def run(settings: NodeSettings, ready_line: str | None = None) -> int:
-    """Run a node until SIGTERM/SIGINT. Returns the process exit status."""
+    """Run a node until SIGTERM/SIGINT. Returns the process exit status.
+
+    Start-up runs in a helper thread: it waits on actors (up to ``START_TIMEOUT_S`` each), and a
+    signal must be acted on at once, not after those waits. The main thread only watches the
+    signals and the helper, and stops the node whichever comes first.
+    """
     stopping: list[int] = []  # a plain list, not an Event: a handler must take no lock (a second
     # signal arriving inside Event.set() in the first handler would deadlock the main thread)
 
@@ -402,28 +519,96 @@ def run(settings: NodeSettings, ready_line: str | None = None) -> int:
     signal.signal(signal.SIGINT, _on_signal)
     signal.signal(signal.SIGUSR1, pykka.debug.log_thread_tracebacks)
     node = Node(settings)
+    status = 1
     try:
+        status = _serve(node, settings, ready_line, stopping)
+    finally:  # also after a bug's exception, which Python prints once this has run
+        clean = node.stop()
+        if not clean:
+            # A thread still running (an actor stuck in a call) would keep the interpreter from
+            # exiting; the log says what it was.
+            if sys.exc_info()[1] is not None:
+                traceback.print_exc()
+            logging.shutdown()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(status)
+    return status
+
+
+class _Starter(threading.Thread):
+    """Runs :meth:`Node.start`; a daemon, so that a start-up stuck in a call never holds the process."""
+
+    def __init__(self, node: Node):
+        super().__init__(name="node-start", daemon=True)
+        self._node = node
+        self.record: wire.NodeRecord | None = None
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
         try:
-            record = node.start()
-        except BindError as e:
-            print(f"zswarm: error: {e}", file=sys.stderr)
-            return 1
-        except zmq.ZMQError as e:
-            print(f"zswarm: error: cannot open the node's sockets: {e}", file=sys.stderr)
-            return 1
-        except pykka.Timeout:
-            print("zswarm: error: the node did not start in time", file=sys.stderr)
-            return 1
-        log.info("node %s (%s) up: %s, admin %s%s", record.id, settings.role,
-                 f"gossip {record.endpoints['gossip']}, network {node.keys.network_id}" if node.keys else "no cluster",
-                 node.state.admin_socket, f", API at {node.http_url}" if node.http_url else "")
-        if ready_line:
-            gossip = record.endpoints["gossip"]
-            print(ready_line.format(id=record.id, gossip=gossip, gossip_hostport=gossip[len("tcp://"):]),
-                  flush=True)
-        while not stopping:
-            time.sleep(0.1)
-        log.info("received %s; stopping", signal.Signals(stopping[0]).name)
+            self.record = self._node.start()
+        except BaseException as e:  # handed to the main thread
+            self.error = e
+
+
+def _serve(node: Node, settings: NodeSettings, ready_line: str | None, stopping: list[int]) -> int:
+    starter = _Starter(node)
+    if not stopping:
+        starter.start()
+        while starter.is_alive() and not stopping:
+            starter.join(POLL_S)
+    if stopping:
+        log.info("received %s%s; stopping", signal.Signals(stopping[0]).name,
+                 " while starting" if starter.is_alive() else "")
         return 0
-    finally:
-        node.stop()
+    if starter.error is not None:
+        line = _start_error(starter.error)
+        if line is None:
+            raise starter.error  # a bug: its traceback names the start-up step
+        print(f"zswarm: error: {line}", file=sys.stderr)
+        return 1
+    record = starter.record
+    log.info("node %s (%s) up: %s, admin %s%s", record.id, settings.role,
+             f"gossip {record.endpoints['gossip']}, network {node.keys.network_id}" if node.keys else "no cluster",
+             node.state.admin_socket, f", API at {node.http_url}" if node.http_url else "")
+    if ready_line:
+        gossip = record.endpoints["gossip"]
+        print(ready_line.format(id=record.id, gossip=gossip, gossip_hostport=gossip[len("tcp://"):]),
+              flush=True)
+    while not stopping:
+        time.sleep(POLL_S)
+    log.info("received %s; stopping", signal.Signals(stopping[0]).name)
+    return 0
+
+
+def _start_error(e: BaseException) -> str | None:
+    """The one line that says why start-up failed; None for a bug (the caller re-raises it)."""
+    if isinstance(e, BindError):
+        return str(e)
+    if isinstance(e, zmq.ZMQError):
+        return f"cannot open the node's sockets: {e}"
+    if isinstance(e, (pykka.Timeout, TimeoutError)):
+        # Which step waited, and what every thread was doing then: the log keeps the detail.
+        step = _start_step(e)
+        log.error("start-up timed out%s; every thread's stack follows", f" at {step}" if step else "")
+        pykka.debug.log_thread_tracebacks()
+        if isinstance(e, pykka.Timeout):
+            return "the node did not start in time" + (
+                f" (no answer to {step} within {START_TIMEOUT_S:g} s)" if step else "")
+        return f"the node did not start in time ({e})"
+    if isinstance(e, pykka.ActorDeadError):
+        return f"the node did not start: an actor stopped while starting (see the log above): {e}"
+    return None
+
+
+def _start_step(e: BaseException) -> str:
+    """The start-up line (of this module) that was waiting when ``e`` was raised."""
+    frames = [f for f in traceback.extract_tb(e.__traceback__) if f.filename == __file__]
+    if not frames:
+        return ""
+    line = (frames[-1].line or "").split(".get(")[0].strip()
+    target, sep, value = line.partition(" = ")
+    if sep and target.replace("_", "").replace(".", "").isalnum():
+        line = value  # the call, not what its answer is assigned to
+    return f"{frames[-1].name}: {line[:120]}"

@@ -226,8 +226,8 @@ class ZapHandler:
     def start(self) -> None:
         self.loop.start_and_wait()
 
-    def stop(self) -> None:
-        self.loop.stop()
+    def stop(self, timeout_s: float = 5.0) -> bool:
+        return self.loop.stop(timeout_s)
 
     def _handle(self, frames: list[bytes]) -> None:
         if len(frames) < 6:

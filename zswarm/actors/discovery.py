@@ -7,6 +7,11 @@ mDNS announcements carry the network id and an HMAC (token-derived key) over wha
 anything else on the LAN, another zswarm cluster included, is ignored and counted. Zeroconf calls
 back on its own event-loop thread, where nothing may block, and resolving a service blocks; so
 resolving and registering happen on one helper thread fed by a queue, which tells the actor.
+
+Stopping never waits for zeroconf: registering takes about 2 s (probes, then announcements),
+withdrawing 3 x 125 ms, a resolve up to ``RESOLVE_TIMEOUT_MS``, and a node must be gone within 2 s
+of SIGTERM. ``on_stop`` tells the helper thread to stop and waits ``MDNS_STOP_WAIT_S`` at most;
+the thread (a daemon) skips what is queued, says goodbye if it still can, and closes zeroconf.
 """
 
 from __future__ import annotations
@@ -28,7 +33,8 @@ from ..transport import Stats
 log = logging.getLogger(__name__)
 
 SERVICE_TYPE = "_zswarm._tcp.local."
-RESOLVE_TIMEOUT_MS = 3000
+RESOLVE_TIMEOUT_MS = 3000  # zeroconf's default; a peer on the LAN answers in milliseconds
+MDNS_STOP_WAIT_S = 0.3  # on_stop waits this long for the helper thread, no more (see above)
 
 
 def sign(keys: Keys, node_id: str, port: int) -> str:
@@ -66,8 +72,8 @@ class DiscoveryActor(pykka.ThreadingActor):
             self._worker.start()
 
     def on_stop(self) -> None:
-        if self._worker is not None:
-            self._worker.stop()
+        if self._worker is not None and not self._worker.stop(MDNS_STOP_WAIT_S):
+            log.debug("mDNS thread still busy in zeroconf at stop; leaving it to finish on its own")
 
     def on_receive(self, message: Any) -> None:
         if isinstance(message, _Found) and self._found.get(message.node_id) != message.endpoint:
@@ -91,20 +97,27 @@ class _MdnsWorker(threading.Thread):
         self._a = actor
         self._ref = actor.actor_ref
         self._q: queue.Queue[str | None] = queue.Queue()
+        self._stopping = threading.Event()
 
-    def stop(self) -> None:
+    def stop(self, timeout_s: float) -> bool:
+        """Ask the thread to stop (any thread); False if it was still busy after ``timeout_s``."""
+        self._stopping.set()
         self._q.put(None)
-        self.join(5)
+        self.join(timeout_s)
+        return not self.is_alive()
 
     def run(self) -> None:
         from zeroconf import InterfaceChoice, IPVersion, ServiceBrowser, ServiceInfo, Zeroconf
 
         a = self._a
+        if self._stopping.is_set():
+            return
         try:
             zc = Zeroconf(interfaces=a._interfaces or InterfaceChoice.All, ip_version=IPVersion.V4Only)
         except OSError as e:
             log.error("mDNS disabled: %s", e)
             return
+        info = browser = None
         try:
             addrs = a._interfaces or _ipv4_addresses()
             info = ServiceInfo(
@@ -112,14 +125,28 @@ class _MdnsWorker(threading.Thread):
                 addresses=[socket.inet_aton(x) for x in addrs], port=a._port,
                 properties={"net": a._keys.network_id, "id": a._node_id, "role": a._role,
                             "sig": sign(a._keys, a._node_id, a._port)})
+            if self._stopping.is_set():
+                return
             zc.register_service(info)
             browser = ServiceBrowser(zc, SERVICE_TYPE, handlers=[self._on_change])
-            while (name := self._q.get()) is not None:
+            while (name := self._q.get()) is not None and not self._stopping.is_set():
                 self._resolve(zc, ServiceInfo, name)
-            browser.cancel()
-            zc.unregister_service(info)
         except Exception:
-            log.exception("mDNS stopped")
+            if not self._stopping.is_set():
+                log.exception("mDNS stopped")
+        finally:
+            self._close(zc, browser, info)
+
+    @staticmethod
+    def _close(zc: Any, browser: Any, info: Any) -> None:
+        """Goodbye (the service's records with TTL 0) and close; best effort, the node is leaving."""
+        try:
+            if browser is not None:
+                browser.cancel()
+            if info is not None and browser is not None:
+                zc.unregister_service(info)
+        except Exception as e:  # EventLoopBlocked on a loaded host: peers' caches expire us instead
+            log.debug("mDNS goodbye failed: %r", e)
         finally:
             zc.close()
 

@@ -41,6 +41,10 @@ MAX_REMEMBERED = 64  # peers dialed again after a restart
 REMEMBER_EVERY_S = 5.0  # how often the list of alive peers is written to the state directory
 HELLO_AGAIN_S = 0.15  # a subscription crosses a fresh connection in well under this
 RECONNECT_IVL_MAX_MS = 2000  # keep redialing a vanished peer at least this often
+# How long the Leave may take to flush when the node stops (the context's term waits this long
+# for a peer that is not reading). A LAN takes milliseconds; a peer that misses it notices the
+# silence anyway; and the whole node has STOP_BUDGET_S (node.py) to stop.
+LEAVE_LINGER_MS = 300
 
 
 @dataclass
@@ -118,6 +122,13 @@ class LedgerActor(pykka.ThreadingActor):
         """Change our record (models, load, memory...) and push it to everyone at once."""
         own = self.m.update_own(**fields)
         self._send(wire.TOPIC_ALL, wire.Records([own]))
+
+    def set_flag(self, flag: str, on: bool) -> None:
+        """Add or remove one flag of our record (e.g. ``rpc``): read and written here in one step,
+        so that another actor can ``tell`` it rather than ask for our record first and block."""
+        flags = set(self.m.own.flags)
+        if (flag in flags) != on:
+            self.update_own(flags=sorted(flags | {flag} if on else flags - {flag}))
 
     def peers(self) -> list[dict]:
         return self.m.peers()
@@ -335,7 +346,7 @@ class LedgerActor(pykka.ThreadingActor):
         self._loop.submit(_out)
 
     def on_stop(self) -> None:
-        """Tell everyone we leave, give the Leave half a second to flush, and close."""
+        """Tell everyone we leave, give the Leave ``LEAVE_LINGER_MS`` to flush, and close."""
         if self._loop is None:
             return
         self._remember()
@@ -348,7 +359,7 @@ class LedgerActor(pykka.ThreadingActor):
                 except zmq.ZMQError:
                     pass
         self._loop.submit(_quiet)
-        if not self._loop.stop(linger_ms=500):
+        if not self._loop.stop(linger_ms=LEAVE_LINGER_MS):
             log.error("ledger socket thread did not stop")
         self._loop = None
 

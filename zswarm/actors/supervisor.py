@@ -41,7 +41,8 @@ log = logging.getLogger(__name__)
 BACKOFF_MIN_S = 0.5
 BACKOFF_MAX_S = 30.0
 STABLE_AFTER_S = 60.0
-GRACE_S = 5.0
+GRACE_S = 5.0  # restart_child: SIGTERM, then SIGKILL after this (a child may finish a request)
+STOP_GRACE_S = 0.5  # on_stop: the node must be gone within 2 s of SIGTERM (node.STOP_BUDGET_S)
 RESTARTING = "is restarting"  # what on_down hears for a planned restart (restart_child)
 GIVE_UP_AFTER = 3  # identical deaths before ready, in a row, after which restarting stops
 # Deaths before ready that a restart cannot fix: the build or the machine faults. SIGABRT is not
@@ -163,9 +164,10 @@ class SupervisorActor(pykka.ThreadingActor):
             log.info("%s: waiting (nothing to run yet)", c.spec.name)
             return
         try:
+            # No preexec_fn: this process is threaded, and code between fork and exec can
+            # deadlock the child; each child asks for its parent-death signal itself.
             c.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
-                                      stdin=subprocess.DEVNULL, start_new_session=True,
-                                      preexec_fn=_die_with_parent)
+                                      stdin=subprocess.DEVNULL, start_new_session=True)
         except OSError as e:
             log.error("%s: cannot start: %s", c.spec.name, e)
             self._schedule_restart(c, f"cannot start: {e}")
@@ -270,6 +272,16 @@ class SupervisorActor(pykka.ThreadingActor):
         c.timer.start()
 
     def on_stop(self) -> None:
+        self._stop_children()
+
+    def on_failure(self, exception_type: Any, exception_value: Any, traceback: Any) -> None:
+        """A handler raised and pykka stops this actor without on_stop: its children go too,
+        rather than run on unsupervised."""
+        log.error("the supervisor failed (%s); stopping its children", exception_value)
+        self._stop_children()
+
+    def _stop_children(self) -> None:
+        """SIGTERM every child, SIGKILL its whole session after STOP_GRACE_S (gunicorn's workers too)."""
         self._stopping = True
         live = []
         for c in self._children.values():
@@ -281,14 +293,20 @@ class SupervisorActor(pykka.ThreadingActor):
                     live.append(c)
                 except OSError:
                     pass
-        deadline = time.monotonic() + GRACE_S
+        deadline = time.monotonic() + STOP_GRACE_S
         for c in live:
             try:
                 c.proc.wait(max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                log.warning("%s: did not stop within %s s; killing it", c.spec.name, GRACE_S)
-                c.proc.kill()
-                c.proc.wait(5)
+                log.warning("%s: did not stop within %s s; killing it", c.spec.name, STOP_GRACE_S)
+                try:
+                    os.killpg(c.proc.pid, signal.SIGKILL)  # its own session (start_new_session)
+                except OSError:
+                    c.proc.kill()
+                try:
+                    c.proc.wait(0.15)
+                except subprocess.TimeoutExpired:
+                    pass  # the node's last resort (node._kill_children) comes next
             c.state = "stopped"
 
 
@@ -313,17 +331,6 @@ def explain(name: str, rc: int, stage: str, report: dict | None, last_words: str
     if sig in ("SIGSEGV", "SIGBUS", "SIGFPE", "SIGABRT"):
         return f"{head}: llama.cpp crashed; `zswarm doctor` checks the build and the model"
     return head
-
-
-def _die_with_parent() -> None:
-    """In the child, before exec: get SIGTERM when the node dies, even by SIGKILL (Linux only)."""
-    try:
-        import ctypes
-
-        PR_SET_PDEATHSIG = 1
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    except (OSError, AttributeError):
-        pass
 
 
 def _watch(ref: pykka.ActorRef, spec: ChildSpec, proc: subprocess.Popen, generation: int) -> None:

@@ -4,6 +4,9 @@
   stderr, so nothing llama.cpp or ggml print can ever be mistaken for it.
 - :class:`StopFlag`: SIGTERM/SIGINT set it. The handler only appends to a list: a handler that
   took a lock (``Event.set``) would deadlock if a second signal arrived inside the first.
+- :func:`die_with_parent`: SIGTERM when the node dies, even by SIGKILL. Each child asks for it
+  itself, first thing: the node is threaded, and code run between fork and exec
+  (``preexec_fn``) can deadlock the child there (Python's subprocess documentation).
 """
 
 from __future__ import annotations
@@ -28,7 +31,24 @@ def parent_pid() -> int:
         return os.getppid()
 
 
+def die_with_parent() -> None:
+    """Get SIGTERM when the node that started us dies (Linux; elsewhere the children's parent
+    polls cover it). If the node died before this ran, leave now."""
+    if PARENT_ENV not in os.environ:
+        return  # not started by a node (a test, a user): nobody to follow
+    try:
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent_pid():
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def take_stdout() -> IO[str]:
+    die_with_parent()
     handshake = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)
     os.environ.setdefault("GGML_NO_BACKTRACE", "1")  # an abort must not attach gdb to print a backtrace

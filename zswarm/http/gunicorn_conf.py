@@ -65,6 +65,13 @@ limit_request_line = 8190
 limit_request_fields = 100
 
 
+def on_starting(server) -> None:
+    """The master, before it forks: die with the node that started it (see engine/child.py)."""
+    from zswarm.engine.child import die_with_parent
+
+    die_with_parent()
+
+
 def post_worker_init(worker) -> None:
     """Runs in each worker after the fork: zswarm's own log lines go where gunicorn's errors go."""
     zlog = logging.getLogger("zswarm")
