@@ -122,7 +122,7 @@ class Cluster:
     def node(self, name: str, role: str = "worker", bootstrap: list[NodeProc] | None = None,
              extra: list[str] | None = None, token: str | None = None, host: str = "127.0.0.1",
              prefix: list[str] | None = None, mdns: bool = False, port: int | None = None,
-             state_dir: Path | None = None) -> NodeProc:
+             state_dir: Path | None = None, env: dict[str, str] | None = None) -> NodeProc:
         tok = self.token if token is None else token
         args = ["--token", tok] if tok else []
         if not mdns:
@@ -135,7 +135,7 @@ class Cluster:
         if port is None:  # a namespace has its own ports, all free; ours are shared with the machine
             port = 7340 if prefix else free_port(host, span=2)
         n = NodeProc(role, name, state_dir or self.tmp / name, host, port, args,
-                     self.tmp / f"{name}.log", prefix)
+                     self.tmp / f"{name}.log", prefix, env)
         self.nodes.append(n)
         return n.start()
 

@@ -83,7 +83,7 @@ class GatewayActor(pykka.ThreadingActor):
         self._on_idle: Any = None  # called once the held engine has nothing in flight
         self._parked: list[Flight] = []  # requests waiting for the local engine
         self._endpoint = ""
-        self._problem = ""  # why the local engine cannot serve at all (set_problem); "" if none
+        self._problem = ""  # why the local engine cannot serve at all (engine_failed); "" if none
 
     # --- API (actor thread) ---
     def open(self) -> str:
@@ -104,9 +104,12 @@ class GatewayActor(pykka.ThreadingActor):
 
     def engine_failed(self, problem: str) -> None:
         """The local engine will not come back by itself (it died the same way before it was
-        ready, again and again): a request with no other route fails at once with ``problem``."""
+        ready, again and again): a request with no other route fails at once with ``problem``.
+        ``""``: it is being tried again (requests wait for it as before)."""
         def _failed() -> None:
             self._problem = problem
+            if not problem:
+                return
             self._engine_down(problem)
             parked, self._parked = self._parked, []
             for f in parked:
@@ -317,7 +320,9 @@ class GatewayActor(pykka.ThreadingActor):
             try:
                 route = self._choose(f)
             except NoRoute as e:
-                code, message = (e.code, str(e)) if not self._problem else ("engine_down", self._problem)
+                # the failed engine's reason, unless the cluster serves models and not this one
+                failed = self._problem and not self._router.table.models()
+                code, message = ("engine_down", self._problem) if failed else (e.code, str(e))
                 self._finish(f, wire.Fail(id=req.id, code=code, message=message, node=self._node_id))
                 return
             if route is None and self._problem:  # nothing to wait for: the engine is not coming back

@@ -7,15 +7,16 @@ aborts its whole process on some errors, and the node must outlive that.
 Each child has a watcher thread that reads its output (a ``READY`` line means up) and waits for
 its exit, then tells the actor. A child that dies is restarted after a back-off that doubles
 from ``BACKOFF_MIN_S`` to ``BACKOFF_MAX_S`` and resets once it has stayed up ``STABLE_AFTER_S``
-(circus calls a child that keeps dying "flapping"; it must not spin). Stop is graceful: SIGTERM,
-then SIGKILL after ``GRACE_S``.
+(circus calls a child that keeps dying "flapping"; it must not spin). A restart asked for is
+SIGTERM, then SIGKILL after ``GRACE_S``; the node's stop gives its children ``STOP_GRACE_S``.
 
 A child that dies *before* it was ever ready is a different matter: a build for another CPU, a
 model file llama.cpp aborts on, a port in use. Restarting cannot fix it, so the first such death
 is reported once, clearly and with the remedy (:func:`explain`; the child's ``FAULT`` line from
 :mod:`zswarm.engine.fault` names the library that faulted, its ``STAGE`` lines say what it was
-doing), and after ``GIVE_UP_AFTER`` identical deaths by a fault (``FAULTS``) in a row the child
-is left ``failed``; other early deaths keep the back-off restarts. A failed child makes the
+doing), and after ``GIVE_UP_AFTER`` identical deaths by a fault of its own (SIGILL, SIGSEGV,
+SIGBUS, SIGFPE; not one another process sent) in a row the child is left ``failed``; other early
+deaths keep the back-off restarts. A failed child makes the
 node say why in its log, ``zswarm admin status``, ``/readyz`` and the API's 503 body
 (``on_failed``). ``restart_child`` (a new plan, an operator) tries again.
 """
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
 import subprocess
 import threading
@@ -45,9 +47,9 @@ GRACE_S = 5.0  # restart_child: SIGTERM, then SIGKILL after this (a child may fi
 STOP_GRACE_S = 0.5  # on_stop: the node must be gone within 2 s of SIGTERM (node.STOP_BUDGET_S)
 RESTARTING = "is restarting"  # what on_down hears for a planned restart (restart_child)
 GIVE_UP_AFTER = 3  # identical deaths before ready, in a row, after which restarting stops
-# Deaths before ready that a restart cannot fix: the build or the machine faults. SIGABRT is not
-# among them: llama.cpp aborts when an RPC worker vanishes mid-load, and the next plan fixes that.
-FAULTS = frozenset({signal.SIGILL, signal.SIGSEGV, signal.SIGBUS, signal.SIGFPE})
+# Deaths before ready that a restart cannot fix are faults (fault.SIGNALS): the build or the
+# machine. SIGABRT is not one: llama.cpp aborts when an RPC worker vanishes mid-load, and the next
+# plan fixes that.
 
 
 @dataclass
@@ -68,7 +70,7 @@ class ChildSpec:
 class _Child:
     spec: ChildSpec
     proc: subprocess.Popen | None = None
-    state: str = "stopped"  # starting, ready, backoff, stopped
+    state: str = "stopped"  # starting, ready, backoff, waiting (no argv yet), failed, stopped
     restarts: int = 0
     backoff_s: float = BACKOFF_MIN_S
     started_at: float = 0.0
@@ -78,8 +80,6 @@ class _Child:
     restart_now: bool = False  # asked for (restart_child): no back-off, not a crash
     stage: str = ""  # what the child said it was doing (its last STAGE line)
     fault: dict | None = None  # its FAULT report, if it wrote one before dying
-    last_words: str = ""  # its last error line (else its last line of output) before exiting
-    last_error: bool = False  # whether last_words is an error line
     early: tuple[str, int] = ("", 0)  # (why, how many times in a row) it died before ready
     problem: str = ""  # why it is failed, or why it last died before ready
 
@@ -96,7 +96,7 @@ class _Report:
     name: str
     generation: int
     line: str
-    kind: str = "report"  # "report" (the spec's report_prefix), "stage", "fault" or "output"
+    kind: str = "report"  # "report" (the spec's report_prefix), "stage" or "fault"
 
 
 @dataclass
@@ -104,6 +104,7 @@ class _Exited:
     name: str
     generation: int
     returncode: int
+    last_words: str = ""  # its last error line, else its last line of output
 
 
 @dataclass
@@ -129,7 +130,8 @@ class SupervisorActor(pykka.ThreadingActor):
 
     def status(self) -> dict[str, Any]:
         return {name: {"state": c.state, "pid": c.proc.pid if c.proc and c.state not in ("backoff", "failed")
-                       else None, "restarts": c.restarts, "last_exit": c.last_exit, "problem": c.problem}
+                       else None, "restarts": c.restarts, "last_exit": c.last_exit, "problem": c.problem,
+                       "stage": c.stage if c.state == "starting" else ""}
                 for name, c in self._children.items()}
 
     def restart_child(self, name: str) -> bool:
@@ -148,15 +150,17 @@ class SupervisorActor(pykka.ThreadingActor):
             if c.timer is not None:
                 c.timer.cancel()
             c.backoff_s = BACKOFF_MIN_S
-            c.early = ("", 0)
+            if c.state == "failed" and c.spec.on_failed:
+                c.spec.on_failed("")  # trying again: requests may wait for it once more
             self._spawn(c)
+        c.early, c.problem = ("", 0), ""  # a new attempt (a new plan): nothing to count it against
         return True
 
     # --- actor thread ---
     def _spawn(self, c: _Child) -> None:
         c.generation += 1
         c.state = "starting"
-        c.stage, c.fault, c.last_words, c.last_error = "", None, "", False
+        c.stage, c.fault = "", None
         env = {**os.environ, **c.spec.env, "ZSWARM_PARENT_PID": str(os.getpid())}
         argv = c.spec.argv() if callable(c.spec.argv) else c.spec.argv
         if argv is None:
@@ -188,7 +192,7 @@ class SupervisorActor(pykka.ThreadingActor):
         elif isinstance(message, _Report) and message.generation == c.generation:
             self._on_line(c, message)
         elif isinstance(message, _Exited) and message.generation == c.generation:
-            self._on_exit(c, message.returncode)
+            self._on_exit(c, message.returncode, message.last_words)
         elif isinstance(message, _Restart) and c.state == "backoff" and not self._stopping:
             self._spawn(c)
 
@@ -197,10 +201,7 @@ class SupervisorActor(pykka.ThreadingActor):
             c.stage = m.line
         elif m.kind == "fault":
             c.fault = fault.parse(m.line)
-        elif m.kind == "error" or (m.kind == "output" and not c.last_error):
-            c.last_words = m.line
-            c.last_error = c.last_error or m.kind == "error"
-        elif c.spec.on_report:
+        elif m.kind == "report" and c.spec.on_report:
             c.spec.on_report(m.line)
 
     def _on_ready(self, c: _Child, detail: str) -> None:
@@ -211,7 +212,7 @@ class SupervisorActor(pykka.ThreadingActor):
             c.spec.on_ready(detail)
         notify(self._listeners, "child_ready", child=c.spec.name, detail=detail)
 
-    def _on_exit(self, c: _Child, rc: int) -> None:
+    def _on_exit(self, c: _Child, rc: int, last_words: str = "") -> None:
         why = f"exited with status {rc}" if rc >= 0 else f"killed by {signal.Signals(-rc).name}"
         c.last_exit = why
         was_up = c.state in ("starting", "ready")
@@ -220,11 +221,12 @@ class SupervisorActor(pykka.ThreadingActor):
             c.state = "stopped"
             return
         planned, c.restart_now = c.restart_now, False
-        if not planned and not was_ready and c.spec.ready_prefix is not None:
-            if self._died_early(c, rc, why):
-                return
+        early = not planned and not was_ready and c.spec.ready_prefix is not None
+        if early and self._died_early(c, rc, why, last_words):
+            return
         if not planned:
-            log.warning("%s: %s", c.spec.name, why)
+            if not early:  # _died_early said it already
+                log.warning("%s: %s", c.spec.name, why)
             if self._stats is not None:
                 self._stats.inc(f"restarts_{c.spec.name}")
         if was_up and c.spec.on_down:
@@ -238,19 +240,19 @@ class SupervisorActor(pykka.ThreadingActor):
             c.backoff_s = BACKOFF_MIN_S
         self._schedule_restart(c, why)
 
-    def _died_early(self, c: _Child, rc: int, why: str) -> bool:
+    def _died_early(self, c: _Child, rc: int, why: str, last_words: str) -> bool:
         """A death before ready: report the first clearly, give up after a few. True: gave up."""
         same = c.early[0] == why
         c.early = (why, c.early[1] + 1 if same else 1)
-        c.problem = explain(c.spec.name, rc, c.stage, c.fault, c.last_words)
+        c.problem = explain(c.spec.name, rc, c.stage, c.fault, last_words)
         if c.early[1] == 1:
             log.error("%s", c.problem)
         else:
             log.warning("%s: %s again before it was ready (%d in a row)", c.spec.name, why, c.early[1])
-        if c.early[1] < GIVE_UP_AFTER or rc >= 0 or -rc not in FAULTS:
+        own_fault = rc < 0 and -rc in fault.SIGNALS and not (c.fault and "sender_pid" in c.fault)
+        if c.early[1] < GIVE_UP_AFTER or not own_fault:
             return False
         c.state = "failed"
-        c.restarts += 1
         c.problem = f"{c.problem} (gave up after {c.early[1]} identical failures before ready)"
         log.error("%s: not restarting it: it died %d times in a row the same way before it was ready",
                   c.spec.name, c.early[1])
@@ -324,6 +326,8 @@ def explain(name: str, rc: int, stage: str, report: dict | None, last_words: str
     sig = signal.Signals(-rc).name
     where = f" ({fault.describe(report)})" if report else ""
     head = f"the {name} was killed by {sig} before it was ready{doing}{where}"
+    if report and "sender_pid" in report:
+        return f"{head}: another process stopped it; it is restarted"
     if sig == "SIGILL":
         return (f"{head}: llama.cpp uses CPU instructions this machine cannot execute (built for "
                 f"another CPU, or for a feature this CPU advertises but cannot run); rebuild it "
@@ -334,9 +338,12 @@ def explain(name: str, rc: int, stage: str, report: dict | None, last_words: str
 
 
 def _watch(ref: pykka.ActorRef, spec: ChildSpec, proc: subprocess.Popen, generation: int) -> None:
-    """Runs in a watcher thread: relays the child's output to the log, and its READY and exit."""
+    """Runs in a watcher thread: relays the child's output to the log, and its READY, STAGE,
+    FAULT and report lines and its exit (with its last words) to the actor. Ordinary log lines
+    cost the actor nothing: the last one is kept here and sent with the exit."""
     child_log = logging.getLogger(f"zswarm.child.{spec.name}")
     assert proc.stdout is not None
+    last_words, last_error = "", False
     for raw in proc.stdout:
         line = raw.decode(errors="replace").rstrip()
         if spec.ready_prefix and line.startswith(spec.ready_prefix):
@@ -351,17 +358,22 @@ def _watch(ref: pykka.ActorRef, spec: ChildSpec, proc: subprocess.Popen, generat
         elif line:
             child_log.info("%s", line)
             level, words = _words(line)
-            _tell(ref, _Report(spec.name, generation, words, "error" if level in ("ERROR", "CRITICAL") else "output"))
+            if level in ("ERROR", "CRITICAL"):
+                last_words, last_error = words, True
+            elif not last_error:
+                last_words = words
     rc = proc.wait()
-    _tell(ref, _Exited(spec.name, generation, rc))
+    _tell(ref, _Exited(spec.name, generation, rc, last_words))
+
+
+_CHILD_LOG = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ [\w.-]+\[\d+\] ([A-Z]+) (.*)$")
 
 
 def _words(line: str) -> tuple[str, str]:
-    """(level, text) of a child's log line ("time child[pid] LEVEL text"); level "" if none."""
-    for level in ("ERROR", "CRITICAL", "WARNING", "INFO", "DEBUG"):
-        head, sep, rest = line.partition(f" {level} ")
-        if sep and "[" in head:
-            return level, rest.strip()[:300]
+    """(level, text) of a child's log line ("date time child[pid] LEVEL text"); level "" if not one."""
+    m = _CHILD_LOG.match(line)
+    if m:
+        return m.group(1), m.group(2).strip()[:300]
     return "", line.strip()[:300]
 
 

@@ -206,7 +206,7 @@ class _Completions:
         oreq = schema.parse(self._kind, _read_body(req, self._max_body_bytes))
         if oreq.model not in _model_list(self._backend):
             problem = self._backend.problem()
-            if problem:  # this node should serve but cannot: say why (503), not "no such model"
+            if problem and not _model_list(self._backend):  # this node should serve but cannot: say why
                 raise ApiError(503, f"This node cannot serve: {problem}", code="engine_down")
             raise _no_model(oreq.model)
         track.model = oreq.model
