@@ -5,8 +5,11 @@
 - :class:`StopFlag`: SIGTERM/SIGINT set it. The handler only appends to a list: a handler that
   took a lock (``Event.set``) would deadlock if a second signal arrived inside the first.
 - :func:`die_with_parent`: SIGTERM when the node dies, even by SIGKILL. Each child asks for it
-  itself, first thing: the node is threaded, and code run between fork and exec
+  itself as it starts its main (after its imports; a parent that died meanwhile is caught by the
+  check that follows): the node is threaded, and code run between fork and exec
   (``preexec_fn``) can deadlock the child there (Python's subprocess documentation).
+- :func:`stage`: a ``STAGE`` handshake line, so the node can say what a child was doing when
+  it died before READY.
 """
 
 from __future__ import annotations
@@ -45,6 +48,11 @@ def die_with_parent() -> None:
         return
     if os.getppid() != parent_pid():
         os.kill(os.getpid(), signal.SIGTERM)
+
+
+def stage(handshake: IO[str], what: str) -> None:
+    handshake.write(f"STAGE {what}\n")
+    handshake.flush()
 
 
 def take_stdout() -> IO[str]:

@@ -210,18 +210,21 @@ def load_model(spec: LoadSpec) -> _Model:
     return model
 
 
-PROOF_TEXT = b"Hello"  # what prove() evaluates: a couple of tokens in any vocabulary
+# What prove() evaluates: about 60 tokens in any vocabulary, one batch, so the prompt-processing
+# kernels (matrix-matrix, repacked weights) run as well as the one-token path of generation.
+PROOF_TEXT = b" ".join([b"The quick brown fox jumps over the lazy dog."] * 6)
+PROOF_TOKENS = 64
 
 
 def prove(model: llama_cpp.Llama) -> None:
     """Run one real forward pass (a couple of prompt tokens) and forget it.
 
     A build that uses instructions this CPU cannot execute dies here, by SIGILL, before the
-    engine says READY rather than at a user's first request; in worker mode the pass crosses every
+    engine says READY rather than at a user's first request (prompt and generation kernels both); in worker mode the pass crosses every
     RPC server, so a worker whose build cannot compute is caught too. Raises LoadError if the
     pass fails without killing the process.
     """
-    tokens = model.tokenize(PROOF_TEXT, add_bos=True, special=False)
+    tokens = model.tokenize(PROOF_TEXT, add_bos=True, special=False)[:min(PROOF_TOKENS, model.n_ctx() - 1)]
     try:
         model.eval(tokens)
     except (RuntimeError, ValueError) as e:

@@ -71,7 +71,7 @@ import zmq
 from .. import wire
 from ..transport import SocketLoop, Stats
 from . import fault
-from .child import StopFlag, parent_pid, take_stdout
+from .child import StopFlag, parent_pid, stage, take_stdout
 from .loading import LoadError, LoadSpec, load_model, prove
 from .model import ModelMissing, default_model_path, model_name
 from .scheduler import _STOP_MESSAGES, Job, Scheduler
@@ -80,7 +80,8 @@ from .slots import Slot
 log = logging.getLogger("zswarm.engine")
 
 MAX_REQUEST_BYTES = 16 << 20  # a prompt filling a 128k-token context is ~0.5 MB; larger is hostile
-STOP_GRACE_S = 1.0  # how long shutdown waits for slots to send their last Fail before exiting
+STOP_GRACE_S = 0.3  # how long shutdown waits for slots to send their last Fail before exiting
+# (less than the supervisor's STOP_GRACE_S, 0.5 s, after which the node SIGKILLs its children)
 SEND_LINGER_MS = 200  # lets those last replies leave the socket on the way out
 
 
@@ -271,11 +272,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def _stage(handshake, what: str) -> None:
-    handshake.write(f"STAGE {what}\n")
-    handshake.flush()
-
-
 def main(argv: list[str] | None = None) -> int:
     handshake = take_stdout()
     fault.install(handshake.fileno())
@@ -307,14 +303,14 @@ def main(argv: list[str] | None = None) -> int:
     slots = []
     layers: dict[str, int] | None = None
     try:
-        _stage(handshake, "loading")
+        stage(handshake, "loading")
         for i in range(args.parallel):
             if stop.is_set():
                 return _shutdown(ctx, engine, sched, slots, stats)
             llm = load_model(spec)
             layers = llm.layers
             slots.append(Slot(i, llm, sched, engine.reply, args.node_id))
-        _stage(handshake, "proving")
+        stage(handshake, "proving")
         prove(llm)  # every slot runs the same build and devices: one pass proves them all
     except LoadError as e:
         log.error("%s", e)

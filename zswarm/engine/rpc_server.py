@@ -53,7 +53,7 @@ import threading
 import time
 
 from . import fault
-from .child import StopFlag, parent_pid, take_stdout
+from .child import StopFlag, parent_pid, stage, take_stdout
 from .ggml import GGML_BACKEND_DEVICE_TYPE_CPU, device_memory, ggml
 from .selftest import compute_on
 
@@ -175,8 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     if not cpu:
         log.error("ggml has no CPU device")
         return 2
-    handshake.write("STAGE proving\n")
-    handshake.flush()
+    stage(handshake, "proving")
     try:
         compute_on(cpu)
     except (RuntimeError, OSError, AttributeError) as e:
