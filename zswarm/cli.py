@@ -79,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["doctor"] and (len(argv) == 1 or argv[1] not in ROLES):
+    if argv[:1] == ["doctor"] and (len(argv) == 1 or argv[1] not in (*ROLES, "-h", "--help")):
         argv.insert(1, "server")  # `zswarm doctor [--flags]` checks for a server
     args = build_parser().parse_args(argv)
     try:

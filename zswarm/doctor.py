@@ -79,8 +79,11 @@ def check_model(model: str | None) -> Check:
         p = Path(model)
         if not p.is_file():
             return Check("model", FAIL, f"{model} is not a file", "give --model the path of a GGUF file")
-        with open(p, "rb") as f:
-            magic = f.read(4)
+        try:
+            with open(p, "rb") as f:
+                magic = f.read(4)
+        except OSError as e:
+            return Check("model", FAIL, f"{model}: {e.strerror or e}", "make the file readable by this user")
         if magic != b"GGUF":
             return Check("model", FAIL, f"{model} is not a GGUF file (it starts {magic!r})",
                          "give --model a GGUF file")
@@ -120,6 +123,13 @@ def check_state_dir(path: str) -> Check:
             pass
     except OSError as e:
         return Check("state dir", FAIL, f"{path}: {e.strerror or e}", fix)
+    from .state import StateDir, StateDirError
+
+    try:
+        StateDir(p).claim().release()
+    except StateDirError as e:  # a node runs there: fine when doctoring it, fatal for a second one
+        return Check("state dir", WARN, str(e).split(":")[0] + " (a second node there is refused)",
+                     "give the new node its own --state-dir")
     return Check("state dir", OK, f"{path} is writable")
 
 
@@ -213,8 +223,11 @@ def run_checks(role: str, cfg: dict[str, Any], generation: bool = True) -> list[
         add(check_model(cfg.get("model")))
     token_check, token = check_token(cfg.get("token"))
     add(token_check)
-    p2p = token is not None or (role == "server" and cfg.get("p2p")) or role == "federated" or (
-        role == "worker" and not cfg.get("no_p2p"))
+    if token_check is None and role != "server" and not (role == "worker" and cfg.get("no_p2p")):
+        add(Check("token", FAIL, f"zswarm {role} needs a cluster token",
+                  "--token or ZSWARM_TOKEN (make one with `zswarm token new`)"))
+    static_worker = role == "worker" and cfg.get("no_p2p")
+    p2p = not static_worker and (token is not None or role == "federated" or role == "worker" or cfg.get("p2p"))
     if role in ("server", "federated"):
         add(check_port("API", cfg["address"]))
     if role == "worker" and cfg.get("no_p2p"):
@@ -227,7 +240,7 @@ def run_checks(role: str, cfg: dict[str, Any], generation: bool = True) -> list[
     if p2p:
         add(check_interfaces(cfg.get("mdns_interfaces") or [], not cfg.get("no_mdns")))
     add(check_nofile())
-    if token is not None and not cfg.get("local_only"):
+    if token is not None and p2p and not cfg.get("local_only"):
         for endpoint in dict.fromkeys(list(token.bootstrap) + list(cfg.get("bootstrap") or [])):
             add(check_peer(endpoint, token.derive()))
     return checks

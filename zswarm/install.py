@@ -172,9 +172,11 @@ def check(python: str = sys.executable, model: str | None = None,
         return result
     for line in p.stdout.splitlines():
         try:
-            result.update(json.loads(line))
+            said = json.loads(line)
         except ValueError:
-            pass
+            continue
+        if isinstance(said, dict):
+            result.update(said)
     fix = f"rebuild it for this machine: {rebuild_command()}"
     if p.returncode < 0:
         import signal as _signal
@@ -196,6 +198,9 @@ def check(python: str = sys.executable, model: str | None = None,
             result["problem"] = f"llama.cpp failed a test generation ({last}); {fix}"
     elif model and "generated" not in result:
         result["problem"] = f"the test generation produced nothing; {fix}"
+    elif result.get("version") != llama_pin().split("==")[-1]:
+        result["problem"] = (f"llama-cpp-python {result.get('version')} is installed, zswarm needs "
+                             f"{llama_pin()}; {fix}")
     else:
         result["ok"] = True
     return result

@@ -38,7 +38,7 @@ from .actors.listener import notify
 from .actors.sharder import PlanBox
 from .actors.supervisor import RESTARTING, ChildSpec, SupervisorActor
 from .membership import Timing
-from .state import StateDir
+from .state import StateDir, StateDirError
 from .token import Token
 from .transport import Stats, ZapHandler
 from .tunnel import TunnelEntry, TunnelExit
@@ -150,7 +150,7 @@ class Node:
     def __init__(self, settings: NodeSettings):
         self.s = settings
         self.stats = Stats()
-        self.state = StateDir(settings.state_dir).ensure()
+        self.state = StateDir(settings.state_dir).claim()  # StateDirError: one line, nothing bound
         self.keys = settings.token.derive() if settings.token else None
         self.ctx = zmq.Context()
         self.zap = ZapHandler(self.ctx, self.keys, self.stats) if self.keys else None
@@ -252,6 +252,8 @@ class Node:
 
             def failed(problem: str) -> None:
                 gw.engine_failed(problem)  # requests get a 503 with the problem, /readyz says it
+                if not problem:  # tried again (restart_child)
+                    return
                 notify([balancer], "engine_down")
                 if ledger_proxy is not None:
                     ledger_proxy.update_own(models=[])
@@ -518,7 +520,11 @@ def run(settings: NodeSettings, ready_line: str | None = None) -> int:
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
     signal.signal(signal.SIGUSR1, pykka.debug.log_thread_tracebacks)
-    node = Node(settings)
+    try:
+        node = Node(settings)
+    except StateDirError as e:
+        print(f"zswarm: error: {e}", file=sys.stderr)
+        return 1
     status = 1
     try:
         status = _serve(node, settings, ready_line, stopping)
