@@ -129,6 +129,9 @@ class FakeBackend:
     def problem(self) -> str:
         return getattr(self, "problem_text", "")
 
+    def recent(self) -> list[str]:
+        return list(getattr(self, "recent_names", []))
+
     def generate(self, req: wire.GenRequest) -> Iterator[object]:
         yield wire.Chunk(req.id, "Hel")
         yield wire.Chunk(req.id, "lo")

@@ -66,6 +66,9 @@ class ScriptedBackend:
     def problem(self) -> str:
         return getattr(self, "problem_text", "")
 
+    def recent(self) -> list[str]:
+        return list(getattr(self, "recent_names", []))
+
     def generate(self, req: wire.GenRequest) -> Iterator[object]:
         self.requests.append(req)
         try:

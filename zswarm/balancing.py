@@ -9,8 +9,8 @@ Policies:
   no herding when many entry points share stale load figures;
 - ``least-busy``: fewest in flight, ties at random;
 - ``round-robin``; ``random``.
-A node that failed ``COOLDOWN_AFTER`` times in a row is skipped for ``cooldown_s`` unless no other
-node serves the model.
+A node that failed ``COOLDOWN_AFTER`` times in a row, or timed out once, is skipped for
+``cooldown_s`` unless no other node serves the model.
 """
 
 from __future__ import annotations
@@ -110,16 +110,22 @@ class Router:
     def started(self, node: str) -> None:
         self.in_flight[node] = self.in_flight.get(node, 0) + 1
 
-    def finished(self, node: str, ok: bool) -> None:
-        self.in_flight[node] = max(0, self.in_flight.get(node, 0) - 1)
+    def finished(self, node: str, ok: bool, cool: bool = False) -> None:
+        """A request on ``node`` ended. ``cool``: a failure that cools the node down at once
+        (it timed out: the next request would most likely wait as long)."""
+        self.released(node)
         h = self._health.setdefault(node, _Health())
         if ok:
             h.failures, h.until = 0, 0.0
             self.served[node] = self.served.get(node, 0) + 1
         else:
             h.failures += 1
-            if h.failures >= COOLDOWN_AFTER:
+            if cool or h.failures >= COOLDOWN_AFTER:
                 h.until = self.clock() + self.cooldown_s
+
+    def released(self, node: str) -> None:
+        """A request left ``node`` without telling anything about its health (its client cancelled)."""
+        self.in_flight[node] = max(0, self.in_flight.get(node, 0) - 1)
 
     def cooling(self) -> list[str]:
         now = self.clock()

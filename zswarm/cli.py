@@ -212,7 +212,8 @@ def cmd_node(args: argparse.Namespace) -> int:
                   "trusted network, or use p2p mode (a token) where it is tunnelled over CURVE.",
                   file=sys.stderr)
     if role in ("server", "federated"):
-        http = HttpSettings(address=cfg["address"], api_keys=cfg["api_keys"], workers=cfg["http_workers"])
+        http = HttpSettings(address=cfg["address"], api_keys=cfg["api_keys"], workers=cfg["http_workers"],
+                            request_timeout_s=cfg["request_timeout_s"])
     settings = NodeSettings(
         role=role, token=token, state_dir=cfg["state_dir"] or default_state_dir(role),
         p2p_listen=cfg["p2p_listen"], advertise=cfg["advertise"], bootstrap=cfg["bootstrap"],

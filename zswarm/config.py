@@ -81,6 +81,22 @@ def default_state_dir(role: str) -> str:
 
 
 DEFAULT_P2P_PORT = 7340
+# The longest a request may be given (a day): a typo such as 6e9 would make a hung request live forever.
+MAX_REQUEST_TIMEOUT_S = 86400.0
+# A request's default timeout: the official OpenAI clients wait 600 s by default, so the cluster
+# stops working on an answer about when its client stops waiting for it.
+DEFAULT_REQUEST_TIMEOUT_S = 600.0
+
+
+def parse_seconds(text: str) -> float:
+    """A positive number of seconds, at most MAX_REQUEST_TIMEOUT_S."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise ConfigError(f"expected a number of seconds, got {text!r}") from None
+    if not 0 < value <= MAX_REQUEST_TIMEOUT_S:
+        raise ConfigError(f"expected seconds between 0 and {MAX_REQUEST_TIMEOUT_S:g}, got {text!r}")
+    return value
 
 NODE_OPTIONS: list[Opt] = [
     Opt("token", ("--token",), ("ZSWARM_TOKEN", "LOCALAI_P2P_TOKEN", "P2P_TOKEN", "TOKEN"), None,
@@ -188,6 +204,9 @@ HTTP_OPTIONS: list[Opt] = [
         "send every request to this node (id or name)", metavar="ID"),
     Opt("http_workers", ("--http-workers",), ("ZSWARM_HTTP_WORKERS",), 1,
         "gunicorn worker processes for the API", parse=parse_positive_int, metavar="N"),
+    Opt("request_timeout_s", ("--request-timeout",), ("ZSWARM_REQUEST_TIMEOUT_S",), DEFAULT_REQUEST_TIMEOUT_S,
+        "seconds a request may take, queueing included, before the client gets 504 (a request may "
+        "ask for another with the X-Zswarm-Timeout header)", parse=parse_seconds, metavar="SECONDS"),
 ]
 
 

@@ -88,6 +88,7 @@ class HttpSettings:
     address: str = "127.0.0.1:8080"
     api_keys: list[str] = field(default_factory=list)
     workers: int = 1
+    request_timeout_s: float = 600.0  # config.DEFAULT_REQUEST_TIMEOUT_S
 
 
 @dataclass
@@ -266,7 +267,8 @@ class Node:
         if s.http is not None:
             env = {"ZSWARM_NODE_ENDPOINT": self.state.endpoint("gateway"), "ZSWARM_ADDRESS": s.http.address,
                    "ZSWARM_API_KEYS": ",".join(s.http.api_keys), "ZSWARM_NODE_NAME": s.name,
-                   "ZSWARM_HTTP_WORKERS": str(s.http.workers), "ZSWARM_STATE_DIR": str(self.state.path)}
+                   "ZSWARM_HTTP_WORKERS": str(s.http.workers), "ZSWARM_STATE_DIR": str(self.state.path),
+                   "ZSWARM_REQUEST_TIMEOUT_S": str(s.http.request_timeout_s)}
             sup.start_child(ChildSpec("http", http_argv(), env, ready_prefix=None)).get(timeout=START_TIMEOUT_S)
             self.http_url = f"http://{s.http.address}"
 

@@ -206,7 +206,13 @@ class GenRequest(msgspec.Struct, tag=101, kw_only=True, omit_defaults=True):
     seed: Union[int, None] = None
     deadline: float = 0.0  # unix seconds after which nobody waits for the answer; 0: none
     target_node: str = ""  # route to this node only (LocalAI's target worker)
-    hops: int = 0  # incremented by each gateway that forwards it; refused past 2
+    hops: int = 0  # incremented by each gateway that forwards it; a gateway refuses hops > 1
+    # seconds left to answer, as the sender saw it when it sent; each hop re-bases it on its own
+    # clock (``deadline`` is the same instant in wall-clock form, for the engine on this machine)
+    timeout_s: float = 0.0
+    # the client gets the answer whole (not streamed): its entry gateway holds the chunks, so the
+    # request can be retried on another node until its Done
+    whole: bool = False
 
 
 class Cancel(msgspec.Struct, tag=102):
@@ -248,6 +254,9 @@ class ModelsReply(msgspec.Struct, tag=107):
     # why this node serves nothing although it should (its engine failed before ready, with the
     # remedy); "" when there is nothing to say. Answered to the node's own HTTP app only.
     problem: str = ""
+    # models served lately that no node serves right now (a restart, a brief partition): the HTTP
+    # app answers them 503 with Retry-After, not 404. Answered to the node's own HTTP app only.
+    recent: list[str] = []
 
 
 FAIL_CODES = {

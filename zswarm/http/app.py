@@ -22,7 +22,8 @@ from .. import wire
 from . import schema
 from .backend import Backend, BackendUnavailable, Reply
 from .cluster import NO_CLUSTER, ClusterSource, Nodes, TokenText
-from .errors import NODE_HEADER, ApiError, from_fail, handle_unexpected, serialize_error
+from ..config import DEFAULT_REQUEST_TIMEOUT_S, ConfigError, parse_seconds
+from .errors import NODE_HEADER, RETRY_LATER, ApiError, from_fail, handle_unexpected, serialize_error
 from .metrics import HttpMetrics, MetricsResource, Track, make_registry
 from .openapi import OpenApi
 from .pages import Root, Static
@@ -35,11 +36,15 @@ MAX_BODY_BYTES = 1 << 20  # a long chat history is tens of KiB; anything near 1 
 # the cluster data and the token through the guarded /api/p2p routes).
 PUBLIC_PATHS = frozenset({"/", "/healthz", "/readyz", "/openapi.json", "/swarm"})
 PUBLIC_PREFIXES = ("/swarm/",)
+TIMEOUT_HEADER = "X-Zswarm-Timeout"
 
 
 def create_app(backend: Backend, api_keys: Iterable[str] = (), node_name: str = "",
-               max_body_bytes: int = MAX_BODY_BYTES, cluster: ClusterSource | None = None) -> falcon.App:
+               max_body_bytes: int = MAX_BODY_BYTES, cluster: ClusterSource | None = None,
+               request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S) -> falcon.App:
     """The app for one node. ``node_name`` goes in ``X-Zswarm-Node`` when no node answered.
+    ``request_timeout_s``: a completion's timeout unless its ``X-Zswarm-Timeout`` header asks
+    for another; past it the client gets 504 and the node stops working on it.
 
     ``cluster`` is the node's view of the cluster (the admin socket, see
     :class:`~zswarm.http.cluster.AdminCluster`); without it the ``/api/p2p`` routes answer 503
@@ -59,8 +64,8 @@ def create_app(backend: Backend, api_keys: Iterable[str] = (), node_name: str = 
     app.add_route("/swarm/{asset}", Static())
     app.add_route("/v1/models", _Models(backend))
     app.add_route("/v1/models/{model_id}", _Models(backend), suffix="one")
-    app.add_route("/v1/chat/completions", _Completions(backend, "chat", node_name, max_body_bytes, metrics))
-    app.add_route("/v1/completions", _Completions(backend, "completion", node_name, max_body_bytes, metrics))
+    for path, kind in (("/v1/chat/completions", "chat"), ("/v1/completions", "completion")):
+        app.add_route(path, _Completions(backend, kind, node_name, max_body_bytes, metrics, request_timeout_s))
     nodes = Nodes(cluster or NO_CLUSTER)
     app.add_route("/api/p2p", nodes)
     app.add_route("/api/p2p/stats", nodes, suffix="stats")
@@ -130,7 +135,19 @@ def _model_list(backend: Backend) -> list[str]:
     try:
         return backend.models()
     except BackendUnavailable as e:
-        raise ApiError(503, f"The node is not available: {e}", code="node_unavailable") from None
+        raise ApiError(503, f"The node is not available: {e}", code="node_unavailable",
+                       headers=RETRY_LATER) from None
+
+
+def _timeout(req: falcon.Request, default_s: float) -> float:
+    """The request's timeout: its ``X-Zswarm-Timeout`` header (seconds), else ``default_s``."""
+    raw = req.get_header(TIMEOUT_HEADER)
+    if raw is None:
+        return default_s
+    try:
+        return parse_seconds(raw.strip())
+    except ConfigError as e:
+        raise ApiError(400, f"{TIMEOUT_HEADER}: {e}", param=TIMEOUT_HEADER) from None
 
 
 def _model_obj(name: str) -> dict:
@@ -183,8 +200,9 @@ class _Completions:
     """POST /v1/chat/completions (kind "chat") and POST /v1/completions (kind "completion")."""
 
     def __init__(self, backend: Backend, kind: str, node_name: str, max_body_bytes: int,
-                 metrics: HttpMetrics):
+                 metrics: HttpMetrics, timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S):
         self._backend = backend
+        self._timeout_s = timeout_s
         self._kind = kind
         self._node_name = node_name
         self._max_body_bytes = max_body_bytes
@@ -203,17 +221,21 @@ class _Completions:
         # a whole answer was counted when it was built; a stream is counted when it ends
 
     def _post(self, req: falcon.Request, resp: falcon.Response, track: Track) -> None:
+        timeout_s = _timeout(req, self._timeout_s)
         oreq = schema.parse(self._kind, _read_body(req, self._max_body_bytes))
-        if oreq.model not in _model_list(self._backend):
+        models = _model_list(self._backend)
+        if oreq.model not in models and oreq.model not in self._backend.recent():
+            # (a model served lately goes on to the node, which waits for it or answers a 503)
             problem = self._backend.problem()
-            if problem and not _model_list(self._backend):  # this node should serve but cannot: say why
-                raise ApiError(503, f"This node cannot serve: {problem}", code="engine_down")
+            if problem and not models:  # this node should serve but cannot: say why
+                raise ApiError(503, f"This node cannot serve: {problem}", code="engine_down",
+                               headers=RETRY_LATER)
             raise _no_model(oreq.model)
         track.model = oreq.model
         request_id = uuid.uuid4().hex
         replies = schema.Replies(self._kind, request_id, oreq.model)
         try:
-            items = iter(self._backend.generate(schema.to_gen_request(oreq, request_id)))
+            items = iter(self._backend.generate(schema.to_gen_request(oreq, request_id, timeout_s)))
             # Until the first item, nothing is promised: a Fail now is an ordinary HTTP error.
             first = self._next(items, request_id, started=False)
         except BaseException:

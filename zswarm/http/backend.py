@@ -25,6 +25,11 @@ class Backend(Protocol):
         :meth:`models`; "" when there is nothing wrong. Never raises."""
         ...
 
+    def recent(self) -> list[str]:
+        """Models served lately that no node serves right now, as of the last :meth:`models`
+        (a restart, a brief partition): worth a retry, unlike a model never heard of. Never raises."""
+        ...
+
     def generate(self, req: wire.GenRequest) -> Iterator[Reply]:
         """Blocking iterator over the answer to ``req``.
 

@@ -18,6 +18,10 @@ from .. import wire
 log = logging.getLogger(__name__)
 
 NODE_HEADER = "X-Zswarm-Node"
+# On a 503 that a retry can cure (a restart, no route for a moment, every slot busy): OpenAI's
+# clients retry 5xx answers and wait what Retry-After says (seconds) before they do.
+RETRY_AFTER_S = 1
+RETRY_LATER = {"Retry-After": str(RETRY_AFTER_S)}
 
 # Statuses Python's http module does not know; Falcon would send "499 Unknown".
 _REASONS = {499: "Client Closed Request"}
@@ -54,7 +58,8 @@ def error_body(status: int, message: str, *, type: str | None = None, param: str
 def from_fail(fail: wire.Fail, node_name: str) -> ApiError:
     """The HTTP answer to a Fail that came before anything was sent to the client."""
     status = wire.FAIL_CODES.get(fail.code, 500)
-    return ApiError(status, fail.message or fail.code, code=fail.code, node=fail.node or node_name)
+    return ApiError(status, fail.message or fail.code, code=fail.code, node=fail.node or node_name,
+                    headers=RETRY_LATER if status == 503 else None)
 
 
 def serialize_error(req: falcon.Request, resp: falcon.Response, exc: falcon.HTTPError) -> None:

@@ -25,6 +25,8 @@ from .backend import BackendUnavailable, Reply
 
 log = logging.getLogger(__name__)
 
+DEADLINE_GRACE_S = 2.0  # past a request's timeout, how long to wait for the node's own 504
+
 
 class _ThreadSocket:
     """One thread's socket; closed when that thread ends and its thread-local values are dropped
@@ -63,6 +65,7 @@ class NodeBackend:
         self._ctx: zmq.Context | None = None
         self._models: tuple[float, list[str]] | None = None  # (monotonic time fetched, names)
         self._problem = ""  # from the last ModelsReply
+        self._recent: list[str] = []  # from the last ModelsReply
 
     # --- the Backend protocol; any thread ---
     def models(self) -> list[str]:
@@ -79,6 +82,7 @@ class NodeBackend:
                 with self._lock:
                     self._models = (time.monotonic(), list(body.models))
                     self._problem = body.problem
+                    self._recent = list(body.recent)
                 return list(body.models)
         raise BackendUnavailable(f"the node at {self.endpoint} did not answer within {self.quick_timeout_s} s")
 
@@ -86,21 +90,32 @@ class NodeBackend:
         with self._lock:
             return self._problem
 
+    def recent(self) -> list[str]:
+        with self._lock:
+            return list(self._recent)
+
     def generate(self, req: wire.GenRequest) -> Iterator[Reply]:
         sock = self._socket()
         if not self._send(sock, req):
             yield wire.Fail(id=req.id, code="timeout",
                             message=f"The node did not take the request within {self.quick_timeout_s} s.")
             return
-        for body in self._replies(sock, req.id, self.timeout_s):
+        # the node ends the request at its deadline (a Fail "timeout"); waiting a little longer
+        # than that covers a node too stuck to say so
+        until = time.monotonic() + req.timeout_s + DEADLINE_GRACE_S if req.timeout_s else None
+        started = False
+        for body in self._replies(sock, req.id, self.timeout_s, until):
             if isinstance(body, wire.Chunk):
+                started = True
                 yield body
             elif isinstance(body, (wire.Done, wire.Fail)):
                 yield body
                 return
         self.cancel(req.id)  # the node may still be working on it; tell it to stop
-        yield wire.Fail(id=req.id, code="timeout",
-                        message=f"The node sent nothing for {self.timeout_s} s.", started=False)
+        late = until is not None and time.monotonic() >= until
+        yield wire.Fail(id=req.id, code="timeout", started=started,
+                        message=f"No answer within the request's timeout of {req.timeout_s:g} s." if late
+                        else f"The node sent nothing for {self.timeout_s} s.")
 
     def cancel(self, request_id: str) -> None:
         try:
@@ -146,10 +161,12 @@ class NodeBackend:
             return False
         return True
 
-    def _replies(self, sock: zmq.Socket, request_id: str, timeout_s: float) -> Iterator[object]:
-        """Bodies addressed to ``request_id``, until ``timeout_s`` passes without one."""
+    def _replies(self, sock: zmq.Socket, request_id: str, timeout_s: float,
+                 until: float | None = None) -> Iterator[object]:
+        """Bodies addressed to ``request_id``, until ``timeout_s`` passes without one, or ``until``
+        (monotonic) passes."""
         deadline = time.monotonic() + timeout_s
-        while (left := deadline - time.monotonic()) > 0:
+        while (left := min(deadline, until or deadline) - time.monotonic()) > 0:
             if not sock.poll(max(1, int(left * 1000)), zmq.POLLIN):
                 return
             try:

@@ -109,9 +109,13 @@ def _text(content: Union[str, list[ContentPart], None]) -> str:
     return content or ""
 
 
-def to_gen_request(req: Union[ChatRequest, CompletionRequest], request_id: str) -> wire.GenRequest:
+def to_gen_request(req: Union[ChatRequest, CompletionRequest], request_id: str,
+                   timeout_s: float = 0.0) -> wire.GenRequest:
+    """``timeout_s``: seconds the cluster may take to answer (0: no limit)."""
     common: dict[str, Any] = dict(
         id=request_id,
+        timeout_s=timeout_s,
+        whole=not req.stream,  # the client sees nothing before Done: retryable until then
         model=req.model,
         max_tokens=req.max_tokens,
         temperature=1.0 if req.temperature is None else req.temperature,

@@ -8,6 +8,8 @@ Configuration comes from the environment, which the node sets when it starts gun
 - ``ZSWARM_NODE_TIMEOUT_S``: seconds without a word from the node before a request fails (300;
   a node that is down fails requests within 5 s, see NodeBackend).
 - ``ZSWARM_MAX_BODY_BYTES``: largest request body accepted (1048576).
+- ``ZSWARM_REQUEST_TIMEOUT_S``: a request's timeout unless it asks for another (600; see
+  ``zswarm server --help``).
 - ``ZSWARM_STATE_DIR``: the node's state directory, whose admin socket gives the cluster's
   nodes, the token and the node's counters (``/api/p2p``, ``/swarm``, ``/metrics``); unset:
   those routes answer 503 and ``/metrics`` has only this process's HTTP series.
@@ -24,6 +26,7 @@ import socket
 import falcon
 from gunicorn.errors import AppImportError
 
+from ..config import DEFAULT_REQUEST_TIMEOUT_S
 from .app import MAX_BODY_BYTES, create_app
 from .cluster import AdminCluster
 from .node_backend import NodeBackend
@@ -62,4 +65,5 @@ def app_factory(env: dict[str, str] | None = None) -> falcon.App:
         node_name=env.get("ZSWARM_NODE_NAME", "").strip() or socket.gethostname(),
         max_body_bytes=_number(env, "ZSWARM_MAX_BODY_BYTES", MAX_BODY_BYTES, int),
         cluster=AdminCluster(state_dir) if state_dir else None,
+        request_timeout_s=_number(env, "ZSWARM_REQUEST_TIMEOUT_S", DEFAULT_REQUEST_TIMEOUT_S),
     )
