@@ -242,7 +242,7 @@ class Table:
             if route is not None:
                 self._send_quietly(route, wire.Cancel(f.req.id))
                 self.router.finished(route.node, ok=False, cool=True)  # a slow node waits its turn
-            self._fail(f, "timeout", f"no answer within the request's timeout of {f.req.timeout_s:g} s"
+            self._fail(f, "timeout", f"no answer within the request's timeout of {f.req.timeout_s:.3g} s"
                        if f.req.timeout_s else "the request's deadline passed")
             if route is not None:
                 self._left(route)
