@@ -31,3 +31,136 @@ def test_parse_size(text, value):
 def test_parse_size_refuses(text):
     with pytest.raises(ValueError):
         parse_size(text)
+
+
+# --- who holds which worker (one server at a time), no sockets ---
+
+from zswarm.sharding import Claim, claim_step, claims_of_records, holders  # noqa: E402
+
+SETTLE = 2.0
+
+
+def step(me, usable, claims, states=None, now=100.0, known=()):
+    return claim_step(me, usable, known, claims, states or {}, now, SETTLE)
+
+
+def test_a_held_claim_beats_a_fresh_one_whatever_the_clock():
+    old = Claim("b", "w", since=500.0, held=True)  # b's clock runs late
+    fresh = Claim("a", "w", since=10.0)
+    assert holders([fresh, old], {"a": "alive", "b": "alive"})["w"] == old
+    # between claims of one kind: the earlier claim, then the lower server id
+    assert holders([Claim("b", "w", 1.0), Claim("a", "w", 2.0)], {"a": "alive", "b": "alive"})["w"].server == "b"
+    assert holders([Claim("b", "w", 1.0), Claim("a", "w", 1.0)], {"a": "alive", "b": "alive"})["w"].server == "a"
+
+
+def test_only_servers_the_ledger_holds_keep_their_claims():
+    claims = [Claim("a", "w", 1.0, True), Claim("b", "w", 2.0, True)]
+    assert holders(claims, {"a": "suspect", "b": "alive"})["w"].server == "a"  # a busy host keeps its worker
+    assert holders(claims, {"a": "dead", "b": "alive"})["w"].server == "b"  # declared dead: released
+    assert holders(claims, {"b": "alive"})["w"].server == "b"  # left, or removed
+    assert holders(claims, {}) == {}
+
+
+def test_a_free_worker_is_claimed_then_used_once_the_claim_has_stood():
+    s = step("a", ["w"], [])
+    assert s.claims == (Claim("a", "w", 100.0),) and s.settling == ("w",) and s.use == ()
+    assert s.settles_at(SETTLE) == 102.0
+    s = step("a", ["w"], list(s.claims), now=101.0)
+    assert s.use == () and s.settling == ("w",)
+    s = step("a", ["w"], list(s.claims), now=102.0)
+    assert s.claims == (Claim("a", "w", 100.0, True),) and s.use == ("w",) and s.settling == ()
+    assert s.settles_at(SETTLE) is None
+
+
+def test_a_worker_held_by_another_server_is_skipped_and_never_claimed():
+    theirs = Claim("b", "w", 50.0, True)
+    s = step("a", ["w", "x"], [theirs], {"b": "alive"})
+    assert s.taken == {"w": "b"} and [c.worker for c in s.claims] == ["x"] and s.lost == ()
+
+
+def test_two_servers_claiming_one_free_worker_at_once_agree_on_one():
+    states = {"a": "alive", "b": "alive"}
+    for ta, tb in [(100.0, 100.4), (100.4, 100.0), (100.0, 100.0)]:
+        # each claims without having seen the other's claim
+        a = step("a", ["w"], [], states, now=ta)
+        b = step("b", ["w"], [], states, now=tb)
+        # then both records reach both servers, in whatever order
+        both = list(a.claims) + list(b.claims)
+        a2 = step("a", ["w"], both, states, now=100.5)
+        b2 = step("b", ["w"], list(reversed(both)), states, now=100.5)
+        winner = "a" if (ta, "a") < (tb, "b") else "b"
+        loser, lstep, wstep = ("b", b2, a2) if winner == "a" else ("a", a2, b2)
+        assert lstep.lost == ("w",) and lstep.taken == {"w": winner} and lstep.claims == ()
+        assert wstep.lost == () and [c.worker for c in wstep.claims] == ["w"]
+        # the loser does not come back for it while the winner holds it, and the winner uses it
+        later = 103.0
+        w3 = step(winner, ["w"], list(wstep.claims), states, now=later)
+        l3 = step(loser, ["w"], list(w3.claims) + list(lstep.claims), states, now=later)
+        assert w3.use == ("w",) and l3.claims == () and l3.taken == {"w": winner}
+
+
+def test_two_servers_that_both_hold_one_worker_resolve_to_the_earlier_claim():
+    # a partition: each held w while it could not hear the other
+    states = {"a": "alive", "b": "alive"}
+    ca, cb = Claim("a", "w", 10.0, True), Claim("b", "w", 20.0, True)
+    assert step("b", ["w"], [ca, cb], states).lost == ("w",)
+    assert step("a", ["w"], [ca, cb], states).use == ("w",)
+
+
+def test_a_dead_holder_frees_its_worker_for_the_next_server():
+    theirs = Claim("a", "w", 10.0, True)
+    assert step("b", ["w"], [theirs], {"a": "suspect"}).taken == {"w": "a"}
+    s = step("b", ["w"], [theirs], {"a": "dead"})
+    assert s.taken == {} and s.claims == (Claim("b", "w", 100.0),)
+
+
+def test_a_claim_survives_a_worker_briefly_unusable_and_ends_when_it_is_gone():
+    mine = Claim("a", "w", 10.0, True)
+    s = step("a", [], [mine], known=["w"])  # suspect, or its RPC server restarting
+    assert s.claims == (mine,) and s.use == () and s.settling == ()
+    s = step("a", ["w"], list(s.claims))
+    assert s.use == ("w",)  # back: ours at once, no new settle wait
+    assert step("a", [], [mine]).claims == ()  # dead or gone: let go
+
+
+def test_claims_of_records_skip_junk():
+    records = [{"id": "a", "claims": [{"worker": "w", "since": 1.5, "held": True}, {"worker": 3}, "x",
+                                       {"worker": "v", "since": True}]},
+               {"id": 7, "claims": [{"worker": "w", "since": 1.0}]}, "junk", {"id": "b"},
+               {"id": "c", "claims": None}]
+    assert claims_of_records(records) == [Claim("a", "w", 1.5, True)]
+
+
+def test_many_servers_with_delayed_gossip_converge_to_one_holder_per_worker():
+    """Servers step on their own views of the others' claims, which arrive late and out of order;
+    once gossip catches up, every worker has one holder, every server agrees, and no two use one."""
+    import random
+
+    rnd = random.Random(11)
+    servers = ["s1", "s2", "s3", "s4"]
+    workers = ["w1", "w2", "w3"]
+    states = {s: "alive" for s in servers}
+    mine = {s: () for s in servers}
+    seen = {s: {o: () for o in servers if o != s} for s in servers}  # what s has heard of o's claims
+    now = 100.0
+    for _ in range(60):
+        now += rnd.uniform(0.05, 0.6)
+        s = rnd.choice(servers)
+        heard = [c for o in seen[s].values() for c in o]
+        mine[s] = step(s, workers, heard + list(mine[s]), states, now=now).claims
+        for o in servers:  # gossip: some servers hear s's new record now, others later
+            if o != s and rnd.random() < 0.5:
+                seen[o][s] = mine[s]
+    for _ in range(3):  # gossip catches up; everyone steps again
+        for s in servers:
+            seen_all = [c for o in servers if o != s for c in mine[o]]
+            now += 1.0
+            mine[s] = step(s, workers, seen_all + list(mine[s]), states, now=now).claims
+    everyone = [c for s in servers for c in mine[s]]
+    owners = holders(everyone, states)
+    assert set(owners) == set(workers)
+    for s in servers:
+        view = step(s, workers, everyone, states, now=now + SETTLE)
+        assert set(view.use) == {w for w, c in owners.items() if c.server == s}
+        assert view.taken == {w: c.server for w, c in owners.items() if c.server != s}
+    assert all(sum(c.worker == w for c in everyone) == 1 for w in workers)  # the losers let go

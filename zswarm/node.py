@@ -295,7 +295,7 @@ class Node:
             needed = 0  # the engine will say what is wrong with the model file
         sharder = self._start(SharderActor, self.plan_box, gateway.proxy(), supervisor.proxy(),
                               ledger.proxy() if ledger else None, open_tunnel if self.keys else None, local, needed,
-                              serve.reshard_settle_s, serve.rpc_servers, self.stats)
+                              serve.reshard_settle_s, serve.rpc_servers, self.stats, self.record.id)
         sharder.proxy().initial_plan().get(timeout=START_TIMEOUT_S)
         if ledger is not None and not serve.rpc_servers:
             ledger.proxy().add_listener(sharder).get(timeout=START_TIMEOUT_S)
@@ -344,8 +344,13 @@ class Node:
         argv = rpc_server_argv(host, int(port), w, mem_free, allow_remote=static and host not in LOOPBACK)
         supervisor.proxy().start_child(ChildSpec("rpc", argv, on_ready=up, on_down=down, on_failed=down)
                                        ).get(timeout=START_TIMEOUT_S)
+        from .actors.sharder import holder_status
+
+        own_id = self.record.id  # held_by: the server whose split this worker serves (None: free)
         admin.proxy().register_status("rpc", lambda: {"listen": f"{host}:{port}", "tunnel": tunnel,
-                                                      "mem_total": mem_total, "mem_free": mem_free})
+                                                      "mem_total": mem_total, "mem_free": mem_free,
+                                                      "held_by": holder_status(ledger_proxy, own_id)
+                                                      if ledger_proxy is not None else None})
 
     def _start(self, cls: type, *args: Any) -> pykka.ActorRef:
         with self._lock:  # stop() either sees this actor or start() sees the node closed

@@ -1,12 +1,14 @@
-"""Worker mode's arithmetic: which devices hold the model, in what proportions, and whether the
-cluster's memory can hold it at all. Pure logic; the Sharder actor acts on it.
+"""Worker mode's arithmetic: which devices hold the model, in what proportions, whether the
+cluster's memory can hold it at all, and which server holds which worker. Pure logic; the Sharder
+actor acts on it, the worker's status and the Swarm page read it.
 """
 
 from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping
 
 MIB = 1 << 20
 # A GGUF's tensors are most of what a loaded model needs; the rest is compute buffers and the
@@ -72,6 +74,128 @@ def make_plan(workers: list[Device], local: Device | None, needed: int) -> Plan:
             f"the cluster offers {total / MIB:.0f} MiB ({len(devices)} device(s)) but the model needs about "
             f"{needed / MIB:.0f} MiB: short by {(needed - total) / MIB:.0f} MiB; add a worker or raise --mem")
     return Plan(tuple(devices), tuple(d.mem / total for d in devices))
+
+
+# --- who holds which worker ---
+# llama.cpp's RPC server serves one client connection at a time: a second server dialing a worker
+# that serves a split waits until the first lets go. So a worker belongs to one server at a time.
+# Each server announces its claims in its own ledger record (one writer per record: the ledger is
+# last-writer-wins per node), and every node decides from the same records who holds a worker:
+#
+# - only claims of servers the ledger holds alive or suspect count: a server that left, or that
+#   the ledger declares dead, holds nothing;
+# - a held claim (past its settle wait: the server's engine uses the worker) beats a fresh one, so
+#   a newcomer never takes a worker in use, whatever its clock says;
+# - between two claims of the same kind the earlier ``since`` wins, then the lower server id: a
+#   total order, so two servers that claimed one free worker at the same moment agree on the
+#   winner as soon as each has the other's record; the loser lets go and plans without it.
+#
+# A server claims only workers that nobody holds in its view, and uses one only after its claim
+# has stood ``settle_s`` (time for a rival's claim to reach it) without being outranked.
+
+HOLDING_STATES = ("alive", "suspect")
+
+
+@dataclass(frozen=True)
+class Claim:
+    """One server's claim on one worker (:class:`zswarm.wire.Claim` plus who claims)."""
+
+    server: str
+    worker: str
+    since: float  # unix seconds, on the claiming server's clock
+    held: bool = False
+
+    def rank(self) -> tuple[bool, float, str]:
+        """Smaller wins."""
+        return (not self.held, self.since, self.server)
+
+
+def holders(claims: Iterable[Claim], states: Mapping[str, str]) -> dict[str, Claim]:
+    """worker id -> the winning claim, among the claims of servers whose ledger state (in
+    ``states``, server id -> "alive" | "suspect" | "dead") still holds; a server missing from
+    ``states`` (left, removed) holds nothing."""
+    best: dict[str, Claim] = {}
+    for c in claims:
+        if states.get(c.server) not in HOLDING_STATES:
+            continue
+        b = best.get(c.worker)
+        if b is None or c.rank() < b.rank():
+            best[c.worker] = c
+    return best
+
+
+@dataclass(frozen=True)
+class ClaimStep:
+    """What one server should do about its claims now (:func:`claim_step`)."""
+
+    claims: tuple[Claim, ...]  # what its record should announce
+    use: tuple[str, ...]  # workers it holds and may plan with
+    settling: tuple[str, ...]  # claimed, waiting for a rival's claim until ``since + settle_s``
+    taken: dict[str, str] = field(default_factory=dict)  # worker -> the other server that holds it
+    lost: tuple[str, ...] = ()  # workers it claimed that another server's claim outranks: let go
+
+    def settles_at(self, settle_s: float) -> float | None:
+        """When the first settling claim may be used (unix seconds); None if none settles."""
+        times = [c.since + settle_s for c in self.claims if c.worker in self.settling]
+        return min(times) if times else None
+
+
+def claim_step(me: str, usable: Iterable[str], known: Iterable[str], claims: Iterable[Claim],
+               states: Mapping[str, str], now: float, settle_s: float) -> ClaimStep:
+    """Server ``me``'s claims after this look at the ledger.
+
+    ``usable``: workers it could plan with now (alive, RPC server up); ``known``: workers whose
+    claims it keeps even if unusable for a moment (alive or suspect; a worker restarting its RPC
+    server stays ours); ``claims``: every server's claims, ours included; ``states``: the ledger
+    state of every server (ours "alive"). A free usable worker is claimed; a claim of ours that
+    wins and has stood ``settle_s`` becomes held and usable; one that another claim outranks is
+    dropped.
+    """
+    states = {**states, me: "alive"}
+    claims = list(claims)
+    mine = {c.worker: c for c in claims if c.server == me}
+    win = holders(claims, states)
+    usable = set(usable)
+    keep = usable | set(known)
+    out: list[Claim] = []
+    use: list[str] = []
+    settling: list[str] = []
+    taken: dict[str, str] = {}
+    lost: list[str] = []
+    for w in sorted(keep):
+        h = win.get(w)
+        if h is None:
+            if w in usable:
+                out.append(Claim(me, w, now))
+                settling.append(w)
+        elif h.server == me:
+            if not h.held and now - h.since >= settle_s and w in usable:
+                h = Claim(me, w, h.since, True)
+            out.append(h)
+            if h.held:
+                if w in usable:
+                    use.append(w)
+            elif w in usable:
+                settling.append(w)
+        else:
+            taken[w] = h.server
+            if w in mine:
+                lost.append(w)
+    return ClaimStep(tuple(out), tuple(use), tuple(settling), taken, tuple(lost))
+
+
+def claims_of_records(records: Iterable[Any]) -> list[Claim]:
+    """Every claim in ledger records given as dicts (the admin ``ledger`` answer); junk is skipped,
+    so an odd answer never breaks a status page."""
+    out = []
+    for r in records:
+        if not isinstance(r, Mapping) or not isinstance(r.get("id"), str):
+            continue
+        for c in r.get("claims") or []:
+            if (isinstance(c, Mapping) and isinstance(c.get("worker"), str)
+                    and isinstance(c.get("since"), (int, float)) and not isinstance(c.get("since"), bool)):
+                out.append(Claim(r["id"], c["worker"], float(c["since"]), c.get("held") is True))
+    return out
 
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.I)

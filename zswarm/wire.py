@@ -27,6 +27,16 @@ class BadFrame(ValueError):
 DECODE_ERRORS = (msgspec.MsgspecError, ValueError, RecursionError)
 
 
+class Claim(msgspec.Struct, frozen=True, kw_only=True):
+    """A server's claim on a worker (worker mode): llama.cpp's RPC server serves one client at a
+    time, so a worker serves one server's split. Only the claiming server writes it (in its own
+    record); who holds a worker is decided from everyone's claims by :func:`zswarm.sharding.holders`."""
+
+    worker: str  # the worker's node id
+    since: float  # unix seconds of the claim, on the claiming server's clock
+    held: bool = False  # past the settle wait: the server's engine uses (or is about to use) it
+
+
 class NodeRecord(msgspec.Struct, kw_only=True):
     """What the cluster knows about one node; replicated, last writer (incarnation, version) wins."""
 
@@ -44,6 +54,7 @@ class NodeRecord(msgspec.Struct, kw_only=True):
     protocol: int = PROTOCOL
     started_at: float = 0.0  # unix seconds
     flags: list[str] = []  # e.g. "federated", "draining"
+    claims: list[Claim] = []  # a server's claims on workers; see Claim
 
 
 class Beat(msgspec.Struct, tag=1):

@@ -8,7 +8,14 @@ RPC server through CURVE), asks the Gateway to hold the engine until nothing is 
 built from :attr:`box` at every start. A worker that dies mid-request kills or fails that
 request; the engine restarts and the next plan leaves the dead worker out.
 
-Static mode (``--rpc-servers``) uses the same path with a fixed device list and no tunnels.
+A worker belongs to one server at a time (llama.cpp's RPC server serves one client): the Sharder
+claims the free workers in its own ledger record, uses one only once its claim has stood
+``claim_settle_s`` unchallenged, skips workers another server holds (saying so in the log and in
+:meth:`status`), and lets go of one whose rival claim comes first. The rules are
+:func:`zswarm.sharding.claim_step`. With no free worker the model loads on the server alone, as
+with no worker at all (or waits for one, with ``--no-local-layers``).
+
+Static mode (``--rpc-servers``) uses the same path with a fixed device list, no tunnels and no claims.
 """
 
 from __future__ import annotations
@@ -22,12 +29,19 @@ from typing import Any, Callable
 
 import pykka
 
-from ..sharding import Device, Plan, ShortOfMemory, make_plan
+from .. import wire
+from ..sharding import HOLDING_STATES, Claim, ClaimStep, Device, Plan, ShortOfMemory, claim_step, holders, make_plan
 from .listener import Event, ListenerMixin
 
 log = logging.getLogger(__name__)
 
 ASK_TIMEOUT_S = 2.0
+# How long a fresh claim stands before its worker is used. A claim reaches the other servers as
+# soon as it is made (the ledger pushes a changed record at once; milliseconds on a LAN); this
+# also covers a full digest round (the ledger's sync_interval_s, 2 s), by which a server that
+# just joined has every record. A rival claim that still comes later is settled by the same
+# rules, at the cost of one more engine restart on the losing server.
+CLAIM_SETTLE_S = 2.0
 
 
 class PlanBox:
@@ -52,8 +66,16 @@ class _Idle:
 class SharderActor(ListenerMixin, pykka.ThreadingActor):
     def __init__(self, box: PlanBox, gateway: Any, supervisor: Any, ledger: Any | None,
                  open_tunnel: Callable[[str], Any] | None, local: Device | None, needed: int,
-                 settle_s: float, static: list[str] | None = None, stats: Any = None):
+                 settle_s: float, static: list[str] | None = None, stats: Any = None, node_id: str = "",
+                 claim_settle_s: float = CLAIM_SETTLE_S):
         super().__init__()
+        self._me = node_id
+        self._claim_settle_s = claim_settle_s
+        self._mine: tuple[Claim, ...] = ()  # our claims, as our ledger record announces them
+        self._taken: dict[str, str] = {}  # worker id -> the other server that holds it
+        self._settling: tuple[str, ...] = ()
+        self._names: dict[str, str] = {}  # node id -> name, from the last look at the ledger
+        self._due = 0.0  # when the coming re-shard timer fires (monotonic)
         self._box = box
         self._gateway = gateway
         self._supervisor = supervisor
@@ -75,22 +97,32 @@ class SharderActor(ListenerMixin, pykka.ThreadingActor):
     # --- setup, before the engine first starts ---
     def initial_plan(self) -> None:
         """Plan for what is known now (static servers, or local only until workers appear)."""
-        self._box.plan = self._plan(self._workers_now()) if self._static else self._plan([])
+        self._box.plan = self._plan(self._look()[0]) if self._static else self._plan([])
 
     # --- events ---
     def on_receive(self, message: Any) -> None:
         if isinstance(message, Event):
             self.on_event(message)
         elif isinstance(message, _Reshard):
-            self._reshard(message.reason)
+            try:
+                self._reshard(message.reason)
+            except pykka.Timeout:  # the Ledger was busy: look again later rather than die
+                log.warning("re-shard (%s) postponed: the ledger did not answer in time", message.reason)
+                self._schedule(message.reason, at_least_s=self._claim_settle_s)
         elif isinstance(message, _Idle):
             self._swap()
 
     def on_ledger_changed(self) -> None:
-        workers = self._workers_now()
+        workers, step = self._look()
         current = self._box.plan
         wanted = tuple(sorted([w.id for w in workers] + (["local"] if self._local else [])))
-        if current is None or current.key() != wanted:
+        if self._uses_taken(step):
+            # our engine holds (or waits on) a worker that another server won: the winner's engine
+            # waits until ours lets go, so re-plan now, not after the settle period
+            self._schedule("a worker is held by another server", urgent=True)
+        elif step is not None and step.settling:
+            self._schedule("free workers claimed", at_least_s=self._settle_wait(step))
+        elif current is None or current.key() != wanted:
             self._schedule("workers changed")
 
     def reshard(self) -> str:
@@ -106,6 +138,8 @@ class SharderActor(ListenerMixin, pykka.ThreadingActor):
             log.warning("unreadable LAYERS report: %r", line[:200])
 
     def status(self) -> dict[str, Any]:
+        """The plan and its layers; ``taken``: workers skipped because another server holds them;
+        ``note``: one line on what that means here ("" when nothing is skipped)."""
         plan = self._box.plan
         workers = []
         local_layers = self._layers.get("local", 0)
@@ -113,22 +147,84 @@ class SharderActor(ListenerMixin, pykka.ThreadingActor):
             for d in plan.remote:
                 workers.append({"id": d.id, "name": d.name, "endpoint": d.endpoint, "mem": d.mem,
                                 "layers": self._layers.get(d.endpoint, 0)})
+        taken = [{"id": w, "name": self._names.get(w, ""), "by": by, "by_name": self._names.get(by, "")}
+                 for w, by in sorted(self._taken.items())]
         return {"workers": workers, "local_layers": local_layers,
                 "n_layers": sum(self._layers.values()), "reshards": self._reshards,
-                "error": self._error, "pending": self._pending is not None}
+                "error": self._error, "pending": self._pending is not None,
+                "taken": taken, "settling": list(self._settling), "note": self._note(plan),
+                "claims": [{"worker": c.worker, "since": c.since, "held": c.held} for c in self._mine]}
 
     # --- the work ---
-    def _workers_now(self) -> list[Device]:
+    def _look(self) -> tuple[list[Device], ClaimStep | None]:
+        """The workers this server may plan with now, and what it did about its claims (None:
+        static mode or no cluster, where nothing is claimed)."""
         if self._static:
-            return [Device(f"static:{e}", e, e, 0) for e in self._static]
+            return [Device(f"static:{e}", e, e, 0) for e in self._static], None
         if self._ledger is None:
-            return []
-        out = []
-        for p in self._ledger.peers().get(timeout=ASK_TIMEOUT_S):
+            return [], None
+        peers = self._ledger.peers().get(timeout=ASK_TIMEOUT_S)
+        records = self._ledger.records().get(timeout=ASK_TIMEOUT_S)
+        usable: dict[str, Device] = {}
+        known, states = set(), {}
+        for p in peers:
+            states[p["id"]] = p["state"]
+            if p["name"]:
+                self._names[p["id"]] = p["name"]
+            if p["role"] != "worker":
+                continue
+            if p["state"] in HOLDING_STATES:
+                known.add(p["id"])
             tunnel = p["endpoints"].get("tunnel")
-            if p["role"] == "worker" and p["state"] == "alive" and tunnel and "rpc" in p["flags"]:
-                out.append(Device(p["id"], p["name"], tunnel, p["mem_free"]))
-        return out
+            if p["state"] == "alive" and tunnel and "rpc" in p["flags"]:
+                usable[p["id"]] = Device(p["id"], p["name"], tunnel, p["mem_free"])
+        others = [Claim(r.id, c.worker, c.since, c.held) for r in records if r.id != self._me for c in r.claims]
+        step = claim_step(self._me, usable, known, others + list(self._mine), states, time.time(),
+                          self._claim_settle_s)
+        self._take(step)
+        return [usable[w] for w in step.use], step
+
+    def _take(self, step: ClaimStep) -> None:
+        """Announce our claims when they changed; say which workers another server holds."""
+        for w in step.lost:
+            log.warning("worker %s was claimed by server %s first: leaving it to that server and re-planning",
+                        self._who(w), self._who(step.taken[w]))
+        for w, by in sorted(step.taken.items()):
+            if self._taken.get(w) != by and w not in step.lost:
+                log.warning("worker %s is in use by server %s: this server's split leaves it out",
+                            self._who(w), self._who(by))
+        for w in sorted(set(self._taken) - set(step.taken)):
+            log.info("worker %s is no longer held by server %s", self._who(w), self._who(self._taken[w]))
+        self._taken, self._settling = dict(step.taken), step.settling
+        if step.claims != self._mine:
+            self._mine = step.claims
+            self._ledger.update_own(claims=[wire.Claim(worker=c.worker, since=c.since, held=c.held)
+                                            for c in step.claims])
+
+    def _who(self, node_id: str) -> str:
+        name = self._names.get(node_id, "")
+        return f"{name} ({node_id[:8]})" if name else node_id[:8]
+
+    def _settle_wait(self, step: ClaimStep) -> float:
+        at = step.settles_at(self._claim_settle_s)
+        return 0.0 if at is None else max(0.0, at - time.time()) + 0.05
+
+    def _uses_taken(self, step: ClaimStep | None) -> bool:
+        """Does the running plan use a worker that another server holds?"""
+        current = self._box.plan
+        return bool(step and step.taken and current and set(step.taken) & {d.id for d in current.remote})
+
+    def _taken_text(self) -> str:
+        return ", ".join(f"{self._who(w)} is in use by server {self._who(by)}" for w, by in sorted(self._taken.items()))
+
+    def _note(self, plan: Plan | None) -> str:
+        if not self._taken:
+            return ""
+        if plan is not None and not plan.remote:
+            return f"{self._taken_text()}: the model runs on this node alone"
+        if plan is None:
+            return f"{self._taken_text()}: the model waits for a free worker"
+        return f"{self._taken_text()}: the split uses the other workers"
 
     def _plan(self, workers: list[Device]) -> Plan | None:
         try:
@@ -139,22 +235,38 @@ class SharderActor(ListenerMixin, pykka.ThreadingActor):
             self._error = ""
             return plan
         except ShortOfMemory as e:
-            if self._error != str(e):
-                log.error("cannot load the model: %s", e)
-            self._error = str(e)
+            error = str(e)
+            if self._taken and not workers and self._local is None:
+                error = (f"no free worker: {self._taken_text()}; the model loads once a worker is free "
+                         "(local layers are off)")
+            elif self._taken:
+                error += f" ({self._taken_text()})"
+            if self._error != error:
+                log.error("cannot load the model: %s", error)
+            self._error = error
             return None
 
-    def _schedule(self, reason: str) -> None:
+    def _schedule(self, reason: str, at_least_s: float = 0.0, urgent: bool = False) -> None:
+        """One re-shard at a time, at most one per ``settle_s`` unless ``urgent``; it reads the
+        ledger afresh when it runs. A sooner request replaces a later one."""
+        now = time.monotonic()
+        delay = 0.0 if urgent else max(0.0, self._last + self._settle_s - now, at_least_s)
         if self._timer is not None:
-            return  # one re-shard is already coming; it will read the ledger afresh
-        delay = max(0.0, self._last + self._settle_s - time.monotonic())
+            if self._due <= now + delay + 0.01:
+                return  # one re-shard is already coming, no later than this one would
+            self._timer.cancel()  # if it fired meanwhile, the second re-shard finds nothing to do
+        self._due = now + delay
         self._timer = threading.Timer(delay, _tell, args=(self.actor_ref, _Reshard(reason)))
         self._timer.daemon = True
         self._timer.start()
 
     def _reshard(self, reason: str, force: bool = False) -> None:
         self._timer = None
-        workers = self._workers_now()
+        workers, step = self._look()
+        if step is not None and step.settling:
+            self._schedule("free workers claimed", at_least_s=self._settle_wait(step))
+            if not force and not self._uses_taken(step):
+                return  # plan once the claims have settled, not twice
         plan = self._plan(workers)
         if plan is None:
             return  # keep serving with what we have; the error is in status
@@ -222,3 +334,17 @@ def _tell(ref: pykka.ActorRef, msg: Any) -> None:
         ref.tell(msg)
     except pykka.ActorDeadError:
         pass
+
+
+def holder_status(ledger: Any, worker_id: str) -> dict[str, Any] | None:
+    """For a worker's ``status``: the server whose split it serves, by the same rules the servers
+    follow (None: no server holds it). Asks the Ledger; runs in the caller's thread."""
+    peers = ledger.peers().get(timeout=ASK_TIMEOUT_S)
+    records = ledger.records().get(timeout=ASK_TIMEOUT_S)
+    states = {p["id"]: p["state"] for p in peers}
+    claims = [Claim(r.id, c.worker, c.since, c.held) for r in records for c in r.claims]
+    h = holders(claims, states).get(worker_id)
+    if h is None:
+        return None
+    name = next((p["name"] for p in peers if p["id"] == h.server), "")
+    return {"id": h.server, "name": name, "since": h.since, "held": h.held}

@@ -14,6 +14,10 @@ Groups (the keys of ``/api/p2p``), from each node's role and flags:
 - ``workers``: ``zswarm worker`` nodes, which lend memory to a server's split model;
 - ``balancers``: ``zswarm federated`` nodes, model-less entry points that route each request.
 
+A worker serves one server's split at a time: each worker says which server holds it
+(``held_by``, from the servers' claims in the ledger), and ``taken`` lists the workers this node's
+split leaves out because another server holds them.
+
 A node is ``online`` while the ledger holds it alive (heard from within the last 2 s); it is
 ``suspect`` after 2 s without news, ``dead`` after 4 s, and leaves the list 30 s later.
 """
@@ -28,6 +32,7 @@ from typing import Any, Protocol
 import falcon
 import msgspec
 
+from ..sharding import claims_of_records, holders
 from .errors import ApiError
 
 GROUPS = ("federated", "workers", "servers", "balancers")
@@ -144,6 +149,8 @@ def cluster_view(snap: Snapshot) -> dict[str, Any]:
     records = {r.get("id"): r for r in snap.ledger if isinstance(r, dict)}
     own = records.get(self_id) or {}
     liveness = {p.get("id"): p for p in snap.peers if isinstance(p, dict)}
+    states = {p.get("id"): p.get("state") for p in liveness.values()} | {self_id: "alive"}
+    held = holders(claims_of_records(snap.ledger), states)
     out: dict[str, Any] = {g: [] for g in GROUPS}
     entries = [(self_id, own, {"state": "alive", "last_seen_s": 0.0})]
     entries += [(pid, records.get(pid) or p, p) for pid, p in liveness.items() if pid != self_id]
@@ -174,6 +181,8 @@ def cluster_view(snap: Snapshot) -> dict[str, Any]:
             "flags": flags,
             "software": rec.get("software") or "",
             "started_at": float(rec.get("started_at") or 0.0),
+            # a worker: the server whose split it serves (None: free, or not a worker)
+            "held_by": _holder(held.get(node_id), records, liveness, self_id) if role == "worker" else None,
         })
     for group in GROUPS:
         out[group].sort(key=lambda n: (not n["self"], n["name"], n["id"]))
@@ -189,8 +198,31 @@ def cluster_view(snap: Snapshot) -> dict[str, Any]:
         },
         **out,
         "split": _split(shard, own, self_id, status, out["workers"]) if split else None,
+        "taken": _taken(shard),
+        "shard_note": shard.get("note") if shard and isinstance(shard.get("note"), str) and shard["note"] else None,
         "updated_at": snap.taken_at,
     }
+
+
+def _name_of(node_id: str, records: dict, liveness: dict) -> str:
+    name = (records.get(node_id) or {}).get("name") or (liveness.get(node_id) or {}).get("name") or ""
+    return name if isinstance(name, str) else ""
+
+
+def _holder(claim: Any, records: dict, liveness: dict, self_id: str) -> dict[str, Any] | None:
+    if claim is None:
+        return None
+    return {"id": claim.server, "name": _name_of(claim.server, records, liveness), "self": claim.server == self_id,
+            "held": claim.held}
+
+
+def _taken(shard: dict | None) -> list[dict[str, str]]:
+    """Workers this node's split leaves out because another server holds them (its shard report)."""
+    out = []
+    for t in (shard or {}).get("taken") or []:
+        if isinstance(t, dict) and isinstance(t.get("id"), str) and isinstance(t.get("by"), str):
+            out.append({k: t.get(k) if isinstance(t.get(k), str) else "" for k in ("id", "name", "by", "by_name")})
+    return out
 
 
 def _split(shard: dict, own: dict, self_id: str, status: dict, workers: list[dict]) -> dict[str, Any]:

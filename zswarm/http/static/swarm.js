@@ -192,6 +192,14 @@
     const name = el("td", "c-name");
     name.append(el("span", "nname", n.name || "(unnamed)"), el("span", "nid", n.id.slice(0, 8)));
     if (n.self) name.append(el("span", "me", "this node"));
+    if (n.held_by) {
+      // a worker serves one server's split at a time
+      const by = n.held_by.self ? "this node" : (n.held_by.name || n.held_by.id.slice(0, 8));
+      const tag = el("span", "by", "serves " + by);
+      tag.title = "This worker serves the split of " + (n.held_by.self ? "this node" : "server " + by + " · " + n.held_by.id) +
+        (n.held_by.held ? "" : " (claim settling)") + "; other servers leave it out.";
+      name.append(tag);
+    }
     name.title = n.name + " · " + n.id + (n.endpoints.gossip ? " · " + n.endpoints.gossip : "") + (n.software ? " · zswarm " + n.software : "");
     const model = el("td", "c-model", n.models.length ? n.models.join(", ") : "—");
     model.title = n.models.join(", ");
@@ -217,7 +225,19 @@
     $("rows-empty").hidden = nodes.length > 0;
   }
 
+  function drawTaken(d) {
+    const taken = d.taken || [];
+    const box = $("split-taken");
+    box.hidden = taken.length === 0;
+    if (!taken.length) { box.textContent = ""; return; }
+    // the node's own words when it gave them (it knows whether it runs alone or waits)
+    const list = taken.map((t) => (t.name || t.id.slice(0, 8)) + " is in use by " + (t.by_name || t.by.slice(0, 8))).join("; ");
+    box.textContent = (d.shard_note || list + ": this node leaves " + (taken.length === 1 ? "it" : "them") + " out") +
+      ". A worker serves one server's split at a time.";
+  }
+
   function drawSplit(d) {
+    drawTaken(d);
     const s = d.split;
     $("split-empty").hidden = Boolean(s);
     $("split").hidden = !s;
