@@ -220,7 +220,7 @@ def cmd_node(args: argparse.Namespace) -> int:
         mdns=not cfg["no_mdns"], mdns_interfaces=cfg["mdns_interfaces"], local_only=cfg["local_only"],
         name=cfg["name"] or hostname(), federated=bool(cfg.get("federated")),
         policy=cfg.get("policy") or "p2c", target_node=cfg.get("target_node") or "", serve=serve, http=http,
-        worker=worker)
+        worker=worker, child_hang_s=cfg["child_hang_s"], child_stuck_s=cfg["child_stuck_s"])
     ready = None
     if generated:
         t = token.encode()

@@ -98,6 +98,15 @@ def parse_seconds(text: str) -> float:
         raise ConfigError(f"expected seconds between 0 and {MAX_REQUEST_TIMEOUT_S:g}, got {text!r}")
     return value
 
+
+def parse_seconds_or_off(text: str) -> float:
+    """A bound in seconds, 0 meaning "no bound"."""
+    value = float(text)
+    if not 0 <= value < float("inf"):
+        raise ConfigError(f"expected a number of seconds >= 0 (0: off), got {text!r}")
+    return value
+
+
 NODE_OPTIONS: list[Opt] = [
     Opt("token", ("--token",), ("ZSWARM_TOKEN", "LOCALAI_P2P_TOKEN", "P2P_TOKEN", "TOKEN"), None,
         "cluster token (`zswarm token new` makes one); never logged", metavar="TOKEN"),
@@ -125,6 +134,18 @@ NODE_OPTIONS: list[Opt] = [
         metavar="NAME"),
     Opt("log_level", ("--log-level",), ("ZSWARM_LOG_LEVEL", "LOCALAI_P2P_LOGLEVEL"), "info",
         "debug, info, warning or error", parse=lambda s: s.strip().lower(), metavar="LEVEL"),
+    # A healthy child beats every second from a thread of its own, whatever it is doing (model
+    # code releases the GIL); 10 s of silence is ten missed beats, which a loaded 2-core machine
+    # never produced here, and a frozen engine holds requests no longer than that.
+    Opt("child_hang_s", ("--child-hang",), ("ZSWARM_CHILD_HANG_S",), 10.0,
+        "seconds without a heartbeat after which the engine or RPC server child counts as hung and "
+        "is killed and restarted (0: never)", parse=parse_seconds_or_off, metavar="SECONDS"),
+    # The engine's progress is counted per batch of up to 512 prompt tokens, or per generated
+    # token; one batch of a 7B model on two slow cores takes tens of seconds, so the bound is
+    # minutes, not seconds. Raise it for bigger models on small machines.
+    Opt("child_stuck_s", ("--child-stuck",), ("ZSWARM_CHILD_STUCK_S",), 120.0,
+        "seconds the engine may hold requests without evaluating a token before it counts as stuck "
+        "and is killed and restarted (0: never)", parse=parse_seconds_or_off, metavar="SECONDS"),
 ]
 
 SERVER_OPTIONS: list[Opt] = [

@@ -2,7 +2,9 @@
 
 A node is a process holding pykka actors: Ledger (gossip), Discovery, Admin; the Gateway,
 Balancer and RPCSupervisor join the same sequence. Start-up asks each actor to ``open()`` (bind)
-with a timeout, so a port in use is one clear error line, not a traceback. SIGTERM and SIGINT
+with a timeout, so a port in use is one clear error line, not a traceback. Before any of that it
+checks the model file and binds the HTTP socket itself (:mod:`.startup`); and a child that can
+never start (the supervisor's ``on_fatal``) stops the node too: one line, exit status 1. SIGTERM and SIGINT
 stop the node gracefully (the Ledger announces the leave); SIGUSR1 logs every thread's stack.
 
 Stopping is bounded, whatever the node is doing: :func:`run` starts the node in a helper thread so
@@ -38,6 +40,7 @@ from .actors.listener import notify
 from .actors.sharder import PlanBox
 from .actors.supervisor import RESTARTING, ChildSpec, SupervisorActor
 from .membership import Timing
+from .startup import StartError, check_model, listen_http
 from .state import StateDir, StateDirError
 from .token import Token
 from .transport import Stats, ZapHandler
@@ -110,6 +113,8 @@ class NodeSettings:
     http: HttpSettings | None = None
     worker: WorkerSettings | None = None
     timing: Timing = field(default_factory=Timing)
+    child_hang_s: float = 10.0  # config.py's --child-hang: 0 never kills a child for silence
+    child_stuck_s: float = 120.0  # config.py's --child-stuck
 
     @property
     def p2p(self) -> bool:
@@ -163,6 +168,8 @@ class Node:
         self._lock = threading.Lock()  # self.actors and self._closed, between start() and stop()
         self._closed = False  # stop() has begun: start() creates no more actors
         self._starting = False
+        self.http_sock = None  # the API's listening socket, bound here, inherited by gunicorn
+        self.fatal: list[str] = []  # why a child can never start: run() stops the node, exits 1
 
     def start(self) -> wire.NodeRecord:
         self._starting = True
@@ -173,6 +180,11 @@ class Node:
 
     def _start_all(self) -> wire.NodeRecord:
         s = self.s
+        # Start-up mistakes first, before anything binds or starts: one line (StartError).
+        if s.serve is not None:
+            check_model(s.serve.model)
+        if s.http is not None:
+            self.http_sock = listen_http(s.http.address)
         node_id = self.state.node_id()
         total, avail = memory_bytes()
         flags = ["federated"] if s.federated else []
@@ -191,7 +203,7 @@ class Node:
         routes_peers = s.p2p and (s.federated or s.role == "federated")
         gateway = balancer = supervisor = None
         if s.role == "worker":
-            supervisor = self._start(SupervisorActor, self.stats)
+            supervisor = self._start(SupervisorActor, self.stats, s.child_hang_s, s.child_stuck_s)
         if s.role in ("server", "federated"):
             gateway = self._start(GatewayActor, self.ctx, node_id, self.state.endpoint("gateway"), self.stats,
                                   self.keys, next_port(s.p2p_listen, 1) if s.p2p else None, host,
@@ -203,7 +215,7 @@ class Node:
                                    ledger.proxy() if ledger else None, routes_peers)
             if ledger is not None:
                 ledger.proxy().add_listener(balancer)
-            supervisor = self._start(SupervisorActor, self.stats)
+            supervisor = self._start(SupervisorActor, self.stats, s.child_hang_s, s.child_stuck_s)
         if ledger is not None:
             port = int(own.endpoints["gossip"].rsplit(":", 1)[1])
             bootstrap = [] if s.local_only else list(dict.fromkeys(list(s.token.bootstrap) + s.bootstrap))
@@ -262,14 +274,17 @@ class Node:
             box = self.plan_box
             argv = lambda: engine_argv(s.serve, engine_endpoint, node_id, box.plan)  # noqa: E731
             sup.start_child(ChildSpec("engine", argv, on_ready=up, on_down=down, report_prefix="LAYERS",
-                                      on_report=sharder.proxy().engine_layers, on_failed=failed)
+                                      on_report=sharder.proxy().engine_layers, on_failed=failed,
+                                      on_fatal=self._on_fatal, beats=True)
                             ).get(timeout=START_TIMEOUT_S)
         if s.http is not None:
             env = {"ZSWARM_NODE_ENDPOINT": self.state.endpoint("gateway"), "ZSWARM_ADDRESS": s.http.address,
                    "ZSWARM_API_KEYS": ",".join(s.http.api_keys), "ZSWARM_NODE_NAME": s.name,
                    "ZSWARM_HTTP_WORKERS": str(s.http.workers), "ZSWARM_STATE_DIR": str(self.state.path),
                    "ZSWARM_REQUEST_TIMEOUT_S": str(s.http.request_timeout_s)}
-            sup.start_child(ChildSpec("http", http_argv(), env, ready_prefix=None)).get(timeout=START_TIMEOUT_S)
+            env["ZSWARM_HTTP_FD"] = str(self.http_sock.fileno())  # gunicorn binds fd://N (startup.py)
+            sup.start_child(ChildSpec("http", http_argv(), env, ready_prefix=None,
+                                      pass_fds=(self.http_sock.fileno(),))).get(timeout=START_TIMEOUT_S)
             self.http_url = f"http://{s.http.address}"
 
     def _start_sharder(self, gateway: pykka.ActorRef, supervisor: pykka.ActorRef,
@@ -342,7 +357,8 @@ class Node:
                 ledger_proxy.set_flag("rpc", False)
 
         argv = rpc_server_argv(host, int(port), w, mem_free, allow_remote=static and host not in LOOPBACK)
-        supervisor.proxy().start_child(ChildSpec("rpc", argv, on_ready=up, on_down=down, on_failed=down)
+        supervisor.proxy().start_child(ChildSpec("rpc", argv, on_ready=up, on_down=down, on_failed=down,
+                                                 on_fatal=self._on_fatal, beats=True)
                                        ).get(timeout=START_TIMEOUT_S)
         from .actors.sharder import holder_status
 
@@ -351,6 +367,10 @@ class Node:
                                                       "mem_total": mem_total, "mem_free": mem_free,
                                                       "held_by": holder_status(ledger_proxy, own_id)
                                                       if ledger_proxy is not None else None})
+
+    def _on_fatal(self, line: str) -> None:
+        """A child can never start (the supervisor's thread): run() stops the node and exits."""
+        self.fatal.append(line)
 
     def _start(self, cls: type, *args: Any) -> pykka.ActorRef:
         with self._lock:  # stop() either sees this actor or start() sees the node closed
@@ -384,6 +404,8 @@ class Node:
             stuck.append("the tunnel exit")
         if self.zap is not None and not self.zap.stop(timeout_s=left()):
             stuck.append("the ZAP handler")
+        if self.http_sock is not None:  # after the children: gunicorn no longer needs it
+            self.http_sock.close()
         _kill_children("still running after stop")  # a supervisor stuck in a call never reached on_stop
         for what in stuck:
             log.error("%s did not stop within %.1f s; the node exits without it", what, budget_s)
@@ -532,11 +554,13 @@ def run(settings: NodeSettings, ready_line: str | None = None) -> int:
     except StateDirError as e:
         print(f"zswarm: error: {e}", file=sys.stderr)
         return 1
-    status = 1
+    status, line = 1, None
     try:
-        status = _serve(node, settings, ready_line, stopping)
+        status, line = _serve(node, settings, ready_line, stopping)
     finally:  # also after a bug's exception, which Python prints once this has run
         clean = node.stop()
+        if line:  # after the stop's log lines: the last line on stderr says why the node ended
+            print(f"zswarm: error: {line}", file=sys.stderr, flush=True)
         if not clean:
             # A thread still running (an actor stuck in a call) would keep the interpreter from
             # exiting; the log says what it was.
@@ -565,22 +589,25 @@ class _Starter(threading.Thread):
             self.error = e
 
 
-def _serve(node: Node, settings: NodeSettings, ready_line: str | None, stopping: list[int]) -> int:
+def _serve(node: Node, settings: NodeSettings, ready_line: str | None,
+           stopping: list[int]) -> tuple[int, str | None]:
+    """Start and run the node; (exit status, the error line to print once it has stopped)."""
     starter = _Starter(node)
     if not stopping:
         starter.start()
-        while starter.is_alive() and not stopping:
+        while starter.is_alive() and not stopping and not node.fatal:
             starter.join(POLL_S)
     if stopping:
         log.info("received %s%s; stopping", signal.Signals(stopping[0]).name,
                  " while starting" if starter.is_alive() else "")
-        return 0
+        return 0, None
+    if node.fatal:
+        return 1, node.fatal[0]
     if starter.error is not None:
         line = _start_error(starter.error)
         if line is None:
             raise starter.error  # a bug: its traceback names the start-up step
-        print(f"zswarm: error: {line}", file=sys.stderr)
-        return 1
+        return getattr(starter.error, "status", 1), line
     record = starter.record
     log.info("node %s (%s) up: %s, admin %s%s", record.id, settings.role,
              f"gossip {record.endpoints['gossip']}, network {node.keys.network_id}" if node.keys else "no cluster",
@@ -589,15 +616,17 @@ def _serve(node: Node, settings: NodeSettings, ready_line: str | None, stopping:
         gossip = record.endpoints["gossip"]
         print(ready_line.format(id=record.id, gossip=gossip, gossip_hostport=gossip[len("tcp://"):]),
               flush=True)
-    while not stopping:
+    while not stopping and not node.fatal:
         time.sleep(POLL_S)
+    if node.fatal:  # a child can never start: the node cannot do its job, and says so by exiting
+        return 1, node.fatal[0]
     log.info("received %s; stopping", signal.Signals(stopping[0]).name)
-    return 0
+    return 0, None
 
 
 def _start_error(e: BaseException) -> str | None:
     """The one line that says why start-up failed; None for a bug (the caller re-raises it)."""
-    if isinstance(e, BindError):
+    if isinstance(e, (BindError, StartError)):
         return str(e)
     if isinstance(e, zmq.ZMQError):
         return f"cannot open the node's sockets: {e}"

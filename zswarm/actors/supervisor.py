@@ -19,6 +19,23 @@ SIGBUS, SIGFPE; not one another process sent) in a row the child is left ``faile
 deaths keep the back-off restarts. A failed child makes the
 node say why in its log, ``zswarm admin status``, ``/readyz`` and the API's 503 body
 (``on_failed``). ``restart_child`` (a new plan, an operator) tries again.
+
+At start-up it is fatal: a child that was never ready and exits with ``EX_CONFIG`` (a mistake
+it named in its last line: no model file, an address in use), or that reaches ``GIVE_UP_AFTER``
+above, makes the whole node stop and exit non-zero with that one line (``on_fatal``), so that
+systemd and the user learn that it failed. Once a child has been ready, its later deaths are
+restarted (or end ``failed``) as above, and the node stays up.
+
+Liveness: an exit code says nothing about a child that is stopped (SIGSTOP), frozen in a system
+call, or stuck in llama.cpp waiting on a worker that never answers. A child whose spec says
+``beats`` writes a ``BEAT`` line about every ``BEAT_S`` (engine/child.py); its watcher thread
+notes it in a :class:`~.liveness.Pulse`, and a ticker thread asks the actor every ``CHECK_S`` to
+judge (the watcher cannot: it is blocked reading a stopped child). A child that
+:func:`~.liveness.verdict` finds hung (no beat for ``hang_s``; or ready, holding requests, its
+progress count standing for ``stuck_s``) is SIGKILLed with its process group and restarted like
+a crash; ``on_down`` is called at once, so the requests it held end or retry elsewhere at once.
+A child loading a model keeps beating (the beat has a thread of its own, and model code releases
+the GIL), so a slow load is never taken for a hang.
 """
 
 from __future__ import annotations
@@ -36,7 +53,9 @@ from typing import Any, Callable
 import pykka
 
 from ..engine import fault
+from ..engine.child import BEAT_ENV, EX_CONFIG
 from .listener import notify
+from .liveness import Pulse, Ticker, verdict
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +66,11 @@ GRACE_S = 5.0  # restart_child: SIGTERM, then SIGKILL after this (a child may fi
 STOP_GRACE_S = 0.5  # on_stop: the node must be gone within 2 s of SIGTERM (node.STOP_BUDGET_S)
 RESTARTING = "is restarting"  # what on_down hears for a planned restart (restart_child)
 GIVE_UP_AFTER = 3  # identical deaths before ready, in a row, after which restarting stops
+BEAT_S = 1.0  # how often a beating child beats (it costs a line of a few bytes per second)
+CHECK_S = 1.0  # how often the actor looks at the beats
+# The defaults of hang_s and stuck_s, and why, are config.py's (--child-hang, --child-stuck).
+HANG_S = 10.0
+STUCK_S = 120.0
 # Deaths before ready that a restart cannot fix are faults (fault.SIGNALS): the build or the
 # machine. SIGABRT is not one: llama.cpp aborts when an RPC worker vanishes mid-load, and the next
 # plan fixes that.
@@ -64,6 +88,11 @@ class ChildSpec:
     report_prefix: str | None = None  # lines starting with this go to on_report (e.g. "LAYERS")
     on_report: Callable[[str], None] | None = None
     on_failed: Callable[[str], None] | None = None  # called (in the actor) when restarting stops
+    # called (in the actor) with one line when the child can never start (never ready, and
+    # EX_CONFIG or GIVE_UP_AFTER faults): the node stops and exits non-zero with that line
+    on_fatal: Callable[[str], None] | None = None
+    beats: bool = False  # it writes BEAT lines (engine/child.py); killed when they stop
+    pass_fds: tuple[int, ...] = ()  # descriptors it inherits, e.g. the HTTP listening socket
 
 
 @dataclass
@@ -82,6 +111,12 @@ class _Child:
     fault: dict | None = None  # its FAULT report, if it wrote one before dying
     early: tuple[str, int] = ("", 0)  # (why, how many times in a row) it died before ready
     problem: str = ""  # why it is failed, or why it last died before ready
+    ever_ready: bool = False  # has any generation been ready? (a later failure is not fatal)
+    pulse: Pulse | None = None  # this generation's beats, written by its watcher thread
+    hung: str = ""  # why this generation was killed as hung ("" if it was not)
+    down_told: bool = False  # on_down was already called for this generation (at the kill)
+    hangs: int = 0
+    last_restart: str = ""  # why it was last restarted: "crashed", "hung" or "planned"
 
 
 @dataclass
@@ -112,13 +147,28 @@ class _Restart:
     name: str
 
 
+class _Tick:
+    pass
+
+
 class SupervisorActor(pykka.ThreadingActor):
-    def __init__(self, stats: Any = None):
+    def __init__(self, stats: Any = None, hang_s: float = HANG_S, stuck_s: float = STUCK_S):
         super().__init__()
         self._children: dict[str, _Child] = {}
         self._stats = stats
         self._listeners: list[Any] = []
         self._stopping = False
+        self._hang_s = hang_s  # 0: never judge missing beats
+        self._stuck_s = stuck_s  # 0: never judge a standing progress count
+        self._ticker = Ticker(lambda: _tell(self.actor_ref, _Tick()), CHECK_S, "supervisor-tick")
+        now = time.monotonic()
+        self._last_check = now
+        self._judge_from = now  # beats older than this are not held against a child (see _check)
+
+    def on_start(self) -> None:
+        """Actor thread: start the ticker that makes the actor look at the beats."""
+        if self._hang_s or self._stuck_s:
+            self._ticker.start()
 
     # --- API ---
     def add_listener(self, ref: Any) -> None:
@@ -129,10 +179,17 @@ class SupervisorActor(pykka.ThreadingActor):
         self._spawn(c)
 
     def status(self) -> dict[str, Any]:
-        return {name: {"state": c.state, "pid": c.proc.pid if c.proc and c.state not in ("backoff", "failed")
-                       else None, "restarts": c.restarts, "last_exit": c.last_exit, "problem": c.problem,
-                       "stage": c.stage if c.state == "starting" else ""}
-                for name, c in self._children.items()}
+        now = time.monotonic()
+        out = {}
+        for name, c in self._children.items():
+            out[name] = {"state": c.state, "pid": c.proc.pid if c.proc and c.state not in ("backoff", "failed")
+                         else None, "restarts": c.restarts, "last_exit": c.last_exit, "problem": c.problem,
+                         "stage": c.stage if c.state == "starting" else "", "last_restart": c.last_restart}
+            if c.spec.beats:
+                beat_at, _, in_flight, count = c.pulse.last if c.pulse else (0.0, 0.0, 0, None)
+                out[name]["heartbeat"] = {"age_s": round(now - beat_at, 1) if beat_at else None,
+                                          "progress": count, "in_flight": in_flight, "hangs": c.hangs}
+        return out
 
     def restart_child(self, name: str) -> bool:
         """Restart a child now (a new argv takes effect), skipping the back-off."""
@@ -160,8 +217,10 @@ class SupervisorActor(pykka.ThreadingActor):
     def _spawn(self, c: _Child) -> None:
         c.generation += 1
         c.state = "starting"
-        c.stage, c.fault = "", None
+        c.stage, c.fault, c.hung, c.down_told = "", None, "", False
         env = {**os.environ, **c.spec.env, "ZSWARM_PARENT_PID": str(os.getpid())}
+        if c.spec.beats:
+            env[BEAT_ENV] = str(BEAT_S)
         argv = c.spec.argv() if callable(c.spec.argv) else c.spec.argv
         if argv is None:
             c.state = "waiting"
@@ -171,19 +230,24 @@ class SupervisorActor(pykka.ThreadingActor):
             # No preexec_fn: this process is threaded, and code between fork and exec can
             # deadlock the child; each child asks for its parent-death signal itself.
             c.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
-                                      stdin=subprocess.DEVNULL, start_new_session=True)
+                                      stdin=subprocess.DEVNULL, start_new_session=True,
+                                      pass_fds=c.spec.pass_fds)
         except OSError as e:
             log.error("%s: cannot start: %s", c.spec.name, e)
             self._schedule_restart(c, f"cannot start: {e}")
             return
         c.started_at = time.monotonic()
+        c.pulse = Pulse(c.started_at)
         log.info("%s: started (pid %d)", c.spec.name, c.proc.pid)
         threading.Thread(target=_watch, name=f"watch-{c.spec.name}", daemon=True,
-                         args=(self.actor_ref, c.spec, c.proc, c.generation)).start()
+                         args=(self.actor_ref, c.spec, c.proc, c.generation, c.pulse)).start()
         if c.spec.ready_prefix is None:
             self._on_ready(c, "")
 
     def on_receive(self, message: Any) -> None:
+        if isinstance(message, _Tick):
+            self._check()
+            return
         c = self._children.get(getattr(message, "name", ""))
         if c is None:
             return
@@ -204,8 +268,46 @@ class SupervisorActor(pykka.ThreadingActor):
         elif m.kind == "report" and c.spec.on_report:
             c.spec.on_report(m.line)
 
+    # --- liveness (actor thread) ---
+    def _check(self) -> None:
+        now = time.monotonic()
+        gap, self._last_check = now - self._last_check, now
+        if gap > max(2 * CHECK_S, self._hang_s / 2):
+            # This process itself did not run (SIGSTOP, a paused VM, a starved machine): the
+            # beats of that time may still sit unread in the pipes. Judge from now on.
+            log.info("the supervisor did not run for %.1f s; heartbeats are judged from now", gap)
+            self._judge_from = now
+            return
+        if self._stopping:
+            return
+        for c in self._children.values():
+            if c.spec.beats and c.state in ("starting", "ready") and c.pulse is not None and not c.hung:
+                why = verdict(c.pulse, c.started_at, self._judge_from, now, self._hang_s, self._stuck_s,
+                              c.state == "ready")
+                if why:
+                    self._kill_hung(c, why)
+
+    def _kill_hung(self, c: _Child, why: str) -> None:
+        """SIGKILL a hung child's process group; it is restarted when its exit is seen, like a
+        crash, but those who route to it hear now that it is down."""
+        c.hung, c.hangs = why, c.hangs + 1
+        log.error("%s %s; killing it", c.spec.name, why)
+        if self._stats is not None:
+            self._stats.inc(f"hangs_{c.spec.name}")
+        try:
+            os.killpg(c.proc.pid, signal.SIGKILL)  # its own session (start_new_session)
+        except OSError:
+            try:
+                c.proc.kill()
+            except OSError:
+                pass
+        if c.state == "ready" and c.spec.on_down:
+            c.down_told = True
+            c.spec.on_down(f"hung ({why})")
+
     def _on_ready(self, c: _Child, detail: str) -> None:
         c.state = "ready"
+        c.ever_ready = True
         c.early, c.problem = ("", 0), ""
         log.info("%s: ready %s", c.spec.name, detail)
         if c.spec.on_ready:
@@ -214,6 +316,9 @@ class SupervisorActor(pykka.ThreadingActor):
 
     def _on_exit(self, c: _Child, rc: int, last_words: str = "") -> None:
         why = f"exited with status {rc}" if rc >= 0 else f"killed by {signal.Signals(-rc).name}"
+        hung, told = c.hung, c.down_told
+        if hung:
+            why = f"hung ({hung}); killed"
         c.last_exit = why
         was_up = c.state in ("starting", "ready")
         was_ready = c.state == "ready"
@@ -221,15 +326,17 @@ class SupervisorActor(pykka.ThreadingActor):
             c.state = "stopped"
             return
         planned, c.restart_now = c.restart_now, False
-        early = not planned and not was_ready and c.spec.ready_prefix is not None
+        c.last_restart = "planned" if planned else "hung" if hung else "crashed"
+        # A hang is not an early death to count or explain: the kill was ours, and said why.
+        early = not planned and not hung and not was_ready and c.spec.ready_prefix is not None
         if early and self._died_early(c, rc, why, last_words):
             return
         if not planned:
-            if not early:  # _died_early said it already
+            if not early and not hung:  # _died_early and _kill_hung said it already
                 log.warning("%s: %s", c.spec.name, why)
             if self._stats is not None:
                 self._stats.inc(f"restarts_{c.spec.name}")
-        if was_up and c.spec.on_down:
+        if was_up and c.spec.on_down and not told:
             c.spec.on_down(RESTARTING if planned else why)
         notify(self._listeners, "child_down", child=c.spec.name, why=why)
         if planned:
@@ -241,10 +348,18 @@ class SupervisorActor(pykka.ThreadingActor):
         self._schedule_restart(c, why)
 
     def _died_early(self, c: _Child, rc: int, why: str, last_words: str) -> bool:
-        """A death before ready: report the first clearly, give up after a few. True: gave up."""
+        """A death before ready: report the first clearly, give up after a few. True: gave up.
+
+        Giving up on a child that was never ready is fatal to the node (``on_fatal``), and so
+        is its first EX_CONFIG exit: the node cannot do its job, and must say so by exiting."""
         same = c.early[0] == why
         c.early = (why, c.early[1] + 1 if same else 1)
         c.problem = explain(c.spec.name, rc, c.stage, c.fault, last_words)
+        if rc == EX_CONFIG and not c.ever_ready:
+            if last_words:  # the child's own line names the mistake; the exit status adds nothing
+                c.problem = f"the {_title(c.spec.name)} cannot start: {last_words}"
+            log.error("%s", c.problem)
+            return self._give_up(c, why, fatal=True)
         if c.early[1] == 1:
             log.error("%s", c.problem)
         else:
@@ -252,14 +367,20 @@ class SupervisorActor(pykka.ThreadingActor):
         own_fault = rc < 0 and -rc in fault.SIGNALS and not (c.fault and "sender_pid" in c.fault)
         if c.early[1] < GIVE_UP_AFTER or not own_fault:
             return False
-        c.state = "failed"
         c.problem = f"{c.problem} (gave up after {c.early[1]} identical failures before ready)"
         log.error("%s: not restarting it: it died %d times in a row the same way before it was ready",
                   c.spec.name, c.early[1])
+        return self._give_up(c, why, fatal=not c.ever_ready)
+
+    def _give_up(self, c: _Child, why: str, fatal: bool) -> bool:
+        """Leave ``c`` failed; if ``fatal``, the node is told to exit too."""
+        c.state = "failed"
         if self._stats is not None:
             self._stats.inc(f"failed_{c.spec.name}")
         if c.spec.on_failed:
             c.spec.on_failed(c.problem)
+        if fatal and c.spec.on_fatal:
+            c.spec.on_fatal(c.problem)
         notify(self._listeners, "child_down", child=c.spec.name, why=why)
         return True
 
@@ -274,12 +395,14 @@ class SupervisorActor(pykka.ThreadingActor):
         c.timer.start()
 
     def on_stop(self) -> None:
+        self._ticker.stop()
         self._stop_children()
 
     def on_failure(self, exception_type: Any, exception_value: Any, traceback: Any) -> None:
         """A handler raised and pykka stops this actor without on_stop: its children go too,
         rather than run on unsupervised."""
         log.error("the supervisor failed (%s); stopping its children", exception_value)
+        self._ticker.stop()
         self._stop_children()
 
     def _stop_children(self) -> None:
@@ -313,6 +436,11 @@ class SupervisorActor(pykka.ThreadingActor):
 
 
 _WHAT = {"loading": "while loading the model", "proving": "during its test computation"}
+_TITLES = {"rpc": "RPC server", "http": "HTTP server"}
+
+
+def _title(name: str) -> str:
+    return _TITLES.get(name, name)
 
 
 def explain(name: str, rc: int, stage: str, report: dict | None, last_words: str) -> str:
@@ -320,12 +448,13 @@ def explain(name: str, rc: int, stage: str, report: dict | None, last_words: str
     from ..install import rebuild_command
 
     doing = f" {_WHAT.get(stage, 'while ' + stage)}" if stage else ""
+    title = _title(name)
     if rc >= 0:
         said = f": {last_words}" if last_words else ""
-        return f"the {name} exited with status {rc} before it was ready{doing}{said}"
+        return f"the {title} exited with status {rc} before it was ready{doing}{said}"
     sig = signal.Signals(-rc).name
     where = f" ({fault.describe(report)})" if report else ""
-    head = f"the {name} was killed by {sig} before it was ready{doing}{where}"
+    head = f"the {title} was killed by {sig} before it was ready{doing}{where}"
     if report and "sender_pid" in report:
         return f"{head}: another process stopped it; it is restarted"
     if sig == "SIGILL":
@@ -337,16 +466,20 @@ def explain(name: str, rc: int, stage: str, report: dict | None, last_words: str
     return head
 
 
-def _watch(ref: pykka.ActorRef, spec: ChildSpec, proc: subprocess.Popen, generation: int) -> None:
+def _watch(ref: pykka.ActorRef, spec: ChildSpec, proc: subprocess.Popen, generation: int,
+           pulse: Pulse) -> None:
     """Runs in a watcher thread: relays the child's output to the log, and its READY, STAGE,
     FAULT and report lines and its exit (with its last words) to the actor. Ordinary log lines
-    cost the actor nothing: the last one is kept here and sent with the exit."""
+    and beats cost the actor nothing: the last line is kept here and sent with the exit, and a
+    beat only updates ``pulse``."""
     child_log = logging.getLogger(f"zswarm.child.{spec.name}")
     assert proc.stdout is not None
     last_words, last_error = "", False
     for raw in proc.stdout:
         line = raw.decode(errors="replace").rstrip()
-        if spec.ready_prefix and line.startswith(spec.ready_prefix):
+        if line.startswith("BEAT") and spec.beats:
+            pulse.beat(line[len("BEAT"):], time.monotonic())
+        elif spec.ready_prefix and line.startswith(spec.ready_prefix):
             _tell(ref, _Ready(spec.name, generation, line[len(spec.ready_prefix):].strip()))
         elif spec.report_prefix and line.startswith(spec.report_prefix):
             _tell(ref, _Report(spec.name, generation, line[len(spec.report_prefix):].strip()))
@@ -377,8 +510,9 @@ def _words(line: str) -> tuple[str, str]:
     return "", line.strip()[:300]
 
 
-def _tell(ref: pykka.ActorRef, msg: Any) -> None:
+def _tell(ref: pykka.ActorRef, msg: Any) -> bool:
     try:
         ref.tell(msg)
+        return True
     except pykka.ActorDeadError:
-        pass
+        return False

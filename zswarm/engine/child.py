@@ -10,16 +10,25 @@
   (``preexec_fn``) can deadlock the child there (Python's subprocess documentation).
 - :func:`stage`: a ``STAGE`` handshake line, so the node can say what a child was doing when
   it died before READY.
+- :func:`start_beat`: a ``BEAT`` line every ``ZSWARM_CHILD_BEAT_S`` seconds from a thread of its
+  own, for as long as the process runs, so the node can tell a stopped or frozen child from a
+  busy one (the supervisor kills a child whose beats stop). Only when the node asked for it.
+- :data:`EX_CONFIG`: the exit status of a start-up mistake that no restart can fix (a model
+  file that is not one, an address that cannot be bound); the node gives up on a child that
+  exits with it before it was ever ready, and exits itself with the child's last line.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
-from typing import IO
+from typing import IO, Callable
 
 POLL_S = 0.05
+EX_CONFIG = 78  # sysexits.h: "something was found in an unconfigured or misconfigured state"
+BEAT_ENV = "ZSWARM_CHILD_BEAT_S"  # set by the node's supervisor: seconds between beats
 
 
 PARENT_ENV = "ZSWARM_PARENT_PID"  # set by the node's supervisor for each child
@@ -53,6 +62,39 @@ def die_with_parent() -> None:
 def stage(handshake: IO[str], what: str) -> None:
     handshake.write(f"STAGE {what}\n")
     handshake.flush()
+
+
+def start_beat(handshake: IO[str], progress: Callable[[], str] | None = None) -> bool:
+    """Write ``BEAT`` (``BEAT <progress()>`` with a progress function) to the handshake every
+    ``$ZSWARM_CHILD_BEAT_S`` seconds, from a daemon thread. Returns False when not asked to.
+
+    The line goes out in one ``os.write`` of a few bytes (atomic on a pipe, below PIPE_BUF), so it
+    never splits another thread's handshake line, which also goes out whole at its flush. The
+    thread only needs the GIL for microseconds, and model code releases it (ctypes), so a child
+    busy loading or computing still beats; one that is stopped or stuck with the GIL held does not.
+    """
+    try:
+        interval_s = float(os.environ.get(BEAT_ENV, ""))
+    except ValueError:
+        return False
+    if not interval_s > 0:
+        return False
+    fd = handshake.fileno()
+
+    def beat() -> None:
+        while True:
+            try:
+                extra = progress() if progress is not None else ""
+            except Exception:  # a beat without figures beats a child killed for a bug in them
+                extra = ""
+            try:
+                os.write(fd, f"BEAT {extra}".rstrip().encode() + b"\n")
+            except OSError:  # the node closed the pipe: it is gone, and the child follows it
+                return
+            time.sleep(interval_s)
+
+    threading.Thread(target=beat, name="beat", daemon=True).start()
+    return True
 
 
 def take_stdout() -> IO[str]:

@@ -1,7 +1,8 @@
-"""Reading a GGUF file's header: the model's layer count, without loading the model.
+"""Reading a GGUF file's header: is it a model file at all, and its layer count, without loading it.
 
-Owns :func:`gguf_block_count` and the few GGUF type codes it needs. Pure Python (``struct``);
-it must never import llama_cpp or ggml, and it reads only as far into the file as the key it wants.
+Owns :func:`check_model_file` (what the node and the engine ask before anything loads),
+:func:`gguf_block_count` and the few GGUF type codes they need. Pure Python (``struct``); it must
+never import llama_cpp or ggml, and it reads only as far into the file as the key it wants.
 """
 
 from __future__ import annotations
@@ -12,6 +13,41 @@ import struct
 _GGUF_MAGIC = b"GGUF"
 _GGUF_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
 _GGUF_STRING, _GGUF_ARRAY = 8, 9
+_GGUF_MAX_VERSION = 0xFFFF  # llama.cpp writes 3; far above that, the bytes are not a version at all
+
+
+class NotAModel(ValueError):
+    """``path`` cannot be a model: the message is the one line that says why (path included)."""
+
+
+def check_model_file(path: str) -> None:
+    """Raise :class:`NotAModel` unless ``path`` is a readable file with a GGUF header (v2+).
+
+    A start-up check (microseconds: it reads 8 bytes), so that a missing file, a directory, an
+    unreadable file or a text file is one clear line before anything is spawned, not a child that
+    dies at every restart. Whether llama.cpp can load the rest is for llama.cpp to say.
+    """
+    def bad(why: str) -> NotAModel:
+        return NotAModel(f"cannot load the model {path}: {why}")
+
+    if os.path.isdir(path):
+        raise bad("it is a directory, not a GGUF file")
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+    except FileNotFoundError:
+        raise bad("no such file") from None
+    except OSError as e:
+        raise bad(f"cannot read it: {e.strerror or e}") from None
+    if head[:4] != _GGUF_MAGIC:
+        raise bad(f"it is not a GGUF file (it begins {head[:4]!r}, not {_GGUF_MAGIC!r})")
+    if len(head) < 8:
+        raise bad("it is not a GGUF file (the header is cut short)")
+    version = struct.unpack("<I", head[4:])[0]
+    if version & 0xFFFF == 0:  # written big-endian
+        version = struct.unpack(">I", head[4:])[0]
+    if not 2 <= version <= _GGUF_MAX_VERSION:
+        raise bad(f"it is not a GGUF file this llama.cpp can read (header version {version})")
 
 
 def gguf_block_count(path: str) -> int:

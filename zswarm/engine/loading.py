@@ -1,9 +1,10 @@
 """Loading the model: the one place a ``Llama`` is built, locally or across llama.cpp RPC servers.
 
 Owns :class:`LoadSpec` and :func:`load_model`, the ``Llama`` subclass every slot runs
-(:class:`_Model`: exact usage counts, a stop between tokens, the device list in the model
-params), registering RPC servers with ggml (:func:`rpc_device`), and reading llama.cpp's load log
-(:class:`LlamaLog`) to learn where the layers went. Layer arithmetic is :mod:`.layers`'s and the
+(:class:`_Model`: exact usage counts, a stop between tokens, a count of evaluated tokens for the
+heartbeat, the device list in the model params), registering RPC servers with ggml
+(:func:`rpc_device`), and reading llama.cpp's load log (:class:`LlamaLog`) to learn where the
+layers went. Layer arithmetic is :mod:`.layers`'s and the
 GGUF header :mod:`.gguf`'s. It must never touch the socket or the queue; a failed load is a
 :class:`LoadError`, never an exit.
 """
@@ -50,6 +51,7 @@ class _Model(llama_cpp.Llama):
     """
 
     job: Job | None = None  # set by the slot thread before each request
+    evaluated = 0  # tokens through llama_decode so far, prompts and generation: the beat's progress
     layers: dict[str, int] | None = None  # worker mode: repeating layers per device (load_model)
     output: str | None = None  # worker mode: the device (a ``layers`` key) that holds the output layer
 
@@ -71,6 +73,15 @@ class _Model(llama_cpp.Llama):
         if self._devices is not None:
             params.devices = ctypes.addressof(self._devices)
         self._model_params = params
+
+    def eval(self, tokens):  # type: ignore[override]
+        # Batch by batch, as Llama.eval does itself, so a long prompt moves the count between
+        # batches (the supervisor tells a slow prompt from a stuck one by it). Only the slot's
+        # own thread writes it; the beat thread reads it.
+        for i in range(0, len(tokens), self.n_batch):
+            batch = tokens[i:i + self.n_batch]
+            super().eval(batch)
+            self.evaluated += len(batch)
 
     def create_completion(self, prompt, *args, **kwargs):  # type: ignore[override]
         if isinstance(prompt, list):

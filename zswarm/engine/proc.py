@@ -9,7 +9,13 @@ to prove the build computes on this CPU (``STAGE proving``, :func:`.loading.prov
 exactly one line ``READY <model name>`` to stdout and flush. A fault (SIGILL from a build for
 another CPU) before then is reported as a ``FAULT`` line naming the library (:mod:`.fault`). Before anything else, fd 1 is pointed at fd 2 and the
 handshake is written to a private copy of the original stdout, so nothing llama.cpp prints can
-be mistaken for it. A process that cannot bind or load exits non-zero without writing READY.
+be mistaken for it. A process that cannot bind or load exits non-zero without writing READY:
+with ``EX_CONFIG`` (78) when no restart can fix it (no model file, not a GGUF file, a local
+model llama.cpp refuses, an endpoint that cannot be bound), else 2 (a load across RPC servers).
+
+Heartbeat (when the node asks for it, :func:`.child.start_beat`): from the first moment, a line
+``BEAT <tokens evaluated> <requests in flight>`` about once a second, so the node notices an
+engine that is stopped, or one that holds requests but evaluates nothing.
 
 Worker mode (``--rpc-servers``): the model's layers are split over llama.cpp RPC servers and,
 unless ``--no-local-layers``, this machine's CPU. ``--tensor-split`` gives one weight per RPC
@@ -45,6 +51,8 @@ Threads:
 - one thread per slot, each with its own ``Llama`` (weights are mmap'ed, so P slots share one
   copy in the page cache; each has its own KV cache). Slots hand replies to ``engine-io`` with
   ``submit()``.
+- ``beat`` writes the heartbeat line (:func:`.child.start_beat`); it reads the slots' counts
+  and the queue's size, nothing else.
 - the main thread waits for SIGTERM/SIGINT, or for its parent to die, then stops the rest.
 
 This module is the process's main (:func:`parse_args`, :func:`main`) and its socket
@@ -71,7 +79,8 @@ import zmq
 from .. import wire
 from ..transport import SocketLoop, Stats
 from . import fault
-from .child import StopFlag, parent_pid, stage, take_stdout
+from .child import EX_CONFIG, StopFlag, parent_pid, stage, start_beat, take_stdout
+from .gguf import NotAModel, check_model_file
 from .loading import LoadError, LoadSpec, load_model, prove
 from .model import ModelMissing, default_model_path, model_name
 from .scheduler import _STOP_MESSAGES, Job, Scheduler
@@ -282,25 +291,30 @@ def main(argv: list[str] | None = None) -> int:
         log.warning("%s", warning)
     stop = StopFlag()
     parent = parent_pid()
-
-    try:
-        path = args.model or default_model_path()
-    except ModelMissing as e:
-        log.error("%s", e)
-        return 2
-    name = args.name or model_name(path)
     stats = Stats()
     sched = Scheduler(args.max_queue)
+    slots: list[Slot] = []
+    # The beat's figures: tokens evaluated by every slot so far, and requests accepted and not
+    # finished. The node kills an engine whose count stands still while requests wait on it.
+    start_beat(handshake, lambda: f"{sum(slot.evaluated for slot in slots)} {sched.in_flight()}")
+
+    # Start-up mistakes no restart can fix exit EX_CONFIG with one line: the node then stops.
+    try:
+        path = args.model or default_model_path()
+        check_model_file(path)
+    except (ModelMissing, NotAModel) as e:
+        log.error("%s", e)
+        return EX_CONFIG
+    name = args.name or model_name(path)
     ctx = zmq.Context()
     engine = Engine(ctx, args.endpoint, name, args.node_id, sched, stats)
     try:
         engine.start()
     except zmq.ZMQError as e:
         log.error("cannot bind %s: %s", args.endpoint, e)
-        return 2
+        return EX_CONFIG
     spec = LoadSpec(path, args.ctx_size, args.threads, tuple(args.rpc_servers), tuple(args.tensor_split),
                     args.local_layers)
-    slots = []
     layers: dict[str, int] | None = None
     try:
         stage(handshake, "loading")
@@ -316,7 +330,9 @@ def main(argv: list[str] | None = None) -> int:
         log.error("%s", e)
         engine.stop()
         engine.remove_ipc_file()
-        return 2
+        # A local model that llama.cpp refuses stays refused; across RPC servers, the next plan
+        # (other workers, a worker back) may load, so the node keeps trying.
+        return 2 if args.rpc_servers else EX_CONFIG
     for slot in slots:
         slot.start()
     log.info("serving %s (%s) on %s: %d slot(s), %d thread(s) each, context %d",

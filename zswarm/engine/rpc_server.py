@@ -20,7 +20,9 @@ before READY (its ``FAULT`` line names the library) instead of under a server's 
 Handshake: once this process holds the listening socket (seen in /proc, not by connecting to
 it), exactly one line ``READY <host:port> <free bytes>`` goes to the original stdout. fd 1 is
 pointed at fd 2 before anything else, because ggml prints its banner to stdout. ``--port 0``
-takes a free port; READY names it. A server that cannot bind exits 2 without READY.
+takes a free port; READY names it. A server that cannot bind (or load ggml, or compute) exits
+``EX_CONFIG`` (78) without READY: a restart would fail the same way. When the node asks for it,
+a ``BEAT`` line follows about once a second for the life of the process (:func:`.child.start_beat`).
 
 Memory: a client asks the server for its device memory (RPC_CMD_GET_DEVICE_MEMORY) and the server
 answers what ``ggml_backend_dev_memory`` says for the CPU device: in this llama.cpp version the
@@ -53,7 +55,7 @@ import threading
 import time
 
 from . import fault
-from .child import StopFlag, parent_pid, stage, take_stdout
+from .child import EX_CONFIG, StopFlag, parent_pid, stage, start_beat, take_stdout
 from .ggml import GGML_BACKEND_DEVICE_TYPE_CPU, device_memory, ggml
 from .selftest import compute_on
 
@@ -157,40 +159,46 @@ def main(argv: list[str] | None = None) -> int:
                         format=f"%(asctime)s rpc-server[{os.getpid()}] %(levelname)s %(message)s")
     stop = StopFlag()
     parent = parent_pid()
+    start_beat(handshake)  # no figures: what it serves, the engine on the other end measures
 
+    # Each failure before READY is one a restart cannot fix: EX_CONFIG, and the node stops.
     cache_dir = None
     if args.cache_dir:
         try:
             os.makedirs(args.cache_dir, exist_ok=True)
         except OSError as e:
             log.error("cannot create the cache folder %s: %s", args.cache_dir, e)
-            return 2
+            return EX_CONFIG
         cache_dir = os.path.abspath(args.cache_dir).encode()
     try:
         g = ggml()
     except OSError as e:
         log.error("cannot load llama.cpp's libraries: %s", e)
-        return 2
+        return EX_CONFIG
     cpu = g.dev_by_type(GGML_BACKEND_DEVICE_TYPE_CPU)
     if not cpu:
         log.error("ggml has no CPU device")
-        return 2
+        return EX_CONFIG
     stage(handshake, "proving")
     try:
         compute_on(cpu)
     except (RuntimeError, OSError, AttributeError) as e:
         log.error("the CPU cannot compute with this llama.cpp build: %s", e)
-        return 2
+        return EX_CONFIG
     devices = (ctypes.c_void_p * 1)(cpu)
     endpoint = f"{args.host}:{args.port}".encode()
+    busy = _cannot_bind(args.host, args.port)
+    if busy:  # ggml would only say "Failed to create server socket"
+        log.error("cannot listen on %s:%d: %s", args.host, args.port, busy)
+        return EX_CONFIG
 
     server = threading.Thread(target=g.rpc_start_server, name="rpc-server", daemon=True,
                               args=(endpoint, cache_dir, args.threads, 1, devices))
     server.start()
     bound = _wait_listening(args.host, args.port, server)
     if bound is None:
-        log.error("the RPC server could not listen on %s:%d (is the port in use?)", args.host, args.port)
-        return _exit(2)
+        log.error("cannot listen on %s:%d (is the port in use?)", args.host, args.port)
+        return _exit(EX_CONFIG)
 
     if not ipaddress.IPv4Address(args.host).is_loopback:
         log.warning("!!! WARNING: the llama.cpp RPC server is listening on %s:%d WITHOUT ANY AUTHENTICATION. "
@@ -213,6 +221,19 @@ def main(argv: list[str] | None = None) -> int:
             break
     log.info("stopped")
     return _exit(0)
+
+
+def _cannot_bind(host: str, port: int) -> str:
+    """Why ``host:port`` cannot be bound now ("" if it can), tried as ggml binds (SO_REUSEADDR)."""
+    if port == 0:
+        return ""
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as e:
+            return e.strerror or str(e)
+    return ""
 
 
 def _wait_listening(host: str, port: int, server: threading.Thread) -> tuple[str, int] | None:

@@ -89,6 +89,11 @@ class Scheduler:
             self._running[rid] = job
             return job
 
+    def in_flight(self) -> int:
+        """Any thread: requests accepted and not finished (waiting or running)."""
+        with self._cond:
+            return len(self._waiting) + len(self._running)
+
     def finish(self, job: Job) -> None:
         with self._cond:
             self._running.pop(job.req.id, None)

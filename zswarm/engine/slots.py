@@ -41,6 +41,11 @@ class Slot(threading.Thread):
         self._reply = reply
         self._node_id = node_id
 
+    @property
+    def evaluated(self) -> int:
+        """Tokens this slot's model has evaluated (any thread; for the heartbeat)."""
+        return self._llm.evaluated
+
     def run(self) -> None:
         while not self._sched.closed:
             job = self._sched.take(timeout_s=0.5)

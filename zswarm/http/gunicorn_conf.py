@@ -11,8 +11,11 @@ import logging
 import os
 
 # Where clients connect. Loopback by default: the API is opened to the network on purpose
-# (ZSWARM_ADDRESS=0.0.0.0:8080), ideally with ZSWARM_API_KEYS set.
-bind = [os.environ.get("ZSWARM_ADDRESS", "127.0.0.1:8080")]
+# (ZSWARM_ADDRESS=0.0.0.0:8080), ideally with ZSWARM_API_KEYS set. A node binds ZSWARM_ADDRESS
+# itself and hands the listening socket down as ZSWARM_HTTP_FD (zswarm/startup.py): an address
+# in use is then the node's own one-line error at start, not five retries here and a restart loop.
+bind = ([f"fd://{os.environ['ZSWARM_HTTP_FD']}"] if os.environ.get("ZSWARM_HTTP_FD")
+        else [os.environ.get("ZSWARM_ADDRESS", "127.0.0.1:8080")])
 
 # gthread: a streamed answer holds its thread for as long as tokens flow (seconds to minutes)
 # while doing nothing but waiting on the node's socket, so threads, not processes, are the unit
