@@ -157,6 +157,14 @@ def test_engine_failed_fails_parked_requests_with_its_reason():
     assert fail.code == "engine_down" and "GGUF" in fail.message and h.table.parked == {}
 
 
+def test_engine_that_fails_during_a_reshard_is_no_longer_held():
+    h = Harness(LOCAL)
+    h.table.hold(lambda: None)
+    h.ask()
+    h.table.engine_failed("the build cannot run here")
+    assert not h.table.held and h.answer_bodies()[-1].code == "engine_down"
+
+
 def test_park_ends_after_park_s():
     h = Harness(LOCAL, park_s=10)
     h.table.engine_down("exited")
@@ -228,6 +236,22 @@ def test_deadline_fails_with_timeout_cancels_and_cools_the_node():
     for i in range(4):
         h.ask(f"n{i}")
         assert h.last_to() != slow
+
+
+def test_a_timeout_reported_by_the_serving_node_cools_it_too():
+    h = Harness(PEER_A, PEER_B)
+    h.ask(timeout_s=5.0)
+    slow = h.last_to()
+    h.reply(slow, wire.Fail(id="r1", code="timeout", message="deadline passed"))
+    assert h.answer_bodies()[-1].code == "timeout" and h.table.router.cooling() == [slow]
+
+
+def test_a_request_that_is_its_own_fault_does_not_count_against_the_node():
+    h = Harness(PEER_A, PEER_B)
+    for i in range(3):
+        h.ask(f"r{i}", target_node="a")
+        h.reply("a", wire.Fail(id=f"r{i}", code="context_length", message="too long"))
+    assert h.table.router.cooling() == []
 
 
 def test_parked_request_times_out_at_its_deadline():

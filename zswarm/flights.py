@@ -48,6 +48,7 @@ MAX_ATTEMPTS = 3  # sends per request before giving up (a request that kills eve
 PARK_S = 120.0  # longest wait for this node's engine to (re)load
 RECENT_S = 600.0  # a model served this recently is "briefly unroutable", not "unknown"
 RETRYABLE = frozenset({"engine_down", "overloaded", "no_node"})
+REQUEST_FAULTS = frozenset({"bad_request", "context_length", "model_not_found", "cancelled"})
 NO_DEADLINE = float("inf")
 
 Origin = tuple[str, bytes]  # ("local" | "peer", routing id of the asker)
@@ -168,7 +169,8 @@ class Table:
                 self._reply(f.origin, body, raw)
                 self._left(route)
             case wire.Fail(code=code):
-                self.router.finished(route.node, ok=code not in RETRYABLE, cool=code == "timeout")
+                # the request's own fault says nothing against the node; a timeout cools it at once
+                self.router.finished(route.node, ok=code in REQUEST_FAULTS, cool=code == "timeout")
                 if code in RETRYABLE and self._may_retry(f):
                     self._count("requests_retried")
                     if route.local and code == "engine_down":
@@ -218,6 +220,7 @@ class Table:
         """The local engine will not come back by itself; ``""``: it is being tried again."""
         self.problem = problem
         if problem:
+            self.held, self._on_idle = False, None  # nothing left to drain for
             self.engine_down(problem)
             self._unpark(force=True)
 
