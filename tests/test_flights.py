@@ -157,6 +157,14 @@ def test_engine_failed_fails_parked_requests_with_its_reason():
     assert fail.code == "engine_down" and "GGUF" in fail.message and h.table.parked == {}
 
 
+def test_a_failed_engine_serves_no_model_though_its_route_is_listed():
+    h = Harness(LOCAL, Route("a", "tcp://10.0.0.1:1", ("other",), "alpha"))
+    h.table.engine_failed("the build cannot run here")
+    assert h.table.models() == ["other"] and h.table.local_models() == []
+    h.table.engine_failed("")  # tried again: it may come back
+    assert h.table.models() == ["m", "other"]
+
+
 def test_engine_that_fails_during_a_reshard_is_no_longer_held():
     h = Harness(LOCAL)
     h.table.hold(lambda: None)

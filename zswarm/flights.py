@@ -108,11 +108,16 @@ class Table:
     def engine_ready(self) -> bool:
         return self.engine_connected and not self.held
 
+    def _serving(self) -> list[Route]:
+        """Routes that can serve: this node's own only while its engine may come back (the ledger
+        may still list a model whose engine has failed for good)."""
+        return [r for r in self.router.table.routes if not (r.local and self.problem)]
+
     def models(self) -> list[str]:
-        return self.router.table.models()
+        return sorted({m for r in self._serving() for m in r.models})
 
     def local_models(self) -> list[str]:
-        return sorted({m for r in self.router.table.routes if r.local for m in r.models})
+        return sorted({m for r in self._serving() if r.local for m in r.models})
 
     def recent_models(self) -> list[str]:
         """Models served within ``recent_s`` that no route serves now."""
