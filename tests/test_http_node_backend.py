@@ -129,6 +129,20 @@ def test_silent_node_times_out_and_is_told_to_cancel(node):
         b.close()
 
 
+def test_a_whole_answer_may_be_silent_until_its_deadline(node):
+    """The gateway holds a non-streamed answer's chunks: silence is normal until its Done."""
+    b = NodeBackend(node.endpoint, timeout_s=0.2)
+    try:
+        req = wire.GenRequest(id="w1", kind="completion", model="silent", prompt="hi", whole=True, timeout_s=0.5)
+        t0 = time.monotonic()
+        [item] = b.generate(req)
+        took = time.monotonic() - t0
+        assert isinstance(item, wire.Fail) and item.code == "timeout" and "0.5 s" in item.message
+        assert took >= 0.5  # not cut off by the 0.2 s silence bound of a streamed answer
+    finally:
+        b.close()
+
+
 def test_no_node_at_all(tmp_path):
     b = NodeBackend(f"ipc://{tmp_path}/nobody.sock", timeout_s=60, quick_timeout_s=0.2)
     try:

@@ -103,8 +103,11 @@ class NodeBackend:
         # the node ends the request at its deadline (a Fail "timeout"); waiting a little longer
         # than that covers a node too stuck to say so
         until = time.monotonic() + req.timeout_s + DEADLINE_GRACE_S if req.timeout_s else None
+        # a whole answer comes in one piece at its end (the gateway holds its chunks), so silence
+        # until then says nothing; its deadline bounds the wait instead
+        silence_s = req.timeout_s + DEADLINE_GRACE_S if req.whole and req.timeout_s else self.timeout_s
         started = False
-        for body in self._replies(sock, req.id, self.timeout_s, until):
+        for body in self._replies(sock, req.id, silence_s, until):
             if isinstance(body, wire.Chunk):
                 started = True
                 yield body
