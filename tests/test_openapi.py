@@ -10,7 +10,13 @@ What the real-node run changes in the document it tests, and why (the served doc
 as it is): ``model`` is pinned to the served model, so generation is reached instead of a 404
 every time; ``max_tokens`` is required and capped at 4 and ``max_completion_tokens`` capped the
 same, so each generated request costs a fraction of a second instead of a full context of
-tokens. Only positive cases run there; the negative ones run in process, where they are cheap.
+tokens; ``X-Zswarm-Timeout`` is at least 60 s, so a generated timeout of a microsecond does not
+turn a case into a 504. Only positive cases run there; the negative ones run in process, where
+they are cheap.
+
+The request bodies are generated from the Structs the app decodes with (see openapi.py); the
+tests here hold the document to them: every field of every Struct is there, and the schemas
+are exactly what generation gives.
 """
 
 from __future__ import annotations
@@ -23,14 +29,18 @@ import urllib.request
 import falcon.inspect
 import falcon.testing
 import hypothesis
+import msgspec
+import msgspec.inspect
 import pytest
 import schemathesis
 from schemathesis import GenerationMode
 
 from cluster import Cluster, wait_for
 from swarm_fakes import MODEL, FakeBackend, FakeCluster, fifty_peers, shard_of
-from zswarm.http import create_app
-from zswarm.http.openapi import DOCUMENT
+from zswarm import config
+from zswarm.http import app as http_app, create_app
+from zswarm.http.openapi import DOCUMENT, TIMEOUT_HEADER
+from zswarm.http.schema import REQUESTS
 from zswarm.token import Token
 
 CHECKS = ["not_a_server_error", "status_code_conformance", "content_type_conformance",
@@ -41,10 +51,10 @@ def checks() -> list:
     return [getattr(schemathesis.checks, name) for name in CHECKS]
 
 
-def make_app(keys=()):
+def make_app(keys=(), backend=None):
     peers = fifty_peers()[:8]  # every role and state, and a split model
     fake = FakeCluster(peers, shard=shard_of(peers))
-    return create_app(FakeBackend(), api_keys=keys, node_name="entry", cluster=fake)
+    return create_app(backend or FakeBackend(), api_keys=keys, node_name="entry", cluster=fake)
 
 
 def test_every_route_is_documented_and_nothing_else():
@@ -64,6 +74,97 @@ def test_document_is_served_and_valid():
     schema = schemathesis.openapi.from_dict(r.json)
     operations = [op.ok() for op in schema.get_all_operations()]
     assert len(operations) == sum(len(v) for v in DOCUMENT["paths"].values())
+
+
+SCHEMAS = DOCUMENT["components"]["schemas"]
+BODIES = {"chat": "/v1/chat/completions", "completion": "/v1/completions"}
+
+
+def structs(t: msgspec.inspect.Type, found: dict) -> dict:
+    """Every Struct reachable from the type ``t`` (by class), with its fields."""
+    if isinstance(t, msgspec.inspect.StructType):
+        if t.cls in found:
+            return found
+        found[t.cls] = t
+        inner = [f.type for f in t.fields]
+    else:  # Metadata, Union, list, dict...: whatever holds other types
+        inner = [getattr(t, a) for a in ("type", "item_type", "key_type", "value_type") if hasattr(t, a)]
+        inner += [*getattr(t, "types", ()), *getattr(t, "item_types", ())]
+    for i in inner:
+        structs(i, found)
+    return found
+
+
+def request_structs() -> dict:
+    found: dict = {}
+    for t in REQUESTS.values():
+        structs(msgspec.inspect.type_info(t), found)
+    return found
+
+
+def test_each_body_is_the_struct_the_app_decodes():
+    for kind, path in BODIES.items():
+        body = DOCUMENT["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]
+        assert body == {"$ref": f"#/components/schemas/{REQUESTS[kind].__name__}"}
+
+
+def test_every_struct_field_is_documented():
+    found = request_structs()
+    assert {c.__name__ for c in found} >= {"ChatRequest", "CompletionRequest", "Message", "ContentPart",
+                                           "StreamOptions"}
+    for cls, info in found.items():
+        documented = SCHEMAS[cls.__name__]
+        assert set(documented["properties"]) == {f.encode_name for f in info.fields}, cls.__name__
+        assert set(documented["required"]) == {f.encode_name for f in info.fields if f.required}, cls.__name__
+        assert documented.get("additionalProperties", True) is True, "unknown fields are accepted"
+    # what the hand-written document said, now said by the Structs
+    chat = SCHEMAS["ChatRequest"]
+    description = " ".join(chat["description"].split())  # a docstring's line breaks are soft in Markdown
+    assert "accepted and ignored" in description and "4.0 is not an integer" in description
+    assert chat["properties"]["messages"]["minItems"] == 1
+    assert chat["properties"]["n"]["anyOf"] == [{"enum": [1]}, {"type": "null"}]
+    assert SCHEMAS["ContentPart"]["properties"]["type"]["enum"] == ["text"]
+    one_string = SCHEMAS["CompletionRequest"]["properties"]["prompt"]["anyOf"][1]
+    assert (one_string["minItems"], one_string["maxItems"]) == (1, 1)
+
+
+def test_request_schemas_are_what_generation_gives():
+    """No drift possible: the served schemas are msgspec's own, untouched."""
+    _, generated = msgspec.json.schema_components(list(REQUESTS.values()),
+                                                  ref_template="#/components/schemas/{name}")
+    served = falcon.testing.TestClient(make_app()).simulate_get("/openapi.json").json["components"]["schemas"]
+    assert {name: served[name] for name in generated} == json.loads(json.dumps(generated))
+    assert set(generated) == {c.__name__ for c in request_structs()}
+
+
+def test_the_timeout_header_is_the_one_the_app_reads():
+    assert TIMEOUT_HEADER == http_app.TIMEOUT_HEADER
+    for path in BODIES.values():
+        (param,) = DOCUMENT["paths"][path]["post"]["parameters"]
+        assert param["name"] == TIMEOUT_HEADER and param["in"] == "header" and not param["required"]
+        assert param["schema"] == {"type": "number", "exclusiveMinimum": 0,
+                                   "maximum": config.MAX_REQUEST_TIMEOUT_S}
+        assert f"{config.DEFAULT_REQUEST_TIMEOUT_S:g} s" in param["description"]
+
+
+def test_a_node_that_is_down_answers_as_documented():
+    """Every 503 of the OpenAI routes carries the Retry-After the document requires."""
+    app = make_app(backend=FakeBackend(down=True))
+    for path in ("/v1/models", "/v1/models/{model_id}", *BODIES.values()):
+        (op,) = DOCUMENT["paths"][path].values()
+        assert op["responses"]["503"]["headers"]["Retry-After"]["required"] is True
+    r = falcon.testing.TestClient(app).simulate_post(BODIES["completion"], json={"model": MODEL, "prompt": "x"})
+    assert (r.status_code, r.headers["Retry-After"]) == (503, "1")
+    doc = schemathesis.openapi.from_dict(DOCUMENT)
+    doc.app = app
+    statuses: collections.Counter = collections.Counter()
+
+    def call(case):  # a 5xx is right here; the rest holds, the 503's Retry-After included
+        r = case.call_and_validate(checks=[c for c in checks() if c is not schemathesis.checks.not_a_server_error])
+        statuses[r.status_code] += 1
+
+    run(doc, GenerationMode.POSITIVE, 10, call)
+    assert statuses[503] >= 10
 
 
 def run(schema, mode: GenerationMode, max_examples: int, call) -> int:
@@ -109,7 +210,7 @@ def pinned_document(max_tokens: int | None = 4) -> dict:
     """The document with ``model`` pinned to the served model and, optionally, max_tokens capped."""
     doc = copy.deepcopy(DOCUMENT)
     schemas = doc["components"]["schemas"]
-    for name in ("ChatCompletionRequest", "CompletionRequest"):
+    for name in (t.__name__ for t in REQUESTS.values()):
         props = schemas[name]["properties"]
         props["model"] = {"const": MODEL}
         if max_tokens is not None:
@@ -118,6 +219,10 @@ def pinned_document(max_tokens: int | None = 4) -> dict:
             if "max_completion_tokens" in props:
                 props["max_completion_tokens"] = {"anyOf": [{"type": "null"}, {"type": "integer", "minimum": 1,
                                                                                "maximum": max_tokens}]}
+    if max_tokens is not None:
+        for path in BODIES.values():
+            (timeout,) = doc["paths"][path]["post"]["parameters"]
+            timeout["schema"] = {**timeout["schema"], "minimum": 60}
     for param in doc["paths"]["/v1/models/{model_id}"]["get"]["parameters"]:
         param["schema"] = {"const": MODEL}
     return doc

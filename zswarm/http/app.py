@@ -23,7 +23,7 @@ from . import schema
 from .backend import Backend, BackendUnavailable, Reply
 from .cluster import NO_CLUSTER, ClusterSource, Nodes, TokenText
 from ..config import DEFAULT_REQUEST_TIMEOUT_S, ConfigError, parse_seconds
-from .errors import NODE_HEADER, RETRY_LATER, ApiError, from_fail, handle_unexpected, serialize_error
+from .errors import NODE_HEADER, RETRY_LATER, TIMEOUT_HEADER, ApiError, from_fail, handle_unexpected, serialize_error
 from .metrics import HttpMetrics, MetricsResource, Track, make_registry
 from .openapi import OpenApi
 from .pages import Root, Static
@@ -36,7 +36,6 @@ MAX_BODY_BYTES = 1 << 20  # a long chat history is tens of KiB; anything near 1 
 # the cluster data and the token through the guarded /api/p2p routes).
 PUBLIC_PATHS = frozenset({"/", "/healthz", "/readyz", "/openapi.json", "/swarm"})
 PUBLIC_PREFIXES = ("/swarm/",)
-TIMEOUT_HEADER = "X-Zswarm-Timeout"
 
 
 def create_app(backend: Backend, api_keys: Iterable[str] = (), node_name: str = "",

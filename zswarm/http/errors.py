@@ -18,6 +18,7 @@ from .. import wire
 log = logging.getLogger(__name__)
 
 NODE_HEADER = "X-Zswarm-Node"
+TIMEOUT_HEADER = "X-Zswarm-Timeout"  # a completion's timeout in seconds (app.py reads it)
 # On a 503 that a retry can cure (a restart, no route for a moment, every slot busy): OpenAI's
 # clients retry 5xx answers and wait what Retry-After says (seconds) before they do.
 RETRY_AFTER_S = 1

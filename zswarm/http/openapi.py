@@ -1,10 +1,17 @@
 """``GET /openapi.json``: the OpenAPI 3.1 description of every route of the HTTP app.
 
-Written by hand next to the code it describes and checked against the running app by
-tests/test_openapi.py: every route the app has is here (and nothing else), and schemathesis
-sends generated requests to a real node and checks each answer against these schemas.
-Request bodies say what zswarm reads and checks; other OpenAI fields are accepted and ignored
-(``additionalProperties`` is left open for that reason).
+The request bodies are generated (``msgspec.json.schema_components``) from the very Structs
+the app decodes them with (:data:`zswarm.http.schema.REQUESTS`), so a field added there is
+documented here without an edit; their descriptions are those Structs' docstrings and ``Meta``.
+Nothing here may patch a generated schema: what it should say belongs on the Struct.
+
+Everything else is written by hand, on purpose. Replies are built as dicts (``schema.Replies``
+on the streaming path, ``errors.error_body``, ``cluster.py``), so Structs for them would be a
+second description that nothing encodes with: the drift would only move. And replies cannot
+drift unseen: tests/test_openapi.py checks every route the app has against this document,
+and schemathesis checks each answer's status, headers and body against these schemas. Requests
+need the generation because nothing else would catch their drift: the app accepts fields the
+document does not list, and schemathesis only sends what it lists.
 """
 
 from __future__ import annotations
@@ -15,12 +22,16 @@ import falcon
 import msgspec
 
 from .. import __version__
+from ..config import DEFAULT_REQUEST_TIMEOUT_S, MAX_REQUEST_TIMEOUT_S
+from . import schema
+from .errors import NODE_HEADER, RETRY_AFTER_S, TIMEOUT_HEADER
 
 JSON = "application/json"
+_REF_TEMPLATE = "#/components/schemas/{name}"
 
 
 def _ref(name: str) -> dict[str, str]:
-    return {"$ref": f"#/components/schemas/{name}"}
+    return {"$ref": _REF_TEMPLATE.format(name=name)}
 
 
 def _nullable(schema: dict[str, Any]) -> dict[str, Any]:
@@ -41,11 +52,10 @@ def _error(description: str) -> dict[str, Any]:
 
 _STR = {"type": "string"}
 _INT = {"type": "integer"}
-_NUM = {"type": "number"}
 _COUNT = {"type": "integer", "minimum": 0}
-_NODE_HEADER = {"X-Zswarm-Node": {"description": "Id of the node whose engine answered (or, when none did, "
-                                                 "the name of the node that took the request)",
-                                  "schema": _STR}}
+_NODE_HEADER = {NODE_HEADER: {"description": "Id of the node whose engine answered (or, when none did, "
+                                             "the name of the node that took the request)",
+                              "schema": _STR}}
 
 _SCHEMAS: dict[str, Any] = {
     "Error": _obj({"error": _obj({
@@ -53,13 +63,6 @@ _SCHEMAS: dict[str, Any] = {
         "param": _nullable(_STR), "code": _nullable(_STR)})}),
     "Model": _obj({"id": _STR, "object": {"const": "model"}, "created": _INT, "owned_by": _STR}),
     "ModelList": _obj({"object": {"const": "list"}, "data": {"type": "array", "items": _ref("Model")}}),
-    "ContentPart": _obj({"type": {"const": "text"}, "text": _STR}, required=["type"]),
-    "Message": _obj({
-        "role": _STR,
-        "content": {"anyOf": [_STR, {"type": "array", "items": _ref("ContentPart")}, {"type": "null"}]},
-        "name": _nullable(_STR),
-    }, required=["role"]),
-    "StreamOptions": _obj({"include_usage": _nullable({"type": "boolean"})}, required=[]),
     "Usage": _obj({"prompt_tokens": _COUNT, "completion_tokens": _COUNT, "total_tokens": _COUNT}),
     "Ready": _obj({"status": {"type": "string", "enum": ["ready", "unready"]}, "reason": _STR,
                    "models": {"type": "array", "items": _STR}}),
@@ -126,23 +129,6 @@ _SCHEMAS: dict[str, Any] = {
     "Stats": _obj({g: _ref("Count") for g in ("federated", "workers", "servers", "balancers", "all")}),
 }
 
-_COMMON = {
-    "model": _STR,
-    "max_tokens": _nullable({"type": "integer", "minimum": 1}),
-    "temperature": _nullable({"type": "number", "minimum": 0, "maximum": 2}),
-    "top_p": _nullable({"type": "number", "minimum": 0, "maximum": 1}),
-    "stop": {"anyOf": [_STR, {"type": "array", "items": _STR}, {"type": "null"}]},
-    "seed": _nullable({"type": "integer", "minimum": -(2 ** 63), "maximum": 2 ** 64 - 1}),
-    "stream": _nullable({"type": "boolean"}),
-    "stream_options": _nullable(_ref("StreamOptions")),
-    "n": {"enum": [1, None], "description": "only one choice per request"},
-}
-_SCHEMAS["ChatCompletionRequest"] = _obj(
-    {**_COMMON, "messages": {"type": "array", "items": _ref("Message"), "minItems": 1},
-     "max_completion_tokens": _nullable({"type": "integer", "minimum": 1})}, required=["model", "messages"])
-_SCHEMAS["CompletionRequest"] = _obj(
-    {**_COMMON, "prompt": {"anyOf": [_STR, {"type": "array", "items": _STR, "minItems": 1, "maxItems": 1}]}},
-    required=["model", "prompt"])
 _FINISH = {"type": "string", "enum": ["stop", "length"]}
 _HEAD = {"id": _STR, "created": _INT, "model": _STR}
 _SCHEMAS["ChatCompletion"] = _obj({**_HEAD, "object": {"const": "chat.completion"}, "choices": {
@@ -155,28 +141,58 @@ _SCHEMAS["TextCompletion"] = _obj({**_HEAD, "object": {"const": "text_completion
                                     "finish_reason": _FINISH})},
     "usage": _ref("Usage")})
 
+# The request bodies, generated; each kind's body is the Struct the app decodes it as.
+_BODIES, _GENERATED = msgspec.json.schema_components(list(schema.REQUESTS.values()), ref_template=_REF_TEMPLATE)
+_REQUEST_BODY = dict(zip(schema.REQUESTS, _BODIES))
+if _SCHEMAS.keys() & _GENERATED.keys():
+    raise RuntimeError(f"schemas both written and generated: {sorted(_SCHEMAS.keys() & _GENERATED.keys())}")
+_SCHEMAS.update(_GENERATED)
+
 _GUARDED = [{"bearer": []}, {"apiKey": []}, {}]  # a key only when the node has API keys
 _PUBLIC: list = []
 _401 = {"401": _error("An API key is required (the node has keys) or the one given is wrong")}
-_503 = {"503": _error("The node is not available (down, restarting, overloaded, or no node serves the model)")}
+_RETRY_AFTER = {"Retry-After": {
+    "description": f"Seconds to wait before trying again ({RETRY_AFTER_S}); OpenAI's clients wait that long "
+                   "before they retry",
+    "required": True, "schema": {"type": "integer", "minimum": 0}}}
 
 
-def _completion(kind: str, request: str, reply: str, summary: str) -> dict[str, Any]:
+def _unavailable(description: str) -> dict[str, Any]:
+    """A 503 that waiting can cure: the app sends Retry-After with it (errors.RETRY_LATER)."""
+    return {"503": {**_error(description), "headers": _RETRY_AFTER}}
+
+
+_503 = _unavailable("The node is not available (code `node_unavailable`)")
+_TIMEOUT = {
+    "name": TIMEOUT_HEADER, "in": "header", "required": False,
+    "description": "Seconds this request may take, queueing included (default: the node's --request-timeout, "
+                   f"{DEFAULT_REQUEST_TIMEOUT_S:g} s unless it was set). Past them the node stops working on it "
+                   "and the answer is a 504 with code `timeout`; once a stream has begun, an error event with "
+                   "that code ends it instead.",
+    "schema": {"type": "number", "exclusiveMinimum": 0, "maximum": MAX_REQUEST_TIMEOUT_S}, "example": 120}
+
+
+def _completion(op_id: str, kind: str, reply: str, summary: str) -> dict[str, Any]:
     return {"post": {
-        "operationId": kind, "summary": summary, "security": _GUARDED, "tags": ["OpenAI"],
-        "requestBody": {"required": True, "content": {JSON: {"schema": _ref(request)}}},
+        "operationId": op_id, "summary": summary, "security": _GUARDED, "tags": ["OpenAI"],
+        "parameters": [_TIMEOUT],
+        "requestBody": {"required": True, "content": {JSON: {"schema": _REQUEST_BODY[kind]}}},
         "responses": {
             "200": {"description": "The answer: whole (JSON), or as server-sent events with stream: true "
                                    "(data: chunk objects, then data: [DONE])",
                     "headers": _NODE_HEADER,
                     "content": {JSON: {"schema": _ref(reply)},
                                 "text/event-stream": {"schema": _ref("ServerSentEvent")}}},
-            "400": _error("The body is not valid JSON, breaks the schema, or does not fit the context"),
+            "400": _error("The body is not valid JSON, breaks the schema, or does not fit the context; "
+                          f"or {TIMEOUT_HEADER} is not a number of seconds in the range it allows"),
             **_401,
             "404": _error("No node serves this model"),
             "413": _error("The body is larger than the node accepts (1 MiB by default)"),
-            **_503,
-            "504": _error("The node said nothing for too long"),
+            **_unavailable("The node is not available: it is down or restarting (code `node_unavailable` or "
+                           "`engine_down`), every slot is busy (`overloaded`), or no node serves the model "
+                           "for now (`no_node`)"),
+            "504": _error(f"The answer took longer than the request's timeout ({TIMEOUT_HEADER}, else the "
+                          "node's --request-timeout): code `timeout`"),
         }}}
 
 
@@ -217,10 +233,8 @@ _PATHS: dict[str, Any] = {
     "/v1/models/{model_id}": _get("getModel", "One model", {
         "200": _json(_ref("Model"), "The model"), **_401, "404": _error("No node serves this model"), **_503},
         _GUARDED, "OpenAI", [{"name": "model_id", "in": "path", "required": True, "schema": _STR}]),
-    "/v1/chat/completions": _completion("createChatCompletion", "ChatCompletionRequest", "ChatCompletion",
-                                        "A chat completion"),
-    "/v1/completions": _completion("createCompletion", "CompletionRequest", "TextCompletion",
-                                   "A text completion"),
+    "/v1/chat/completions": _completion("createChatCompletion", "chat", "ChatCompletion", "A chat completion"),
+    "/v1/completions": _completion("createCompletion", "completion", "TextCompletion", "A text completion"),
     "/api/p2p": _get("clusterNodes", "Every node this node knows, by group", {
         "200": _json(_ref("Cluster"), "The nodes"), **_401,
         "503": _error("The node's admin socket did not answer")}, _GUARDED, "Cluster"),

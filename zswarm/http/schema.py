@@ -3,13 +3,18 @@
 Only what zswarm acts on is declared; msgspec skips every other field, because OpenAI clients
 send many (``user``, ``logprobs``, ``frequency_penalty``...). A body that does not fit raises
 :class:`~zswarm.http.errors.ApiError` (400) naming the offending field in ``param``.
+
+The request Structs are also the request schemas of /openapi.json (openapi.py generates them
+with ``msgspec.json.schema_components``): every rule a body must keep is written in the types
+(``Meta`` bounds, ``Literal``), never only in code after decoding, so the document and the
+decoder cannot disagree; docstrings and ``Meta`` descriptions are what clients read there.
 """
 
 from __future__ import annotations
 
 import re
 import time
-from typing import Annotated, Any, Union
+from typing import Annotated, Any, Literal, Union
 
 import msgspec
 
@@ -17,33 +22,55 @@ from .. import wire
 from .errors import ApiError
 
 PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
+# Ends each request's docstring: its description in /openapi.json.
+_NOTE = """
+
+Fields zswarm does not read (`user`, `logprobs`, `frequency_penalty`...) are accepted and
+ignored. Types are strict, as in OpenAI's API: "5" is not a number, 1 is not a boolean, and
+4.0 is not an integer (which JSON Schema would allow); each is a 400 naming the field in
+`error.param`."""
 
 
 class ContentPart(msgspec.Struct):
-    type: str
+    """One part of a message's content; parts are joined with newlines, as vLLM does."""
+
+    type: Annotated[Literal["text"], msgspec.Meta(description="only text parts are supported")]
     text: str = ""
 
 
 class Message(msgspec.Struct):
-    role: str
-    content: Union[str, list[ContentPart], None] = None  # None: an assistant turn with tool calls only
+    """One turn of the conversation, passed to the model's chat template."""
+
+    role: Annotated[str, msgspec.Meta(description="system, user, assistant... as the chat template knows them",
+                                      examples=["user"])]
+    content: Annotated[Union[str, list[ContentPart], None],
+                       msgspec.Meta(description="null: an assistant turn with tool calls only")] = None
     name: Union[str, None] = None
 
 
 class StreamOptions(msgspec.Struct):
-    include_usage: Union[bool, None] = False
+    include_usage: Annotated[Union[bool, None], msgspec.Meta(
+        description="end the stream with one more chunk: no choices, the usage of the whole answer")] = False
 
 
 class _Common(msgspec.Struct, kw_only=True):
-    model: str
-    max_tokens: Union[PositiveInt, None] = None
-    temperature: Union[Annotated[float, msgspec.Meta(ge=0, le=2)], None] = None
-    top_p: Union[Annotated[float, msgspec.Meta(ge=0, le=1)], None] = None
-    stop: Union[str, list[str], None] = None
-    seed: Union[int, None] = None
-    stream: Union[bool, None] = False
+    model: Annotated[str, msgspec.Meta(description="a model some node of the cluster serves (GET /v1/models)")]
+    max_tokens: Annotated[Union[PositiveInt, None], msgspec.Meta(
+        description="most tokens to generate; null: until the model stops or the context is full")] = None
+    temperature: Annotated[Union[Annotated[float, msgspec.Meta(ge=0, le=2)], None],
+                           msgspec.Meta(description="sampling temperature; null: 1")] = None
+    top_p: Annotated[Union[Annotated[float, msgspec.Meta(ge=0, le=1)], None],
+                     msgspec.Meta(description="nucleus sampling; null: 1")] = None
+    stop: Annotated[Union[str, list[str], None],
+                    msgspec.Meta(description="strings that end the answer where the model writes one")] = None
+    # int64, as OpenAI's API has it; without the bound a larger seed passes here and then fails
+    # to encode on its way to the node (msgpack stops at 2**64 - 1)
+    seed: Annotated[Union[Annotated[int, msgspec.Meta(ge=-(2 ** 63), le=2 ** 63 - 1)], None], msgspec.Meta(
+        description="for repeatable sampling; null: a fresh random seed for each request")] = None
+    stream: Annotated[Union[bool, None], msgspec.Meta(
+        description="answer as server-sent events, a chunk at a time, then `data: [DONE]`")] = False
     stream_options: Union[StreamOptions, None] = None
-    n: Union[int, None] = None
+    n: Annotated[Union[Literal[1], None], msgspec.Meta(description="choices per answer: only one")] = None
 
     @property
     def include_usage(self) -> bool:
@@ -51,17 +78,26 @@ class _Common(msgspec.Struct, kw_only=True):
 
 
 class ChatRequest(_Common, kw_only=True):
-    messages: list[Message]
-    max_completion_tokens: Union[PositiveInt, None] = None  # the newer name of max_tokens
+    __doc__ = "The body of POST /v1/chat/completions." + _NOTE
+
+    messages: Annotated[list[Message], msgspec.Meta(
+        min_length=1, description="the conversation so far", examples=[[{"role": "user", "content": "Hello!"}]])]
+    max_completion_tokens: Annotated[Union[PositiveInt, None], msgspec.Meta(
+        description="the newer name of max_tokens; wins when both are given")] = None
 
 
 class CompletionRequest(_Common, kw_only=True):
-    prompt: Union[str, list[str]]
+    __doc__ = "The body of POST /v1/completions." + _NOTE
+
+    prompt: Annotated[Union[str, Annotated[list[str], msgspec.Meta(min_length=1, max_length=1)]], msgspec.Meta(
+        description="the text to continue: a string, or a list of exactly one string",
+        examples=["Once upon a time"])]
 
 
-# strict: "5" is not a number and 1 is not a boolean (as OpenAI's API has it); the price is that
-# 4.0 is not an integer either, which JSON Schema would allow (a documented 400)
-_decoders = {"chat": msgspec.json.Decoder(ChatRequest), "completion": msgspec.json.Decoder(CompletionRequest)}
+# What each kind of completion decodes its body as; /openapi.json documents these same types.
+REQUESTS = {"chat": ChatRequest, "completion": CompletionRequest}
+# strict (see _NOTE): msgspec's default, kept because OpenAI's API is strict too
+_decoders = {kind: msgspec.json.Decoder(t) for kind, t in REQUESTS.items()}
 _AT = re.compile(r" - at `\$\.?(?P<path>[^`]*)`$")
 _MISSING = re.compile(r"missing required field `(?P<field>[^`]+)`")
 
@@ -77,9 +113,9 @@ def _param(message: str) -> str | None:
 
 
 def parse(kind: str, body: bytes) -> Union[ChatRequest, CompletionRequest]:
-    """Decode and check one request body; ``kind`` is "chat" or "completion"."""
+    """Decode one request body; ``kind`` is "chat" or "completion". Every check is in the types."""
     try:
-        req = _decoders[kind].decode(body)
+        return _decoders[kind].decode(body)
     except msgspec.ValidationError as e:
         raise ApiError(400, f"Invalid request: {e}", param=_param(str(e))) from None
     except msgspec.DecodeError:
@@ -88,19 +124,6 @@ def parse(kind: str, body: bytes) -> Union[ChatRequest, CompletionRequest]:
         raise ApiError(400, "The JSON body of your request is not valid UTF-8.") from None
     except RecursionError:  # msgspec counts nesting against Python's recursion limit
         raise ApiError(400, "The JSON body of your request is nested too deeply.") from None
-    if req.n not in (None, 1):
-        raise ApiError(400, "Only n=1 is supported.", param="n")
-    if isinstance(req, ChatRequest):
-        if not req.messages:
-            raise ApiError(400, "messages must not be empty.", param="messages")
-        for i, m in enumerate(req.messages):
-            for j, part in enumerate(m.content if isinstance(m.content, list) else ()):
-                if part.type != "text":
-                    raise ApiError(400, f"Content parts of type {part.type!r} are not supported; only 'text'.",
-                                   param=f"messages[{i}].content[{j}].type")
-    elif isinstance(req.prompt, list) and len(req.prompt) != 1:
-        raise ApiError(400, "prompt must be a string or a list of exactly one string.", param="prompt")
-    return req
 
 
 def _text(content: Union[str, list[ContentPart], None]) -> str:
