@@ -84,3 +84,83 @@ def test_own_record_is_never_overwritten_by_peers():
     m.on_records([rec("me", inc=99, ver=99, name="impostor")])
     m.on_beat(Beat("me", 99, 99, 99, "tcp://x:1"))
     assert m.own.name == "me" and m.members == {}
+
+
+def removed(m, clock, node="x"):
+    """Let ``node`` (a member) go silent until it is removed."""
+    for _ in range(80):
+        clock.t += 0.5
+        m.sweep()
+    assert node not in m.members
+
+
+def test_direct_beat_after_removal_is_believed_at_once():
+    # a partition: both sides removed each other; the first beat across the healed link counts
+    m, clock = make()
+    m.on_records([rec("x", ver=3)])
+    m.on_beat(Beat("x", 1, 3, 7, "tcp://127.0.0.1:1120"))
+    removed(m, clock)
+    ch = m.on_beat(Beat("x", 1, 3, 90, "tcp://127.0.0.1:1120"))
+    assert ("x", "removed", ALIVE) in ch.transitions and ch.updated == ["x"]
+    x = m.members["x"]
+    assert x.state == ALIVE and x.heartbeat == 90 and x.record.name == "x"  # routable again: no Want round trip
+    assert ch.wants == {} and m.peers()[0]["state"] == ALIVE
+    # a newer version than the buried record: still believed, and the new record is asked for
+    removed(m, clock)
+    assert m.on_beat(Beat("x", 1, 5, 200, "tcp://127.0.0.1:1120")).wants == {"x": "x"}
+    assert m.members["x"].record.version == 3  # the old record routes meanwhile
+    # its own entry in a digest it sent is direct too
+    removed(m, clock)
+    assert ("x", "removed", ALIVE) in m.on_digest("x", [DigestEntry("x", 1, 5, 300)]).transitions
+
+
+def test_relayed_news_of_a_removed_node_is_still_refused():
+    m, clock = make()
+    m.on_records([rec("x")])
+    m.on_beat(Beat("x", 1, 0, 10, ""))
+    removed(m, clock)
+    # y heard x a little later than we did (or relays what it heard before it buried x too)
+    assert not m.on_digest("y", [DigestEntry("x", 1, 0, 12)])
+    assert not m.on_records([rec("x", ver=1)])
+    assert "x" not in m.members
+    # a beat of an older incarnation than the buried one is no proof the buried one lives
+    m.on_beat(Beat("x", 0, 0, 99, ""))
+    assert "x" not in m.members
+    # once the tombstone is gone, relays are news again
+    clock.t += Timing().tombstone_s
+    m.sweep()
+    assert m.on_digest("y", [DigestEntry("x", 1, 0, 13)]).wants == {"x": "y"}
+
+
+def test_a_node_removed_for_silence_stays_dialed_and_one_that_left_does_not():
+    m, clock = make()
+    m.on_records([rec("x"), rec("y")])
+    ch = m.sweep()
+    for _ in range(80):
+        clock.t += 0.5
+        ch = m.sweep()
+        assert "tcp://127.0.0.1:1120" not in ch.disconnect  # x stays dialed through a partition
+    assert m.redialing() == {"x": "tcp://127.0.0.1:1120", "y": "tcp://127.0.0.1:1121"}
+    # a Leave heard after all (it left during the partition) ends the redial at once
+    assert m.on_leave("y", 1).disconnect == {"tcp://127.0.0.1:1121"}
+    # the redial ends after redial_s
+    clock.t += Timing().redial_s
+    assert m.sweep().disconnect == {"tcp://127.0.0.1:1120"} and m.redialing() == {}
+
+
+def test_a_removed_node_back_elsewhere_is_no_longer_dialed_where_it_was():
+    m, clock = make()
+    m.on_records([rec("x")])
+    removed(m, clock)
+    ch = m.on_beat(Beat("x", 2, 0, 1, "tcp://127.0.0.1:9"))  # restarted on another port
+    assert ch.disconnect == {"tcp://127.0.0.1:1120"} and ch.connect == {"tcp://127.0.0.1:9"}
+    assert m.redialing() == {}
+    # back at the same place, learnt by relay: its old endpoint is kept, not dialed twice
+    m2, clock2 = make()
+    m2.on_records([rec("x")])
+    removed(m2, clock2)
+    clock2.t += Timing().tombstone_s
+    m2.sweep()
+    ch = m2.on_digest("y", [DigestEntry("x", 1, 0, 500)])
+    assert ch.disconnect == set() and m2.members["x"].gossip == "tcp://127.0.0.1:1120"
+    assert m2.redialing() == {}

@@ -10,6 +10,13 @@ Rules:
 - alive -> suspect after ``suspect_after_s`` without news, -> dead after ``dead_after_s``,
   removed after ``remove_after_s``; a Leave removes at once. A removed node leaves a tombstone
   so stale relays cannot resurrect it; a higher incarnation (a restart) passes the tombstone.
+- a node heard *directly* (its own Beat, or its own entry in a Digest it sent) is believed
+  whatever its tombstone says: only a live process can send, so that is no stale relay. This is
+  what lets a partition heal at once: both sides removed each other, and without it each side
+  shunned the other's beats until the tombstone expired (50 s after a 40 s partition). Relayed
+  news of a buried node is still refused (its record comes back with the node's next direct beat).
+- a node removed for silence (not one that left) stays dialed for ``redial_s``: neither side of a
+  partition would dial the other again otherwise, and a direct beat needs a link to cross.
 """
 
 from __future__ import annotations
@@ -30,7 +37,15 @@ class Timing:
     suspect_after_s: float = 2.0  # four missed beats: survives a busy 2-core host
     dead_after_s: float = 4.0  # eight missed beats; LocalAI waits 40 s
     remove_after_s: float = 30.0  # dead nodes stay listed this long so operators see them
-    tombstone_s: float = 60.0  # longer than any relay could carry a stale record
+    # relays about a removed node are refused this long: longer than any relay could carry a
+    # stale record (its own beats are believed at once: see the module's docstring)
+    tombstone_s: float = 60.0
+    # a node removed for silence is dialed this long (a SYN about once a second, see
+    # transport.link_options), so a partition up to an hour heals over direct links within about
+    # a second; a longer one through the bootstrap, mDNS and remembered dials and peer exchange,
+    # a few seconds more. Serf retries failed members for 24 h, every 30 s; a SYN a second for
+    # an hour is the cheaper bound.
+    redial_s: float = 3600.0
 
 
 @dataclass
@@ -78,6 +93,13 @@ class Changes:
         return bool(self.wants or self.connect or self.disconnect or self.transitions or self.updated)
 
 
+@dataclass
+class Tombstone:
+    incarnation: int  # news of this incarnation or older is stale
+    until: float  # clock time the tombstone is dropped
+    member: Member | None = None  # what we knew at removal (None after a Leave); a direct beat restores it
+
+
 class Membership:
     def __init__(self, own: NodeRecord, timing: Timing = Timing(), clock: Callable[[], float] = time.monotonic):
         self.own = own
@@ -85,7 +107,8 @@ class Membership:
         self.timing = timing
         self.clock = clock
         self.members: dict[str, Member] = {}
-        self._tombstones: dict[str, tuple[int, float]] = {}  # id -> (incarnation, until)
+        self._tombstones: dict[str, Tombstone] = {}
+        self._redial: dict[str, tuple[str, float]] = {}  # node removed for silence -> (gossip endpoint, until)
 
     # --- our own record ---
     def beat(self) -> Beat:
@@ -116,20 +139,51 @@ class Membership:
     # --- what peers tell us ---
     def _buried(self, node_id: str, incarnation: int) -> bool:
         tomb = self._tombstones.get(node_id)
-        return tomb is not None and incarnation <= tomb[0]
+        return tomb is not None and incarnation <= tomb.incarnation
+
+    def _unbury(self, node_id: str, ch: Changes) -> None:
+        """A buried node spoke to us itself: bring back what we knew of it, alive."""
+        tomb = self._tombstones.pop(node_id)
+        old = tomb.member
+        if old is None:
+            return  # it had left: _note takes it as a newcomer
+        self._redial.pop(node_id, None)  # its endpoint is still dialed; it is a member's again
+        version = old.record.version if old.record else old.version  # a newer one is asked for
+        self.members[node_id] = Member(old.record, old.incarnation, version, old.heartbeat,
+                                       self.clock(), old.gossip, ALIVE)
+        ch.transitions.append((node_id, "removed", ALIVE))
+        ch.updated.append(node_id)
+
+    def _adopt(self, node_id: str, gossip: str, ch: Changes) -> str:
+        """A node joins (again): stop redialing where it was if it is elsewhere now. Returns the
+        endpoint to reach it by (the redialed one when ``gossip`` is not known yet)."""
+        lost = self._redial.pop(node_id, None)
+        if lost is None:
+            return gossip
+        if gossip and gossip != lost[0]:
+            ch.disconnect.add(lost[0])
+            return gossip
+        return lost[0]
 
     def _note(self, node_id: str, incarnation: int, version: int, heartbeat: int,
               gossip: str, source: str, direct: bool, ch: Changes) -> None:
-        if node_id == self.own.id or self._buried(node_id, incarnation):
+        if node_id == self.own.id:
             return
+        if self._buried(node_id, incarnation):
+            if not direct or incarnation < self._tombstones[node_id].incarnation:
+                return  # a relay may carry what peers heard before they buried it too
+            self._unbury(node_id, ch)
         now = self.clock()
         m = self.members.get(node_id)
         if m is None or incarnation > m.incarnation:
             if m is not None and m.gossip and m.gossip != gossip and gossip:
                 ch.disconnect.add(m.gossip)
-            m = self.members[node_id] = Member(None, incarnation, version, heartbeat, now, gossip or (m.gossip if m else ""))
-            if gossip:
-                ch.connect.add(gossip)
+            known = gossip or (m.gossip if m else "")
+            if m is None:
+                known = self._adopt(node_id, known, ch)
+            m = self.members[node_id] = Member(None, incarnation, version, heartbeat, now, known)
+            if known:
+                ch.connect.add(known)
             ch.wants[node_id] = source
             return
         if incarnation < m.incarnation:
@@ -167,7 +221,9 @@ class Membership:
                 continue
             m = self.members.get(r.id)
             if m is None:
-                m = self.members[r.id] = Member(None, r.incarnation, r.version, 0, self.clock())
+                # still dialed where it was, if it was removed for silence; moved: see below
+                m = self.members[r.id] = Member(None, r.incarnation, r.version, 0, self.clock(),
+                                                self._adopt(r.id, "", ch))
             if m.record is not None and (r.incarnation, r.version) <= (m.record.incarnation, m.record.version):
                 continue
             if (r.incarnation, r.version) < (m.incarnation, m.version):
@@ -189,15 +245,24 @@ class Membership:
         m = self.members.get(node_id)
         if m is not None and incarnation >= m.incarnation:
             self._remove(node_id, ch, "left")
-        self._tombstones[node_id] = (incarnation, self.clock() + self.timing.tombstone_s)
+        self._tombstones[node_id] = Tombstone(incarnation, self.clock() + self.timing.tombstone_s)
+        lost = self._redial.pop(node_id, None)
+        if lost is not None:
+            ch.disconnect.add(lost[0])
         return ch
 
     def _remove(self, node_id: str, ch: Changes, why: str) -> None:
+        """``why``: "left" (it said so: forget it) or "removed" (silent too long: maybe a
+        partition, so keep dialing it, and keep its record for the day it beats to us again)."""
         m = self.members.pop(node_id)
         ch.transitions.append((node_id, m.state, why))
-        if m.gossip:
+        now = self.clock()
+        silent = why == "removed"
+        if m.gossip and silent:
+            self._redial[node_id] = (m.gossip, now + self.timing.redial_s)
+        elif m.gossip:
             ch.disconnect.add(m.gossip)
-        self._tombstones[node_id] = (m.incarnation, self.clock() + self.timing.tombstone_s)
+        self._tombstones[node_id] = Tombstone(m.incarnation, now + self.timing.tombstone_s, m if silent else None)
 
     # --- time passing ---
     def sweep(self) -> Changes:
@@ -213,10 +278,19 @@ class Membership:
             if state != m.state:
                 ch.transitions.append((node_id, m.state, state))
                 m.state = state
-        for node_id, (_, until) in list(self._tombstones.items()):
-            if until <= now:
+        for node_id, tomb in list(self._tombstones.items()):
+            if tomb.until <= now:
                 del self._tombstones[node_id]
+        for node_id, (endpoint, until) in list(self._redial.items()):
+            if until <= now:
+                del self._redial[node_id]
+                if not any(m.gossip == endpoint for m in self.members.values()):
+                    ch.disconnect.add(endpoint)
         return ch
+
+    def redialing(self) -> dict[str, str]:
+        """Nodes removed for silence that are still dialed: id -> gossip endpoint."""
+        return {i: e for i, (e, _) in self._redial.items()}
 
     def peers(self) -> list[dict]:
         now = self.clock()

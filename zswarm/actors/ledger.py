@@ -8,6 +8,11 @@ The sender dials, so knowing one peer's address is enough to be heard by it; the
 back the address our Beat carries, and peer exchange (Digest, Want, Records) spreads the rest.
 Topics make PUB/SUB double as unicast: every node subscribes to ``*`` and to its own id.
 
+Both sockets get :func:`~zswarm.transport.link_options`: ZMTP heartbeats close a link that a
+partition broke, and the PUB keeps dialing (a SYN about once a second) every peer it knows and
+every peer removed for silence (``Timing.redial_s``), so each side of a healed partition hears
+the other's own beats within about a second, and :mod:`zswarm.membership` believes them.
+
 The rules of merging and liveness live in :mod:`zswarm.membership`; this actor only moves
 messages between it and the sockets. Frames are decoded in the loop thread; a bad one is dropped
 and counted there and never reaches the actor.
@@ -31,7 +36,7 @@ from zmq.utils.monitor import parse_monitor_message
 from .. import wire
 from ..membership import Changes, Membership, Timing
 from ..token import Keys
-from ..transport import SocketLoop, Stats, curve_client, curve_server, tcp
+from ..transport import SocketLoop, Stats, curve_client, curve_server, link_options, tcp
 from .listener import notify
 
 log = logging.getLogger(__name__)
@@ -40,7 +45,6 @@ WANT_RETRY_S = 1.0  # ask again for a record that has not come; PUB drops sends 
 MAX_REMEMBERED = 64  # peers dialed again after a restart
 REMEMBER_EVERY_S = 5.0  # how often the list of alive peers is written to the state directory
 HELLO_AGAIN_S = 0.15  # a subscription crosses a fresh connection in well under this
-RECONNECT_IVL_MAX_MS = 2000  # keep redialing a vanished peer at least this often
 # How long the Leave may take to flush when the node stops (the context's term waits this long
 # for a peer that is not reading). A LAN takes milliseconds; a peer that misses it notices the
 # silence anyway; and the whole node has STOP_BUDGET_S (node.py) to stop.
@@ -53,8 +57,11 @@ class _Inbound:
 
 
 @dataclass
-class _Connected:
+class _Link:
+    """Our PUB's connection to ``endpoint`` came up (handshake done) or went down."""
+
     endpoint: str
+    up: bool
 
 
 class _Tick:
@@ -85,6 +92,7 @@ class LedgerActor(pykka.ThreadingActor):
         self.m = Membership(own, timing)
         self._loop: SocketLoop | None = None
         self._dialed: dict[str, set[str]] = {}  # endpoint -> reasons ("bootstrap", "mdns", "peer")
+        self._links_up: set[str] = set()  # endpoints our PUB has a live connection to
         self._wants: dict[str, tuple[str, float]] = {}  # node id -> (peer to ask, last asked)
         self._listeners: list[Any] = []
         self._last_sync = 0.0
@@ -143,14 +151,16 @@ class LedgerActor(pykka.ThreadingActor):
     def _setup(self, loop: SocketLoop) -> None:
         sub = loop.socket(zmq.SUB, self._on_frames)
         curve_server(sub, self._keys)
+        link_options(sub)  # heartbeats close what a partition left of a peer's link
         sub.subscribe(wire.TOPIC_ALL)
         sub.subscribe(self.m.own.id.encode())
         sub.bind(tcp(self._listen))
         port = sub.last_endpoint.decode().rsplit(":", 1)[1]
         pub = loop.socket(zmq.PUB)
         curve_client(pub, self._keys)
-        pub.setsockopt(zmq.RECONNECT_IVL_MAX, RECONNECT_IVL_MAX_MS)
-        loop.add(pub.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED), self._on_pub_event)
+        link_options(pub)  # a broken link is closed by heartbeats and redialed about once a second
+        loop.add(pub.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED),
+                 self._on_pub_event)
         loop.add(sub.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_AUTH
                                         | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL), self._on_sub_event)
         self._sub, self._pub = sub, pub
@@ -183,7 +193,8 @@ class LedgerActor(pykka.ThreadingActor):
 
     def _on_pub_event(self, frames: list[bytes]) -> None:
         event = parse_monitor_message(frames)
-        self._tell(_Connected(event["endpoint"].decode(errors="replace")))
+        up = event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED
+        self._tell(_Link(event["endpoint"].decode(errors="replace"), up))
 
     def _tell(self, msg: Any) -> None:
         """From the io thread: the actor may already be stopping, and then there is nobody to tell."""
@@ -202,7 +213,10 @@ class LedgerActor(pykka.ThreadingActor):
             self._handle(message.msg)
         elif isinstance(message, _Tick):
             self._tick()
-        elif isinstance(message, _Connected):
+        elif isinstance(message, _Link) and not message.up:
+            self._links_up.discard(message.endpoint)
+        elif isinstance(message, _Link):
+            self._links_up.add(message.endpoint)
             self._hello()
             # ZeroMQ's slow joiner: the peer's subscription may not have reached our PUB yet, and
             # PUB drops what no subscription matches; say it again a moment later
@@ -290,6 +304,8 @@ class LedgerActor(pykka.ThreadingActor):
             log.log(level, "peer %s: %s -> %s", node_id, old, new)
             if new in ("left", "removed"):
                 self._wants.pop(node_id, None)
+            elif new == "alive" and old in ("dead", "removed"):
+                self._redial_now(node_id)
         for node_id in ch.updated:
             if node_id in self._wants:
                 del self._wants[node_id]
@@ -315,6 +331,25 @@ class LedgerActor(pykka.ThreadingActor):
             self._loop.submit(lambda: self._pub.connect(endpoint))
         reasons.add(reason)
 
+    def _redial_now(self, node_id: str) -> None:
+        """A node long silent is heard again: a partition healed. If our own link to it is still
+        down, dial it again now rather than at ZeroMQ's next attempt (up to a second away, more
+        while the kernel resolves its address): its side's link came up first, so ours is
+        likely up too, and each side then lists the other as soon as the first link is up."""
+        m = self.m.members.get(node_id)
+        endpoint = m.gossip if m is not None else ""
+        if not endpoint or endpoint not in self._dialed or endpoint in self._links_up or self._loop is None:
+            return
+        self._stats.inc("gossip_redials")
+
+        def _again() -> None:
+            try:
+                self._pub.disconnect(endpoint)
+            except zmq.ZMQError:
+                pass
+            self._pub.connect(endpoint)
+        self._loop.submit(_again)
+
     def _undial(self, endpoint: str, reason: str) -> None:
         reasons = self._dialed.get(endpoint)
         if reasons is None or self._loop is None:
@@ -322,6 +357,7 @@ class LedgerActor(pykka.ThreadingActor):
         reasons.discard(reason)
         if not reasons:
             del self._dialed[endpoint]
+            self._links_up.discard(endpoint)
 
             def _disconnect() -> None:
                 try:
