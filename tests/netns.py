@@ -11,7 +11,9 @@ else:
   ``10.213.X.(10+i)/24`` (``X`` is random per lab) and a route for
   ``224.0.0.0/4`` on ``eth0`` (zeroconf sets IP_MULTICAST_IF and works without
   it; it is there for multicast senders that do not pick an interface);
-* the processes started with ``Host.popen``.
+* the processes started with ``Host.popen``;
+* nftables tables it adds (``cut``/``mend`` a host's link, make it ``lossy``), which go with
+  their namespaces.
 
 Both ends of every veth are created directly inside lab namespaces, so the root
 namespace's interfaces, addresses and routes are never touched, and interface
@@ -26,7 +28,9 @@ a process that died without cleaning up (SIGKILL) are swept the next time a lab
 with the same prefix is created: their names carry the owner's pid.
 
 Needs root, iproute2 and sysctl. Tests call ``netns_available()`` and skip with the
-reason it returns.
+reason it returns; faults need ``nft`` too (``nft_available()``). The kernel here has no netem:
+loss is an nftables ``numgen`` rule on the host's bridge port, and delay is a user-space proxy
+(``tests/delayproxy.py``).
 """
 
 from __future__ import annotations
@@ -44,7 +48,7 @@ import warnings
 import weakref
 from dataclasses import dataclass, field
 
-__all__ = ["Host", "NetnsLab", "netns_available"]
+__all__ = ["Host", "NetnsLab", "netns_available", "nft_available"]
 
 DEFAULT_PREFIX = "zs"
 _SETUP_TIMEOUT = 10.0  # seconds to wait for links to come up
@@ -140,6 +144,21 @@ def netns_available() -> str | None:
     return None
 
 
+def nft_available() -> str | None:
+    """Return None if nftables can be used in labs, else why not (for pytest.skip)."""
+    if shutil.which("nft") is None:
+        return "faults in a network namespace lab need nftables ('nft' not found)"
+    return None
+
+
+def nft(ns: str, script: str) -> None:
+    """Run an nft script (``nft -f -``) inside namespace ``ns``."""
+    proc = subprocess.run(["ip", "netns", "exec", ns, "nft", "-f", "-"], input=script,
+                          capture_output=True, text=True, timeout=30)
+    if proc.returncode != 0:
+        raise RuntimeError(f"nft in {ns} failed ({proc.returncode}): {proc.stderr.strip()}\n{script}")
+
+
 @dataclass
 class Host:
     """One lab host: a network namespace with one address on the lab bridge."""
@@ -147,6 +166,7 @@ class Host:
     name: str  # netns name
     addr: str  # IPv4 address on eth0
     ifname: str = "eth0"
+    port: str = ""  # its veth's name on the bridge (``h<i>``)
     _procs: list[subprocess.Popen] = field(default_factory=list, repr=False)
 
     @property
@@ -163,6 +183,10 @@ class Host:
     def run(self, args, **kw) -> subprocess.CompletedProcess:
         """``subprocess.run(args, **kw)`` inside the namespace."""
         return subprocess.run([*self.exec_prefix, *args], **kw)
+
+    def nft(self, script: str) -> None:
+        """Run an nft script inside this host's namespace (its rules affect only it)."""
+        nft(self.name, script)
 
 
 class NetnsLab:
@@ -208,7 +232,7 @@ class NetnsLab:
         _ip("-n", br, "link", "add", "br0", "type", "bridge", "mcast_snooping", "0")
         _ip("-n", br, "link", "set", "br0", "up")
         for i in range(n_hosts):
-            host = Host(name=f"{tag}-h{i}", addr=f"10.213.{x}.{10 + i}", _procs=self._procs)
+            host = Host(name=f"{tag}-h{i}", addr=f"10.213.{x}.{10 + i}", port=f"h{i}", _procs=self._procs)
             self._add_netns(host.name, ipv6)
             _ip("-n", host.name, "link", "add", "eth0", "type", "veth",
                 "peer", "name", f"h{i}", "netns", br)
@@ -231,6 +255,48 @@ class NetnsLab:
                 raise RuntimeError(f"links not up after {_SETUP_TIMEOUT}s: {pending}")
             if pending:
                 time.sleep(0.02)
+
+    # --- faults on one host's link, made at its bridge port (the switch), both ways ---
+    def cut(self, host: Host) -> None:
+        """Partition ``host`` from the rest: its bridge port drops every frame, ARP included.
+        Its link stays up (no carrier change), as when a switch or a link between sites fails:
+        packets vanish and nobody is told."""
+        nft(self.bridge_ns, f"""table bridge zs_cut_{host.port} {{
+  chain links {{
+    type filter hook forward priority 0; policy accept;
+    iifname "{host.port}" counter drop
+    oifname "{host.port}" counter drop
+  }}
+}}
+""")
+
+    def mend(self, host: Host) -> None:
+        """Undo :meth:`cut`."""
+        nft(self.bridge_ns, f"delete table bridge zs_cut_{host.port}\n")
+
+    def lossy(self, host: Host, one_in: int) -> None:
+        """Drop one frame in ``one_in`` at random, each way, on ``host``'s bridge port."""
+        nft(self.bridge_ns, f"""table bridge zs_loss_{host.port} {{
+  chain links {{
+    type filter hook forward priority 0; policy accept;
+    iifname "{host.port}" numgen random mod {one_in} == 0 counter drop
+    oifname "{host.port}" numgen random mod {one_in} == 0 counter drop
+    iifname "{host.port}" counter
+    oifname "{host.port}" counter
+  }}
+}}
+""")
+
+    def loss_counts(self, host: Host) -> tuple[int, int]:
+        """(frames dropped, frames that crossed ``host``'s port) since :meth:`lossy`."""
+        out = subprocess.run(["ip", "netns", "exec", self.bridge_ns, "nft", "list", "table", "bridge",
+                              f"zs_loss_{host.port}"], capture_output=True, text=True, timeout=30).stdout
+        counts = [int(n) for n in re.findall(r"counter packets (\d+)", out)]
+        return (counts[0] + counts[1], counts[2] + counts[3]) if len(counts) == 4 else (0, 0)
+
+    def clear_loss(self, host: Host) -> None:
+        """Undo :meth:`lossy`."""
+        nft(self.bridge_ns, f"delete table bridge zs_loss_{host.port}\n")
 
     def close(self) -> None:
         """Stop lab processes and delete every namespace of the lab. Idempotent."""
