@@ -32,7 +32,7 @@ from .. import wire
 from ..balancing import Route, Router, RouteTable
 from ..flights import Origin, Table
 from ..token import Keys
-from ..transport import SocketLoop, Stats, curve_client, curve_server, tcp
+from ..transport import SocketLoop, Stats, curve_client, curve_server, link_options, tcp
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +142,7 @@ class GatewayActor(pykka.ThreadingActor):
         self._local.setsockopt(zmq.MAXMSGSIZE, MAX_REQUEST_BYTES)
         self._local.bind(self._local_endpoint)
         os.chmod(path, 0o600)
-        self._out = loop.socket(zmq.ROUTER, self._on_peer_reply)
+        self._out = link_options(loop.socket(zmq.ROUTER, self._on_peer_reply))  # a dead link drops in seconds
         if self._keys is not None:  # without a token there is no cluster, so no peer to reach
             curve_client(self._out, self._keys)
         self._out.router_mandatory = True  # a send to no connection raises instead of vanishing
@@ -151,7 +151,7 @@ class GatewayActor(pykka.ThreadingActor):
         loop.add(self._out.get_monitor_socket(_LINK_EVENTS), self._on_link_event)
         self._peers = None
         if self._accept_routed:
-            self._peers = loop.socket(zmq.ROUTER, self._on_peer)
+            self._peers = link_options(loop.socket(zmq.ROUTER, self._on_peer))
             self._peers.setsockopt(zmq.MAXMSGSIZE, MAX_REQUEST_BYTES)
             curve_server(self._peers, self._keys)
             self._peers.bind(tcp(self._listen))
