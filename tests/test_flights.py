@@ -35,8 +35,10 @@ class Harness:
         self.refuse: set[str] = set()  # nodes whose send fails (no connection)
         self.counts: dict[str, int] = {}
         router = Router(policy="round-robin", clock=self.clock)
+        self.linked: set[str] = set()  # peer endpoints whose connection is up
         self.table = Table("me", router, self._send, self._reply, count=self._count,
-                           clock=self.clock, wall=lambda: self.clock.t + 5e8, **kw)
+                           clock=self.clock, wall=lambda: self.clock.t + 5e8,
+                           linked=lambda ep: ep in self.linked, **kw)
         self.table.set_routes(RouteTable(tuple(routes)))
         if engine:
             self.table.engine_up()
@@ -65,7 +67,7 @@ class Harness:
         return [n for n, b in self.sent if isinstance(b, wire.GenRequest)][-1]
 
     def source(self, node: str) -> str:
-        return {r.node: r.endpoint for r in self.table.router.table.routes}[node]
+        return {r.node: r.endpoint for r in (LOCAL, PEER_A, PEER_B)}[node]
 
     def reply(self, node: str, body: wire.Inference) -> None:
         self.table.on_reply(self.source(node), body, b"raw")
@@ -348,6 +350,39 @@ def test_node_leaving_the_cluster_retries_its_requests():
     first = h.last_to()
     h.table.set_routes(RouteTable(tuple(r for r in (PEER_A, PEER_B) if r.node != first)))
     assert h.last_to() != first and "r1" in h.table.flights
+
+
+def test_a_stream_on_a_node_that_drops_out_of_the_table_goes_on_while_its_link_is_up():
+    h = Harness(PEER_A)
+    h.linked = {PEER_A.endpoint}
+    h.ask("streaming")
+    h.reply("a", wire.Chunk("streaming", "x"))
+    h.ask("waiting", whole=True)
+    h.table.set_routes(RouteTable((PEER_B,)))  # the ledger suspects "a": unlisted, link still up
+    assert h.table.flights["streaming"].route.node == "a"  # not cut
+    assert h.table.flights["waiting"].route.node == "b"  # nothing seen yet: moved at once
+    h.reply("a", done("streaming"))
+    assert isinstance(h.answer_bodies()[-1], wire.Done)
+
+
+def test_a_stream_on_an_unlisted_node_whose_link_is_down_is_cut():
+    h = Harness(PEER_A)
+    h.ask()
+    h.reply("a", wire.Chunk("r1", "x"))
+    h.table.set_routes(RouteTable(()))
+    fail = h.answer_bodies()[-1]
+    assert isinstance(fail, wire.Fail) and fail.started and h.table.flights == {}
+
+
+def test_a_node_that_comes_back_is_forgiven_its_cooldown():
+    h = Harness(PEER_A, PEER_B)
+    h.ask(target_node="a", timeout_s=1.0)
+    h.clock.t += 1.0
+    h.table.tick()
+    assert h.table.router.cooling() == ["a"]
+    h.table.set_routes(RouteTable((PEER_B,)))  # partitioned away...
+    h.table.set_routes(RouteTable((PEER_A, PEER_B)))  # ...and back
+    assert h.table.router.cooling() == []
 
 
 def test_request_from_a_peer_is_served_by_the_local_engine_only():

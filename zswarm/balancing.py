@@ -127,6 +127,10 @@ class Router:
         """A request left ``node`` without telling anything about its health (its client cancelled)."""
         self.in_flight[node] = max(0, self.in_flight.get(node, 0) - 1)
 
+    def forgive(self, node: str) -> None:
+        """Forget ``node``'s failures: it came back (its failures were its absence)."""
+        self._health.pop(node, None)
+
     def cooling(self) -> list[str]:
         now = self.clock()
         return sorted(n for n, h in self._health.items() if h.until > now)

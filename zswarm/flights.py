@@ -82,8 +82,10 @@ class Table:
     def __init__(self, node_id: str, router: Router, send: Send, reply: Reply, *,
                  count: Callable[[str], None] = lambda name: None, target_node: str = "",
                  clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time,
-                 max_attempts: int = MAX_ATTEMPTS, park_s: float = PARK_S, recent_s: float = RECENT_S):
+                 max_attempts: int = MAX_ATTEMPTS, park_s: float = PARK_S, recent_s: float = RECENT_S,
+                 linked: Callable[[str], bool] = lambda endpoint: False):
         self.node_id = node_id
+        self._linked = linked  # is the connection to this peer gateway up right now?
         self.router = router
         self._send = send
         self._reply = reply
@@ -190,17 +192,28 @@ class Table:
                 self._count("gateway_bad_frames")
 
     def set_routes(self, table: RouteTable) -> None:
-        self.router.table = table
         now = self._clock()
         for r in table.routes:
             for m in r.models:
                 self._seen[m] = now
                 if r.local:
                     self._seen_local[m] = now
+        before = {r.node for r in self.router.table.routes}
+        self.router.table = table
         live = {r.node for r in table.routes}
+        for node in live - before:  # back after a partition or a restart: judge it afresh
+            self.router.forgive(node)
         for f in list(self.flights.values()):
-            if f.route is not None and f.route.node not in live:
-                self.lost(f, f"node {f.route.name or f.route.node} left the cluster")
+            route = f.route
+            if route is None or route.node in live:
+                continue
+            if f.started and not route.local and self._linked(route.endpoint):
+                # a stream in progress on a node the ledger merely suspects (a lossy link stalls a
+                # few seconds): its connection is up, so let it finish; if the node is really
+                # gone, the link's heartbeat drops within seconds and link_lost ends it
+                self._count("kept_on_unlisted_node")
+                continue
+            self.lost(f, f"node {route.name or route.node} left the cluster")
         self._unpark()  # a route may have come (back)
 
     def link_lost(self, endpoint: str, why: str) -> None:

@@ -60,7 +60,7 @@ class GatewayActor(pykka.ThreadingActor):
         self._loop: SocketLoop | None = None
         # io-thread state
         self._table = Table(node_id, Router(policy=policy), self._send, self._answer,
-                            count=stats.inc, target_node=target_node)
+                            count=stats.inc, target_node=target_node, linked=lambda ep: ep in self._up)
         self._links: set[str] = set()  # peer gateway endpoints ``out`` is connected to
         self._up: set[str] = set()  # ... of which the handshake has succeeded (and not dropped since)
         self._engine: zmq.Socket | None = None
