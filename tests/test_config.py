@@ -43,3 +43,16 @@ def test_help_documents_defaults_and_env():
     for o in NODE_OPTIONS:
         assert o.flags[0] in text and o.envs[0] in text
     assert "default: 0.0.0.0:7340" in text
+
+
+def test_rpc_listen_must_be_ipv4_and_loopback_is_one_rule():
+    from zswarm.config import is_loopback, parse_rpc_listen
+
+    assert parse_rpc_listen("localhost:5") == "127.0.0.1:5"
+    assert parse_rpc_listen("10.0.0.2:5") == "10.0.0.2:5"
+    with pytest.raises(ConfigError, match="IPv4"):
+        parse_rpc_listen("[::1]:5")  # llama.cpp would refuse it in its child, again and again
+    with pytest.raises(ConfigError, match="IPv4"):
+        parse_rpc_listen("rpc.example:5")
+    assert all(is_loopback(h) for h in ("127.0.0.1", "127.3.4.5", "localhost", "[::1]", "::1"))
+    assert not any(is_loopback(h) for h in ("10.0.0.2", "0.0.0.0", "example.org", "[fe80::1]"))

@@ -14,7 +14,7 @@ from typing import Any
 
 from . import __version__
 from .config import (HTTP_OPTIONS, NODE_OPTIONS, SERVE_OPTIONS, SERVER_OPTIONS, SHARD_OPTIONS, WORKER_OPTIONS,
-                     ConfigError, add_options, default_state_dir, hostname, resolve)
+                     ConfigError, add_options, default_state_dir, hostname, is_loopback, resolve)
 from .token import Token, TokenError
 
 ROLES = {
@@ -206,7 +206,7 @@ def cmd_node(args: argparse.Namespace) -> int:
     if role == "worker":
         worker = WorkerSettings(mem=cfg["mem"], threads=cfg["threads"], cache_dir=cfg["cache_dir"],
                                 listen=cfg["listen"] if cfg["no_p2p"] else None)
-        if worker.listen and worker.listen.rsplit(":", 1)[0] not in ("127.0.0.1", "localhost", "[::1]"):
+        if worker.listen and not is_loopback(worker.listen.rsplit(":", 1)[0]):
             print(f"zswarm: WARNING: the RPC server will listen on {worker.listen} with NO authentication "
                   "and NO encryption; anyone who reaches it can run code on this machine. Use it only on a "
                   "trusted network, or use p2p mode (a token) where it is tunnelled over CURVE.",

@@ -9,6 +9,7 @@ that is set, then the default. ``--help`` prints all three.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
 import re
 import socket
@@ -174,6 +175,31 @@ SERVE_OPTIONS: list[Opt] = [
         "requests generated at once (each slot holds its own context)", parse=parse_positive_int, metavar="N"),
 ]
 
+def parse_rpc_listen(text: str) -> str:
+    """``IPV4:PORT`` for llama.cpp's RPC server, which binds a literal IPv4 address only
+    (``localhost`` is taken as 127.0.0.1): anything else would only fail later, in its child."""
+    hostport = parse_hostport(text)
+    host, port = hostport.rsplit(":", 1)
+    host = "127.0.0.1" if host == "localhost" else host
+    try:
+        ipaddress.IPv4Address(host)
+    except ValueError:
+        raise ConfigError(f"{host} is not an IPv4 address: llama.cpp's RPC server binds IPv4 only "
+                          f"(for this machine alone, use 127.0.0.1)") from None
+    return f"{host}:{port}"
+
+
+def is_loopback(host: str) -> bool:
+    """Does ``host`` (an address, [v6] or not, or "localhost") name this machine only?"""
+    host = host.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def parse_size_opt(text: str) -> int:
     from .sharding import parse_size
 
@@ -208,8 +234,8 @@ WORKER_OPTIONS: list[Opt] = [
         "static mode: no cluster; the RPC server listens on --listen for a server's --rpc-servers",
         parse=None),
     Opt("listen", ("--listen",), ("ZSWARM_RPC_LISTEN",), "127.0.0.1:50052",
-        "static mode: where the RPC server listens (it has no authentication: keep it on a trusted network)",
-        parse=parse_hostport, metavar="HOST:PORT"),
+        "static mode: where the RPC server listens, an IPv4 address (it has no authentication: keep it "
+        "on a trusted network)", parse=parse_rpc_listen, metavar="HOST:PORT"),
 ]
 
 HTTP_OPTIONS: list[Opt] = [

@@ -39,6 +39,7 @@ from .actors.ledger import BindError, LedgerActor
 from .actors.listener import notify
 from .actors.sharder import PlanBox
 from .actors.supervisor import RESTARTING, ChildSpec, SupervisorActor
+from .config import is_loopback
 from .membership import Timing
 from .startup import StartError, check_model, listen_http
 from .state import StateDir, StateDirError
@@ -356,7 +357,7 @@ class Node:
             if ledger_proxy is not None:
                 ledger_proxy.set_flag("rpc", False)
 
-        argv = rpc_server_argv(host, int(port), w, mem_free, allow_remote=static and host not in LOOPBACK)
+        argv = rpc_server_argv(host, int(port), w, mem_free, allow_remote=static and not is_loopback(host))
         supervisor.proxy().start_child(ChildSpec("rpc", argv, on_ready=up, on_down=down, on_failed=down,
                                                  on_fatal=self._on_fatal, beats=True)
                                        ).get(timeout=START_TIMEOUT_S)
@@ -482,9 +483,6 @@ def next_port(listen: str, offset: int) -> str:
     """The address for the node's next socket: the p2p port plus ``offset`` (port 0 stays 0)."""
     host, port = listen.rsplit(":", 1)
     return f"{host}:{int(port) + offset if int(port) else 0}"
-
-
-LOOPBACK = ("127.0.0.1", "localhost")  # ggml's RPC server binds IPv4 only
 
 
 def free_local_port() -> int:
