@@ -20,8 +20,9 @@ so the HTTP layer never holds requests back and only the policy decides where th
 gunicorn's worker recycling is off for these nodes.
 
 Reported per policy: p50, p90, p99 and max latency, requests per node, and (as a reference) the
-same percentiles of a zero-overhead simulation of that policy on the same arrivals. The aim
-(from the issue): p99 of the default policy (p2c) at most half of random's.
+same percentiles of a zero-overhead simulation of that policy on the same arrivals, choosing with
+zswarm's own ``balancing.Router``. The aim (from the issue): p99 of the default policy (p2c) at
+most half of random's.
 
 For comparison: LocalAI balances per TCP connection on "fewest completed connections, else
 random", with no retries.
@@ -49,9 +50,10 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (Nodes, command_line, exit_on_sigterm, loadavg, machine, now_utc,  # noqa: E402
-                    percentile, publish)
+from common import (Nodes, add_run_options, command_line, loadavg, machine, measure_and_publish,  # noqa: E402
+                    now_utc, percentile)
 from fake_engine import STAND_IN_MODEL  # noqa: E402
+from zswarm.balancing import Route, Router, RouteTable  # noqa: E402
 
 KEY = "balancing"
 BODY = json.dumps({"model": STAND_IN_MODEL, "prompt": "hi", "max_tokens": 1}).encode()
@@ -72,30 +74,24 @@ def arrivals(rate: float, seconds: float, seed: int) -> list[float]:
 
 
 def simulate(policy: str, times: list[float], nodes: int, service_s: float, seed: int) -> list[float]:
-    """Latencies (s) of ``policy`` with no overhead at all: each node a FIFO queue served one at a time."""
-    rng = random.Random(seed)
-    busy = [collections.deque() for _ in range(nodes)]  # completion times of each node's requests
-    last = [0.0] * nodes
-    rr = 0
+    """Latencies (s) of ``policy`` with no overhead at all: each node a FIFO queue served one at a
+    time, chosen by zswarm's own :class:`~zswarm.balancing.Router` (the gateway's), so the
+    simulation is the product's choice and cannot drift from it."""
+    router = Router(policy=policy, rng=random.Random(seed), table=RouteTable(tuple(
+        Route(f"n{k:03d}", f"sim://{k}", (STAND_IN_MODEL,)) for k in range(nodes))))
+    busy = {r.node: collections.deque() for r in router.table.routes}  # completion times of each node's requests
+    last = dict.fromkeys(busy, 0.0)
     out = []
     for t in times:
-        for q in busy:
+        for node, q in busy.items():
             while q and q[0] <= t:
                 q.popleft()
-        load = [len(q) for q in busy]
-        if policy == "random":
-            n = rng.randrange(nodes)
-        elif policy == "round-robin":
-            n, rr = rr % nodes, rr + 1
-        elif policy == "least-busy":
-            low = min(load)
-            n = rng.choice([i for i in range(nodes) if load[i] == low])
-        else:  # p2c, as zswarm/balancing.py: fewer in flight of two, a tie at random
-            a, b = rng.sample(range(nodes), 2)
-            n = a if load[a] < load[b] or (load[a] == load[b] and rng.random() < 0.5) else b
-        last[n] = max(t, last[n]) + service_s
-        busy[n].append(last[n])
-        out.append(last[n] - t)
+                router.finished(node, ok=True)  # what the gateway's in-flight count sees
+        node = router.pick(STAND_IN_MODEL).node
+        router.started(node)
+        last[node] = max(t, last[node]) + service_s
+        busy[node].append(last[node])
+        out.append(last[node] - t)
     return out
 
 
@@ -268,9 +264,9 @@ times for every policy within a round; {args.warmup:g} s of warm-up, then {args.
 turn ends when every answer is in. {result['arrivals']} requests counted per policy. Latency runs from each request's
 scheduled arrival to its full answer, so client-side delay is counted too (*sent > 5 ms late*: the client, on this
 busy machine, could not send on time). {args.clients} client threads with keep-alive `http.client` connections,
-and as many gunicorn threads on each entry point. *Simulated*: the same policy and arrivals with no overhead at all
-(each node a FIFO queue), for reference; the gap between it and the measured figures is what zswarm's path and
-this busy machine add.
+and as many gunicorn threads on each entry point. *Simulated*: the same policy (zswarm's own `Router`) and arrivals
+with no overhead at all (each node a FIFO queue), for reference; the gap between it and the measured figures is what
+zswarm's path and this busy machine add.
 
 {chr(10).join(rows)}
 
@@ -303,17 +299,11 @@ def main() -> int:
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--long-sim", type=int, default=200_000,
                    help="arrivals in the long zero-overhead simulation run at the end, for reference (0: none)")
-    p.add_argument("--deadline", type=float, default=60.0, help="seconds allowed for nodes to come up")
-    p.add_argument("--keep", action="store_true", help="keep the nodes' state directories and logs")
-    p.add_argument("--write", action="store_true", help="write the figures into docs/BENCHMARKS.md")
+    add_run_options(p, deadline_s=60.0)
     args = p.parse_args()
-    exit_on_sigterm()
     if args.nodes < 2:
         p.error("--nodes must be at least 2")
-    result = measure(args)
-    printed, doc = report(result, args)
-    publish(KEY, printed, doc, args.write)
-    return 0
+    return measure_and_publish(KEY, args, measure, report)
 
 
 if __name__ == "__main__":

@@ -2,13 +2,18 @@
 processes, free ports, waiting with a deadline, a streaming ``/v1/completions`` client, describing
 the machine and the command, and writing a script's section of docs/BENCHMARKS.md.
 
-Importing it puts the repository root on ``sys.path``, so the scripts can import ``zswarm``.
+Importing it puts the repository root on ``sys.path``, so the scripts can import ``zswarm``, and
+``tests/`` after this folder: free ports and waiting come from ``tests/cluster.py``, the test
+suite's helpers (standard library and ``zswarm.admin_client`` only, no pytest), so benchmarks and
+tests wait and pick ports one way.
 Nodes started with ``stand_in=True`` run the stand-in engine of ``fake_engine.py``.
 """
 
 from __future__ import annotations
 
+import argparse
 import datetime
+import functools
 import http.client
 import json
 import math
@@ -16,7 +21,6 @@ import os
 import platform
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -28,60 +32,32 @@ from typing import Any, Callable, Iterable
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+if str(ROOT / "tests") not in sys.path:  # after this folder: a script's own modules come first
+    sys.path.append(str(ROOT / "tests"))
+
+import cluster  # noqa: E402
 
 DOC = ROOT / "docs" / "BENCHMARKS.md"
 FAKE_ENGINE = Path(__file__).resolve().parent / "fake_engine.py"
 STOP_GRACE_S = 10.0  # SIGTERM, then SIGKILL after this long (a node gives gunicorn 5 s itself)
 
 
-# --- ports and waiting ---
+# --- ports and waiting (tests/cluster.py's) ---
 
-def free_port(span: int = 2, host: str = "127.0.0.1") -> int:
-    """A port P with P..P+span-1 free now (a node binds P and P+1): above the kernel's ephemeral
-    range (32768-60999), so never one it hands to an outgoing connection, and away from the
-    20000-32000 the test suite uses."""
-    for _ in range(2000):
-        base = 61000 + int.from_bytes(os.urandom(2), "big") % 4000
-        socks = []
-        try:
-            for p in range(base, base + span):
-                s = socket.socket()
-                socks.append(s)
-                s.bind((host, p))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise RuntimeError("no free port")
+# Above the kernel's ephemeral range (32768-60999), so never a port it hands to an outgoing
+# connection, and away from the 20000-32000 the test suite uses: a benchmark and the suite can
+# run side by side.
+free_port = cluster.PortRange(61000, 65000).free
+
+# What a starting node may answer before it is up: no admin socket yet, a status without the part
+# asked for, an HTTP port that refuses or hangs up. Anything else is a bug and fails at once.
+NOT_YET = cluster.NOT_YET + (KeyError, TypeError, http.client.HTTPException)
+wait_for = functools.partial(cluster.wait_for, interval_s=0.1, retry=NOT_YET)
+WaitTimeout = cluster.WaitTimeout
 
 
 class NodeDied(RuntimeError):
     pass
-
-
-def wait_for(predicate: Callable[[], Any], timeout_s: float, what: str, interval_s: float = 0.1,
-             check: Callable[[], None] | None = None,
-             retry: tuple[type[BaseException], ...] = (Exception,)) -> Any:
-    """Until ``predicate()`` is truthy (its value is returned), calling ``check()`` (which may raise)
-    before each try; an exception of ``retry`` counts as "not yet", except :class:`NodeDied`."""
-    deadline = time.monotonic() + timeout_s
-    last: BaseException | None = None
-    while True:
-        if check is not None:
-            check()
-        try:
-            value = predicate()
-            if value:
-                return value
-        except NodeDied:
-            raise
-        except retry as e:  # admin socket not there yet, connection refused...
-            last = e
-        if time.monotonic() >= deadline:
-            raise TimeoutError(f"timed out after {timeout_s} s waiting for {what}" + (f" ({last})" if last else ""))
-        time.sleep(interval_s)
 
 
 # --- a streaming client of the OpenAI API ---
@@ -264,15 +240,12 @@ class Nodes:
                            + "\n".join(tail))
 
     def wait_routes(self, node: Node, model: str, n: int, timeout_s: float) -> None:
-        def ready() -> bool:
-            self.check(node)
-            return len(node.routes(model)) >= n
-        wait_for(ready, timeout_s, f"{node.name} to route {model} to {n} node(s)")
+        wait_for(lambda: len(node.routes(model)) >= n, timeout_s, what=f"{node.name} to route {model} to {n} node(s)",
+                 check=lambda: self.check(node))
 
     def wait_http(self, node: Node, model: str, timeout_s: float) -> None:
         """Until ``GET /v1/models`` on the node's API lists ``model`` (gunicorn is up)."""
         def listed() -> bool:
-            self.check(node)
             host, port = node.http.rsplit(":", 1)
             conn = http.client.HTTPConnection(host, int(port), timeout=2)
             try:
@@ -281,7 +254,7 @@ class Nodes:
                 return resp.status == 200 and model.encode() in resp.read()
             finally:
                 conn.close()
-        wait_for(listed, timeout_s, f"{node.name}'s API to list {model}")
+        wait_for(listed, timeout_s, what=f"{node.name}'s API to list {model}", check=lambda: self.check(node))
 
     def stop(self, node: Node) -> None:
         stop_procs([node])
@@ -395,6 +368,26 @@ def write_section(key: str, text: str) -> None:
     and ``<!-- key:end -->`` markers), leaving the rest of the file as it is at this moment."""
     start, end = f"<!-- {key}:start -->", f"<!-- {key}:end -->"
     replace_in_doc(start, end, f"{start}\n{text.strip()}\n{end}")
+
+
+def add_run_options(p: argparse.ArgumentParser, deadline_s: float,
+                    deadline_help: str = "seconds allowed for the nodes to come up",
+                    keep_help: str = "keep the nodes' state directories and logs") -> None:
+    """``--deadline``, ``--keep`` and ``--write``, which every benchmark that starts nodes takes."""
+    p.add_argument("--deadline", type=float, default=deadline_s, help=deadline_help)
+    p.add_argument("--keep", action="store_true", help=keep_help)
+    p.add_argument("--write", action="store_true", help="write the figures into docs/BENCHMARKS.md")
+
+
+def measure_and_publish(key: str, args: argparse.Namespace, measure: Callable[[argparse.Namespace], Any],
+                        report: Callable[[Any, argparse.Namespace], tuple[str, str]]) -> int:
+    """A benchmark's main after its options: ``report(measure(args), args)`` gives the printed
+    figures and the doc section, which :func:`publish` prints and (with ``--write``) writes. SIGTERM
+    ends it through its ``finally`` blocks, so its nodes are stopped too."""
+    exit_on_sigterm()
+    printed, doc = report(measure(args), args)
+    publish(key, printed, doc, args.write)
+    return 0
 
 
 def publish(key: str, printed: str, doc: str, write: bool) -> None:

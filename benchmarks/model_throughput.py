@@ -37,8 +37,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (Nodes, command_line, exit_on_sigterm, loadavg, machine, now_utc,  # noqa: E402
-                    publish, stream_completion)
+from common import (Nodes, add_run_options, command_line, loadavg, machine, measure_and_publish,  # noqa: E402
+                    now_utc, stream_completion)
 
 KEY = "model-throughput"
 REQUEST_TIMEOUT_S = 300.0
@@ -184,15 +184,8 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=1,
                    help="llama.cpp threads, for the engine and in process alike (default 1)")
     p.add_argument("--prompt", default="Once upon a time", help="the completion prompt (default: %(default)r)")
-    p.add_argument("--deadline", type=float, default=120.0, help="seconds allowed for the nodes to come up")
-    p.add_argument("--keep", action="store_true", help="keep the nodes' state directories and logs")
-    p.add_argument("--write", action="store_true", help="write the figures into docs/BENCHMARKS.md")
-    args = p.parse_args()
-    exit_on_sigterm()
-    result = measure(args)
-    printed, doc = report(result, args)
-    publish(KEY, printed, doc, args.write)
-    return 0
+    add_run_options(p, deadline_s=120.0)
+    return measure_and_publish(KEY, p.parse_args(), measure, report)
 
 
 if __name__ == "__main__":

@@ -43,8 +43,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (Node, Nodes, command_line, comm, cpu_s, exit_on_sigterm, loadavg, machine,  # noqa: E402
-                    now_utc, percentile, publish)
+from common import (Node, Nodes, add_run_options, command_line, comm, cpu_s, loadavg, machine,  # noqa: E402
+                    measure_and_publish, now_utc, percentile)
 from fake_engine import STAND_IN_MODEL  # noqa: E402
 
 KEY = "routing"
@@ -265,15 +265,8 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=6, help="windows per path and concurrency (default 6)")
     p.add_argument("--window", type=float, default=3.0, help="seconds counted per window (default 3)")
     p.add_argument("--warmup", type=float, default=1.0, help="seconds not counted at the start of each window")
-    p.add_argument("--deadline", type=float, default=60.0, help="seconds allowed for the nodes to come up")
-    p.add_argument("--keep", action="store_true", help="keep the nodes' state directories and logs")
-    p.add_argument("--write", action="store_true", help="write the figures into docs/BENCHMARKS.md")
-    args = p.parse_args()
-    exit_on_sigterm()
-    result = measure(args)
-    printed, doc = report(result, args)
-    publish(KEY, printed, doc, args.write)
-    return 0
+    add_run_options(p, deadline_s=60.0)
+    return measure_and_publish(KEY, p.parse_args(), measure, report)
 
 
 if __name__ == "__main__":

@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import functools
 import http.client
 import json
 import os
@@ -68,10 +67,11 @@ from pathlib import Path
 import zmq
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, free_port, now_utc, publish, stream_completion, wait_for  # noqa: E402
+from common import ROOT, WaitTimeout, add_run_options, free_port, measure_and_publish, now_utc  # noqa: E402
+from common import stream_completion, wait_for  # noqa: E402
 from common import command_line, load_values as loadavg, machine as common_machine  # noqa: E402
 from zswarm import wire  # noqa: E402
-from zswarm.admin_client import AdminFailed, AdminUnavailable, call  # noqa: E402
+from zswarm.admin_client import call  # noqa: E402
 from zswarm.token import Token  # noqa: E402
 from zswarm.transport import Stats, ZapHandler  # noqa: E402
 from zswarm.tunnel import DATA, TunnelEntry, TunnelExit  # noqa: E402
@@ -86,10 +86,6 @@ CHILDREN: list["Child"] = []  # every process this run started, for the final cl
 
 
 # --- small helpers ---
-
-# an admin socket not there yet, a child still starting: "not yet"
-wait_for = functools.partial(wait_for, retry=(AdminUnavailable, AdminFailed, OSError, KeyError, TypeError))
-
 
 def machine() -> str:
     from importlib.metadata import version
@@ -194,7 +190,7 @@ def worker(name: str, tmp: Path, token: str, bootstrap: int | None) -> tuple[Chi
         argv += ["--bootstrap", f"127.0.0.1:{bootstrap}"]
     c = Child(name, argv, tmp, False)
     st = wait_for(lambda: (lambda s: s if s["children"]["rpc"]["state"] == "ready" else None)(
-        call(str(tmp / name), "status", timeout_s=3)), 60, f"{name}'s RPC server", check=c.check)
+        call(str(tmp / name), "status", timeout_s=3)), 60, what=f"{name}'s RPC server", check=c.check)
     tunnel = st["rpc"]["tunnel"]
     assert tunnel == f"tcp://127.0.0.1:{port + 1}", tunnel  # the exit binds p2p port + 1
     return c, port, tunnel
@@ -351,7 +347,7 @@ class Server:
         def ok():
             stream_completion(self.http, self.model, "Hi", 1, 60)
             return True
-        wait_for(lambda: _quiet(ok), timeout_s, f"{self.name}'s API", 0.5, self.child.check)
+        wait_for(lambda: _quiet(ok), timeout_s, interval_s=0.5, what=f"{self.name}'s API", check=self.child.check)
 
 
 def _quiet(fn):
@@ -505,22 +501,22 @@ def measure(args: argparse.Namespace) -> dict:
                   file=sys.stderr)
             s_b = Server("server-static", tmp, ["--rpc-servers", f"{ep1},{ep2}", "--no-mdns", "--p2p-listen",
                                                 f"127.0.0.1:{free_port(3)}"], model)
-            wait_for(lambda: s_b.ready(2), args.deadline, "the static server's engine", 0.1, s_b.child.check)
+            wait_for(lambda: s_b.ready(2), args.deadline, what="the static server's engine", check=s_b.child.check)
             s_c = Server("server-p2p", tmp, ["--p2p", "--token", T, "--no-mdns", "--p2p-listen",
                                                f"127.0.0.1:{free_port(3)}", "--reshard-settle", "1",
                                                "--bootstrap", f"127.0.0.1:{p1}"], model)
             try:
-                wait_for(lambda: s_c.ready(2, 1), min(30.0, args.deadline), "the p2p server's split", 0.1,
-                         s_c.child.check)
+                wait_for(lambda: s_c.ready(2, 1), min(30.0, args.deadline), what="the p2p server's split",
+                         check=s_c.child.check)
                 res["nudged"] = False
-            except TimeoutError:
+            except WaitTimeout:
                 # Seen on this machine: a server whose ledger met the workers before its Sharder listened
                 # never re-shards by itself (no further membership change comes). Ask once, and say so.
                 print("the p2p server did not split by itself within 30 s; asking it to re-shard", file=sys.stderr)
                 res["nudged"] = True
                 call(str(s_c.state_dir), "reshard", timeout_s=10)
-                wait_for(lambda: s_c.ready(2, 1), args.deadline, "the p2p server's split over w1 and w2", 0.1,
-                         s_c.child.check)
+                wait_for(lambda: s_c.ready(2, 1), args.deadline, what="the p2p server's split over w1 and w2",
+                         check=s_c.child.check)
             n_first = sum(1 for k, _ in log_events(s_c.child.log()) if k == "reshard")
             first = load_from_log(s_c.child.log(), n_first - 1)  # the split that took both workers
             res["node_first_split"] = first
@@ -538,9 +534,9 @@ def measure(args: argparse.Namespace) -> dict:
                     n = sum(1 for k, _ in log_events(s.child.log()) if k == "reshard")
                     call(str(s.state_dir), "reshard", timeout_s=10)
                     # the log says when: a re-sharding line, then the new engine's start and ready
-                    got = wait_for(lambda: load_from_log(s.child.log(), n), args.deadline, f"{s.name}'s re-shard",
-                                   0.1, s.child.check)
-                    wait_for(lambda: s.ready(2), args.deadline, f"{s.name} ready again", 0.1, s.child.check)
+                    got = wait_for(lambda: load_from_log(s.child.log(), n), args.deadline,
+                                   what=f"{s.name}'s re-shard", check=s.child.check)
+                    wait_for(lambda: s.ready(2), args.deadline, what=f"{s.name} ready again", check=s.child.check)
                     res["node_loads"][v].append(got)
                     print(f"{s.name}: re-shard -> ready {got['reshard_to_ready']:.2f} s "
                           f"(engine start -> ready {got['engine_start_to_ready']:.2f} s)", file=sys.stderr)
@@ -841,21 +837,11 @@ def main() -> int:
     p.add_argument("--prompt", default=COUNT_PROMPT, help="the completion prompt (default: %(default)r)")
     p.add_argument("--ctx-size", type=int, default=2048, help="engine context (default 2048, as a server)")
     p.add_argument("--pings", type=int, default=1000, help="request/reply round trips per size, over TCP and through a tunnel (default 1000)")
-    p.add_argument("--deadline", type=float, default=180.0, help="seconds allowed for any node or load")
     p.add_argument("--request-timeout", type=float, default=300.0, help="seconds allowed per request")
     p.add_argument("--no-servers", action="store_true", help="skip the node-level (real server) part")
-    p.add_argument("--keep", action="store_true", help="keep the logs (a temporary folder)")
-    p.add_argument("--write", action="store_true", help="write the figures into docs/BENCHMARKS.md")
-    args = p.parse_args()
-
-    def on_term(signum, _frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-    signal.signal(signal.SIGTERM, on_term)
-
-    res = measure(args)
-    printed, doc = report(res, args)
-    publish(KEY, printed, doc, args.write)
-    return 0
+    add_run_options(p, deadline_s=180.0, deadline_help="seconds allowed for any node or load",
+                    keep_help="keep the logs (a temporary folder)")
+    return measure_and_publish(KEY, p.parse_args(), measure, report)
 
 
 if __name__ == "__main__":

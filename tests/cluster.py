@@ -3,6 +3,10 @@
 Every node is a child process (`python -m zswarm ROLE ...`) with mDNS off unless the test binds
 it to a namespace's interface. :class:`Cluster` remembers every process it started and its
 ``close()`` stops them all, then fails loudly if any is still running.
+
+Free ports (:class:`PortRange`) and :func:`wait_for` are the repository's only ones: the
+benchmarks import them too (benchmarks/common.py), so this module must never import pytest or
+anything a benchmark run from the repository root lacks.
 """
 
 from __future__ import annotations
@@ -21,47 +25,69 @@ from zswarm.admin_client import AdminFailed, AdminUnavailable, call
 REPO = Path(__file__).resolve().parent.parent
 
 
-# Ports handed out in sequence below the kernel's ephemeral range (32768+), so a node's port never
-# collides with another test node's, nor with one the kernel picks for an outgoing connection.
-_next_port = 20000 + (os.getpid() % 400) * 30
+class PortRange:
+    """Hands out ports P such that P..P+span-1 are all free now (a node binds its p2p port and the
+    next), in sequence from a start that depends on the process id, so two processes drawing from
+    one range rarely try the same ports."""
+
+    def __init__(self, low: int, high: int):
+        self.low, self.high = low, high
+        self._next = low + (os.getpid() * 30) % (high - low)
+
+    def free(self, span: int = 1, host: str = "127.0.0.1") -> int:
+        for _ in range((self.high - self.low) // span + 1):
+            base = self._next if self._next + span <= self.high else self.low
+            self._next = base + span
+            socks = []
+            try:
+                for p in range(base, base + span):
+                    s = socket.socket()
+                    socks.append(s)
+                    s.bind((host, p))
+                return base
+            except OSError:
+                continue
+            finally:
+                for s in socks:
+                    s.close()
+        raise RuntimeError(f"no {span} free port(s) in a row in {self.low}-{self.high - 1}")
 
 
-def free_port(host: str = "127.0.0.1", span: int = 1) -> int:
-    """A port P such that P..P+span-1 are all free now (a node binds its p2p port and the next)."""
-    global _next_port
-    while True:
-        base = _next_port
-        _next_port += span
-        if _next_port > 32000:
-            _next_port = 20000
-        socks = []
-        try:
-            for p in range(base, base + span):
-                s = socket.socket()
-                socks.append(s)
-                s.bind((host, p))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
+# Below the kernel's ephemeral range (32768-60999), so a test node's port is never one the kernel
+# picks for an outgoing connection; the benchmarks draw from their own range (benchmarks/common.py).
+free_port = PortRange(20000, 32000).free
 
 
-def wait_for(predicate: Callable[[], Any], timeout_s: float, interval_s: float = 0.05, what: str = "") -> Any:
-    """Poll until ``predicate()`` is truthy; return its value, or fail with ``what`` after the deadline."""
+# What a poll may meet before the thing it waits for is up: the admin socket not there yet, a
+# connection refused. Anything else is a bug in the predicate and fails at once.
+NOT_YET = (AdminUnavailable, AdminFailed, OSError)
+
+
+class WaitTimeout(AssertionError):
+    """A :func:`wait_for` deadline passed."""
+
+
+def wait_for(predicate: Callable[[], Any], timeout_s: float, interval_s: float = 0.05, what: str = "", *,
+             check: Callable[[], None] | None = None,
+             retry: tuple[type[BaseException], ...] = NOT_YET) -> Any:
+    """Poll until ``predicate()`` is truthy and return its value; an exception of ``retry`` counts
+    as "not yet". ``check()`` runs before each try and may raise to give up early (the process
+    waited on has died). After ``timeout_s``: :class:`WaitTimeout`, naming ``what`` and the last
+    exception."""
     deadline = time.monotonic() + timeout_s
     last_exc: BaseException | None = None
     while True:
+        if check is not None:
+            check()
         try:
             value = predicate()
             if value:
                 return value
-        except (AdminUnavailable, AdminFailed, OSError) as e:
+        except retry as e:
             last_exc = e
         if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout_s} s waiting for {what or predicate}"
-                                 + (f" (last error: {last_exc})" if last_exc else ""))
+            raise WaitTimeout(f"timed out after {timeout_s} s waiting for {what or predicate}"
+                              + (f" (last error: {last_exc})" if last_exc else ""))
         time.sleep(interval_s)
 
 
@@ -131,9 +157,9 @@ class Cluster:
             args += ["--bootstrap", ",".join(b.endpoint for b in bootstrap)]
         args += extra or []
         if role in ("server", "federated") and "--address" not in args:
-            args += ["--address", f"{host}:{free_port(host) if not prefix else 8080}"]
+            args += ["--address", f"{host}:{free_port(host=host) if not prefix else 8080}"]
         if port is None:  # a namespace has its own ports, all free; ours are shared with the machine
-            port = 7340 if prefix else free_port(host, span=2)
+            port = 7340 if prefix else free_port(2, host)
         n = NodeProc(role, name, state_dir or self.tmp / name, host, port, args,
                      self.tmp / f"{name}.log", prefix, env)
         self.nodes.append(n)

@@ -1,4 +1,5 @@
-"""Test doubles and helpers for the Swarm page, /api/p2p, /metrics and /openapi.json tests.
+"""Test doubles and helpers for the HTTP app's tests: the Swarm page, /api/p2p, /metrics, /openapi.json
+and the OpenAI API (test_http_app.py builds its scripted backend on :class:`FakeBackend`).
 
 The HTTP app takes its collaborators in its constructor (a Backend, a ClusterSource), so these
 stand in for the node without monkey-patching; the acceptance tests use real nodes instead.
@@ -154,7 +155,8 @@ class _QuietHandler(wsgiref.simple_server.WSGIRequestHandler):
 def serve_wsgi(app) -> Iterator[str]:
     """Serve ``app`` on 127.0.0.1 (a free port) in a thread; yields the base URL."""
     server = wsgiref.simple_server.make_server("127.0.0.1", 0, app, _ThreadingWSGIServer, _QuietHandler)
-    thread = threading.Thread(target=server.serve_forever, name="test-wsgi", daemon=True)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, name="test-wsgi",
+                              daemon=True)
     thread.start()
     try:
         yield f"http://127.0.0.1:{server.server_port}"
@@ -162,6 +164,7 @@ def serve_wsgi(app) -> Iterator[str]:
         server.shutdown()
         server.server_close()
         thread.join(5)
+        assert not thread.is_alive(), "the WSGI server thread did not stop"
 
 
 # Debian's chromium, driven by Playwright (its own browser downloads are not used).

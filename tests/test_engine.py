@@ -15,6 +15,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
+from typing import Callable
 
 import msgspec
 import pytest
@@ -46,45 +47,35 @@ def test_default_model_path_is_the_packaged_smollm2():
 
 # --- helpers ---
 
-class EngineProc:
-    """One engine child; ``close()`` stops it and fails if it will not die."""
+def read_lines(proc: subprocess.Popen, timeout_s: float, read_log: Callable[[], str]) -> list[str]:
+    """A child's stdout lines up to and including the first that starts with READY."""
+    deadline = time.monotonic() + timeout_s
+    buf = b""
+    fd = proc.stdout.fileno()
+    while not any(line.startswith(b"READY") for line in buf.split(b"\n")[:-1]):
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise AssertionError(f"no READY within {timeout_s} s; log:\n{read_log()}")
+        if select.select([fd], [], [], left)[0]:
+            data = os.read(fd, 4096)
+            if not data:
+                raise AssertionError(f"exited ({proc.wait(5)}) before READY; log:\n{read_log()}")
+            buf += data
+    lines = [line.decode() for line in buf.split(b"\n")[:-1]]
+    return lines[:next(i for i, line in enumerate(lines) if line.startswith("READY")) + 1]
 
-    def __init__(self, tmp: Path, *args: str, parallel: int = 1):
-        self.sock_path = tmp / "engine.sock"
-        self.endpoint = f"ipc://{self.sock_path}"
-        self.log_path = tmp / "engine.log"
-        self.log = open(self.log_path, "wb")
-        cmd = [sys.executable, "-m", "zswarm.engine.proc", "--endpoint", self.endpoint,
-               "--ctx-size", str(CTX), "--threads", "1", "--parallel", str(parallel),
-               "--node-id", "n-test", *args]
+
+class ChildProc:
+    """A child with its handshake on a stdout pipe and its stderr in ``log_path``; ``close()``
+    stops it and fails if it ignores SIGTERM, or with ``clean_exit`` if it then exits non-zero."""
+
+    what = "child"
+    clean_exit = False
+
+    def _spawn(self, cmd: list[str], log_path: Path) -> None:
+        self.log_path = log_path
+        self.log = open(log_path, "wb")
         self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=self.log)
-        try:
-            self.name = self._wait_ready(60.0)
-        except BaseException:
-            self.close()
-            raise
-
-    def _wait_ready(self, timeout_s: float) -> str:
-        """The model name from READY; the handshake lines before it may only be STAGE and LAYERS."""
-        deadline = time.monotonic() + timeout_s
-        buf = b""
-        fd = self.proc.stdout.fileno()
-        while not any(line.startswith(b"READY ") for line in buf.split(b"\n")[:-1]):
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise AssertionError(f"no READY within {timeout_s} s; log:\n{self.read_log()}")
-            ready, _, _ = select.select([fd], [], [], left)
-            if ready:
-                data = os.read(fd, 4096)
-                if not data:
-                    raise AssertionError(f"engine exited ({self.proc.wait(5)}) before READY; log:\n{self.read_log()}")
-                buf += data
-        lines = buf.decode().split("\n")
-        at = next(i for i, line in enumerate(lines) if line.startswith("READY "))
-        self.handshake = lines[:at + 1]
-        assert all(line.split(" ", 1)[0] in ("STAGE", "LAYERS") for line in lines[:at]), lines
-        assert lines[:2] == ["STAGE loading", "STAGE proving"], lines
-        return lines[at].split(" ", 1)[1]
 
     def read_log(self) -> str:
         self.log.flush()
@@ -95,14 +86,40 @@ class EngineProc:
             if self.proc.poll() is None:
                 self.proc.terminate()
                 try:
-                    self.proc.wait(5)
+                    code = self.proc.wait(5)
                 except subprocess.TimeoutExpired:
                     self.proc.kill()
                     self.proc.wait(5)
-                    raise AssertionError(f"engine ignored SIGTERM; log:\n{self.read_log()}")
+                    raise AssertionError(f"{self.what} ignored SIGTERM; log:\n{self.read_log()}")
+                assert code == 0 or not self.clean_exit, f"{self.what} did not stop cleanly; log:\n{self.read_log()}"
         finally:
             self.proc.stdout.close()
             self.log.close()
+
+
+class EngineProc(ChildProc):
+    """One engine child; ``close()`` stops it and fails if it will not die."""
+
+    what = "engine"
+
+    def __init__(self, tmp: Path, *args: str, parallel: int = 1):
+        self.sock_path = tmp / "engine.sock"
+        self.endpoint = f"ipc://{self.sock_path}"
+        self._spawn([sys.executable, "-m", "zswarm.engine.proc", "--endpoint", self.endpoint,
+                     "--ctx-size", str(CTX), "--threads", "1", "--parallel", str(parallel),
+                     "--node-id", "n-test", *args], tmp / "engine.log")
+        try:
+            self.name = self._wait_ready(60.0)
+        except BaseException:
+            self.close()
+            raise
+
+    def _wait_ready(self, timeout_s: float) -> str:
+        """The model name from READY; the handshake lines before it may only be STAGE and LAYERS."""
+        self.handshake = read_lines(self.proc, timeout_s, self.read_log)
+        assert all(line.split(" ", 1)[0] in ("STAGE", "LAYERS") for line in self.handshake[:-1]), self.handshake
+        assert self.handshake[:2] == ["STAGE loading", "STAGE proving"], self.handshake
+        return self.handshake[-1].split(" ", 1)[1]
 
 
 class Client:

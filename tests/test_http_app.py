@@ -3,15 +3,14 @@ double stands in for the node), plus the real ``openai`` client against a real W
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import socket
-import socketserver
 import subprocess
 import sys
 import threading
 import time
-import wsgiref.simple_server
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -20,8 +19,9 @@ import falcon.testing
 import openai
 import pytest
 
+from swarm_fakes import FakeBackend, serve_wsgi
 from zswarm import wire
-from zswarm.http import BackendUnavailable, create_app
+from zswarm.http import create_app
 
 Step = Callable[[str], object]  # request id -> the reply to yield
 
@@ -46,28 +46,17 @@ def boom(rid: str) -> object:
 HELLO = [chunk("Hel"), chunk("lo"), done()]
 
 
-class ScriptedBackend:
+class ScriptedBackend(FakeBackend):
     """Yields its script for every request; records requests, cancels and closed iterators."""
 
-    def __init__(self, script: list[Step] = HELLO, models: list[str] | None = None, endless: bool = False):
+    def __init__(self, script: list[Step] = HELLO, models: list[str] | None = None, endless: bool = False,
+                 down: bool = False):
+        super().__init__(["m1", "m2"] if models is None else models, down=down)
         self.script = script
-        self.model_names = ["m1", "m2"] if models is None else models
         self.endless = endless
         self.requests: list[wire.GenRequest] = []
-        self.cancelled: list[str] = []
         self.closed: list[str] = []
         self.cancel_event = threading.Event()
-
-    def models(self) -> list[str]:
-        if self.model_names == ["<down>"]:
-            raise BackendUnavailable("no answer")
-        return list(self.model_names)
-
-    def problem(self) -> str:
-        return getattr(self, "problem_text", "")
-
-    def recent(self) -> list[str]:
-        return list(getattr(self, "recent_names", []))
 
     def generate(self, req: wire.GenRequest) -> Iterator[object]:
         self.requests.append(req)
@@ -83,7 +72,7 @@ class ScriptedBackend:
             self.closed.append(req.id)
 
     def cancel(self, request_id: str) -> None:
-        self.cancelled.append(request_id)
+        super().cancel(request_id)
         self.cancel_event.set()
 
 
@@ -141,7 +130,7 @@ def test_models_list_and_one():
 
 
 def test_node_unavailable_is_503():
-    c = client(ScriptedBackend(models=["<down>"]))
+    c = client(ScriptedBackend(down=True))
     assert_error(c.simulate_get("/v1/models"), 503, code="node_unavailable")
     assert_error(c.simulate_post("/v1/chat/completions", json=CHAT), 503, code="node_unavailable")
 
@@ -481,32 +470,11 @@ def test_no_keys_configured_means_open():
 
 # --- a real server and the real openai client ---
 
-class _ThreadingWSGIServer(socketserver.ThreadingMixIn, wsgiref.simple_server.WSGIServer):
-    daemon_threads = True
-
-
-class _QuietHandler(wsgiref.simple_server.WSGIRequestHandler):
-    def log_message(self, *args) -> None:
-        pass
-
-
 @pytest.fixture
 def serve():
-    servers = []
-
-    def start(app) -> str:
-        server = wsgiref.simple_server.make_server("127.0.0.1", 0, app, _ThreadingWSGIServer, _QuietHandler)
-        thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-        thread.start()
-        servers.append((server, thread))
-        return f"127.0.0.1:{server.server_address[1]}"
-
-    yield start
-    for server, thread in servers:
-        server.shutdown()
-        server.server_close()
-        thread.join(5)
-        assert not thread.is_alive(), "the WSGI server thread did not stop"
+    """``serve(app)`` serves ``app`` on 127.0.0.1 in a thread until the test ends; returns host:port."""
+    with contextlib.ExitStack() as servers:
+        yield lambda app: servers.enter_context(serve_wsgi(app)).removeprefix("http://")
 
 
 def test_openai_client(serve):

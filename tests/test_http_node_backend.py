@@ -15,6 +15,7 @@ import openai
 import pytest
 import zmq
 
+from cluster import free_port
 from zswarm import wire
 from zswarm.http import BackendUnavailable
 from zswarm.http.node_backend import NodeBackend
@@ -196,12 +197,6 @@ def test_each_thread_has_its_own_socket(backend, node):
 
 # --- the whole HTTP stack under gunicorn ---
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _gunicorn(env_extra: dict[str, str], port: int, conf: str = "services/gunicorn.conf.py") -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if not k.startswith("ZSWARM_")}
     env.update(ZSWARM_ADDRESS=f"127.0.0.1:{port}", ZSWARM_HTTP_WORKERS="1", ZSWARM_HTTP_THREADS="4", **env_extra)
@@ -211,7 +206,7 @@ def _gunicorn(env_extra: dict[str, str], port: int, conf: str = "services/gunico
 
 
 def test_gunicorn_without_endpoint_stops_with_a_clear_error():
-    proc = _gunicorn({}, _free_port())
+    proc = _gunicorn({}, free_port())
     try:
         _, err = proc.communicate(timeout=20)
     finally:
@@ -221,7 +216,7 @@ def test_gunicorn_without_endpoint_stops_with_a_clear_error():
 
 
 def test_gunicorn_end_to_end(node):
-    port = _free_port()
+    port = free_port()
     proc = _gunicorn({"ZSWARM_NODE_ENDPOINT": node.endpoint, "ZSWARM_API_KEYS": "k1", "ZSWARM_NODE_NAME": "entry"}, port,
                      conf="python:zswarm.http.gunicorn_conf")  # as the node starts it
     oa = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="k1", max_retries=0, timeout=10)

@@ -10,9 +10,7 @@ shared cores.
 
 from __future__ import annotations
 
-import os
 import re
-import select
 import signal
 import socket
 import subprocess
@@ -21,9 +19,8 @@ import time
 from pathlib import Path
 
 import pytest
-import zmq
 
-from test_engine import COUNT_PROMPT, CTX, Client, EngineProc
+from test_engine import COUNT_PROMPT, CTX, ChildProc, Client, EngineProc, read_lines, zctx  # noqa: F401 (fixture)
 from zswarm import wire
 from zswarm.engine.model import default_model_path
 from zswarm.engine.rpc_server import listening_sockets
@@ -33,14 +30,15 @@ N_LAYER = 30  # SmolLM2-135M's repeating layers
 PROMPT = "The three primary colors are"
 
 
-class RpcServer:
+class RpcServer(ChildProc):
     """One ``python -m zswarm.engine.rpc_server`` child on a free 127.0.0.1 port."""
 
+    what = "rpc server"
+    clean_exit = True
+
     def __init__(self, tmp: Path, *args: str, name: str = "rpc"):
-        self.log_path = tmp / f"{name}.log"
-        self.log = open(self.log_path, "wb")
-        cmd = [sys.executable, "-m", "zswarm.engine.rpc_server", "--port", "0", "--threads", "1", *args]
-        self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=self.log)
+        self._spawn([sys.executable, "-m", "zswarm.engine.rpc_server", "--port", "0", "--threads", "1", *args],
+                    tmp / f"{name}.log")
         try:
             lines = read_lines(self.proc, 20.0, self.read_log)
             assert lines[:-1] == ["STAGE proving"], lines  # it computed a test graph before READY
@@ -51,42 +49,6 @@ class RpcServer:
         except BaseException:
             self.close()
             raise
-
-    def read_log(self) -> str:
-        self.log.flush()
-        return self.log_path.read_text(errors="replace")
-
-    def close(self) -> None:
-        try:
-            if self.proc.poll() is None:
-                self.proc.terminate()
-                try:
-                    assert self.proc.wait(5) == 0, f"rpc server did not stop cleanly; log:\n{self.read_log()}"
-                except subprocess.TimeoutExpired:
-                    self.proc.kill()
-                    self.proc.wait(5)
-                    raise AssertionError(f"rpc server ignored SIGTERM; log:\n{self.read_log()}")
-        finally:
-            self.proc.stdout.close()
-            self.log.close()
-
-
-def read_lines(proc: subprocess.Popen, timeout_s: float, read_log) -> list[str]:
-    """A child's stdout lines up to and including the first that starts with READY."""
-    deadline = time.monotonic() + timeout_s
-    buf = b""
-    fd = proc.stdout.fileno()
-    while not any(line.startswith(b"READY") for line in buf.split(b"\n")[:-1]):
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise AssertionError(f"no READY within {timeout_s} s; log:\n{read_log()}")
-        if select.select([fd], [], [], left)[0]:
-            data = os.read(fd, 4096)
-            if not data:
-                raise AssertionError(f"exited ({proc.wait(5)}) before READY; log:\n{read_log()}")
-            buf += data
-    lines = [line.decode() for line in buf.split(b"\n")[:-1]]
-    return lines[:next(i for i, line in enumerate(lines) if line.startswith("READY")) + 1]
 
 
 class SplitEngine(EngineProc):
@@ -106,13 +68,6 @@ def completion(client: Client, prompt: str, max_tokens: int = 16) -> tuple[str, 
     chunks, end = client.collect(client.request(kind="completion", prompt=prompt, temperature=0.0,
                                                 top_p=1.0, max_tokens=max_tokens, seed=3))
     return "".join(chunks), end
-
-
-@pytest.fixture(scope="module")
-def zctx():
-    ctx = zmq.Context()
-    yield ctx
-    ctx.term()
 
 
 @pytest.fixture(scope="module")

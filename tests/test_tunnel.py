@@ -21,20 +21,13 @@ import zmq
 
 from zmq.utils.monitor import parse_monitor_message
 
+from cluster import wait_for
 from zswarm import tunnel
 from zswarm.token import Token
 from zswarm.transport import Stats, ZapHandler, curve_client
 from zswarm.tunnel import TunnelEntry, TunnelExit
 
 DEADLINE_S = 20.0
-
-
-def wait_for(cond: Callable[[], bool], timeout_s: float = DEADLINE_S, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout_s
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-        time.sleep(0.005)
 
 
 def recv_all(sock: socket.socket, timeout_s: float = DEADLINE_S) -> tuple[bytes, bool]:
@@ -191,8 +184,8 @@ def rig():
     finally:
         r.close()
         wait_for(lambda: not (set(threading.enumerate()) - threads_before), 5,
-                 f"threads to end: {set(threading.enumerate()) - threads_before}")
-        wait_for(lambda: open_fds() <= fds_before, 5, "file descriptors to be closed")
+                 what=f"threads to end: {set(threading.enumerate()) - threads_before}")
+        wait_for(lambda: open_fds() <= fds_before, 5, what="file descriptors to be closed")
 
 
 def test_echo_through_the_tunnel(rig):
@@ -245,7 +238,7 @@ def test_concurrent_streams_carry_bulk_data_both_ways(rig):
     snap = rig.stats.snapshot()
     assert snap["tunnel_bytes_in"] == snap["tunnel_bytes_out"] == n_streams * size
     assert snap.get("tunnel_bad_frames", 0) == 0 and rig.entry_stats.snapshot().get("tunnel_bad_frames", 0) == 0
-    wait_for(lambda: en.stream_count == 0, what="the entry to forget finished streams")
+    wait_for(lambda: en.stream_count == 0, DEADLINE_S, what="the entry to forget finished streams")
     print(f"{n_streams} x {size >> 20} MiB each way in {elapsed:.2f} s")
 
 
@@ -261,9 +254,10 @@ def test_client_close_reaches_the_target(rig):
     c = rig.client(en)
     c.sendall(b"last words")
     c.close()
-    wait_for(lambda: seen, what="the target to see EOF")
+    wait_for(lambda: seen, DEADLINE_S, what="the target to see EOF")
     assert seen[0] == (b"last words", True)
-    wait_for(lambda: en.stream_count == 0 and rig.ends[0].stream_count == 0, what="both ends to forget the stream")
+    wait_for(lambda: en.stream_count == 0 and rig.ends[0].stream_count == 0, DEADLINE_S,
+             what="both ends to forget the stream")
 
 
 def test_target_close_reaches_the_client(rig):
@@ -275,7 +269,8 @@ def test_target_close_reaches_the_client(rig):
     c = rig.client(en)
     assert recv_all(c) == (b"bye", True)
     c.close()
-    wait_for(lambda: en.stream_count == 0 and rig.ends[0].stream_count == 0, what="both ends to forget the stream")
+    wait_for(lambda: en.stream_count == 0 and rig.ends[0].stream_count == 0, DEADLINE_S,
+             what="both ends to forget the stream")
 
 
 def test_target_reset_resets_the_client(rig):
@@ -347,7 +342,7 @@ def test_slow_reader_does_not_make_the_tunnel_buffer(rig):
         sent += len(block)
         peak_rss = max(peak_rss, rss_bytes()) if sent % (16 << 20) == 0 else peak_rss
     c.shutdown(socket.SHUT_WR)
-    wait_for(lambda: digest, what="the target to read everything")
+    wait_for(lambda: digest, DEADLINE_S, what="the target to read everything")
     assert digest[0] == (sent, expect.hexdigest())
     limit = ex.window_bytes + tunnel.MAX_DATA_BYTES
     assert ex.max_buffered_bytes <= limit and en.max_buffered_bytes <= limit
@@ -376,7 +371,8 @@ def test_another_token_opens_nothing(rig):
     ex = rig.exit(target)
     stranger = Token.generate().derive()
     en = rig.entry(ex, keys=stranger, connect=False)
-    wait_for(lambda: rig.entry_stats.snapshot().get("tunnel_auth_failed", 0) >= 1, what="the handshake to fail")
+    wait_for(lambda: rig.entry_stats.snapshot().get("tunnel_auth_failed", 0) >= 1, DEADLINE_S,
+             what="the handshake to fail")
     assert not en.connected
     assert reset_at_once(en)  # there is no tunnel to carry it
 
@@ -437,7 +433,7 @@ def test_hostile_frames_from_a_member_are_dropped(rig):
     bad.send_multipart([sid, tunnel.OPEN, ok_open])  # again, while open
     bad.send_multipart([sid, tunnel.DATA, b"z" * (100 << 10)])  # 100 KiB > the 64 KiB window
     assert recv_kind(bad, tunnel.CLOSE) == [sid, tunnel.CLOSE, b""]
-    wait_for(lambda: ex.stream_count == 0, what="the exit to reset the rule breaker")
+    wait_for(lambda: ex.stream_count == 0, DEADLINE_S, what="the exit to reset the rule breaker")
     snap = rig.stats.snapshot()
     assert snap["tunnel_bad_frames"] >= 12 and snap["tunnel_unknown_stream"] >= 1
     assert ex.alive
@@ -462,7 +458,7 @@ def test_exit_resets_streams_of_an_old_epoch_or_a_silent_entry(rig):
     recv_kind(raw, tunnel.PONG)
     assert ex.stream_count == 1
     raw.send_multipart([b"\x00\x00\x00\x00", tunnel.PING, struct.pack(">BI", 1, 2)])  # it reconnected
-    wait_for(lambda: seen, what="the old epoch's stream to be reset")
+    wait_for(lambda: seen, DEADLINE_S, what="the old epoch's stream to be reset")
     assert ex.stream_count == 0 and seen[0] == (b"", False)
 
     raw.send_multipart([b"\x00\x00\x00\x02", tunnel.OPEN, struct.pack(">BII", 1, 1 << 20, 2)])
@@ -470,7 +466,8 @@ def test_exit_resets_streams_of_an_old_epoch_or_a_silent_entry(rig):
     t0 = time.monotonic()
     assert recv_kind(raw, tunnel.CLOSE)[0] == b"\x00\x00\x00\x02"  # then silence: reset after the timeout
     assert 0.25 < time.monotonic() - t0 < 5
-    wait_for(lambda: len(seen) == 2 and ex.stream_count == 0, what="the silent entry's stream to be reset")
+    wait_for(lambda: len(seen) == 2 and ex.stream_count == 0, DEADLINE_S,
+             what="the silent entry's stream to be reset")
     assert rig.stats.snapshot()["tunnel_peer_lost"] == 1
 
 
@@ -491,7 +488,7 @@ def test_hostile_frames_from_an_exit_are_dropped(rig):
                    [b"\x00\x00\x00\x05", tunnel.DATA, b"nobody"], [sid, tunnel.DATA, b"early"],
                    [sid, tunnel.DATA, b"y" * (tunnel.MAX_DATA_BYTES + 1)]):
         fake.send_multipart([peer, *frames])
-    wait_for(lambda: en.stream_count == 0, what="the entry to reset the stream")
+    wait_for(lambda: en.stream_count == 0, DEADLINE_S, what="the entry to reset the stream")
     assert recv_all(c) == (b"early", False)
     assert rig.entry_stats.snapshot()["tunnel_bad_frames"] >= 5 and en.alive
     assert recv_kind(fake, tunnel.CLOSE)[1] == sid
@@ -518,8 +515,9 @@ def test_exit_going_away_resets_clients_at_once(rig):
     assert ex.stop(5)
     assert recv_all(c) == (b"", False)
     assert time.monotonic() - t0 < 2
-    wait_for(lambda: target.conns and is_closed(target.conns[0]), what="the exit's target connection to close")
-    wait_for(lambda: not en.connected, what="the entry to notice")
+    wait_for(lambda: target.conns and is_closed(target.conns[0]), DEADLINE_S,
+             what="the exit's target connection to close")
+    wait_for(lambda: not en.connected, DEADLINE_S, what="the entry to notice")
     assert reset_at_once(en)  # no exit: new connections are reset, not queued
 
 
@@ -531,10 +529,10 @@ def test_entry_going_away_closes_the_target_connection(rig):
     en = rig.entry(ex)
     c = rig.client(en)
     c.sendall(b"abc")
-    wait_for(lambda: first == [b"abc"], what="the bytes to arrive")
+    wait_for(lambda: first == [b"abc"], DEADLINE_S, what="the bytes to arrive")
     assert en.stop(5)
-    wait_for(lambda: seen, what="the target to see the end")
-    wait_for(lambda: ex.stream_count == 0, what="the exit to forget the stream")
+    wait_for(lambda: seen, DEADLINE_S, what="the target to see the end")
+    wait_for(lambda: ex.stream_count == 0, DEADLINE_S, what="the exit to forget the stream")
 
 
 def test_entry_limits_its_streams(rig):

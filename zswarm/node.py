@@ -41,6 +41,7 @@ from .actors.sharder import PlanBox
 from .actors.supervisor import RESTARTING, ChildSpec, SupervisorActor
 from .config import is_loopback
 from .membership import Timing
+from .meminfo import memory_bytes
 from .startup import StartError, check_model, listen_http
 from .state import StateDir, StateDirError
 from .token import Token
@@ -132,22 +133,6 @@ def advertise_host(listen: str, advertise: str | None) -> str:
     from .actors.discovery import _ipv4_addresses
 
     return _ipv4_addresses()[0]
-
-
-def memory_bytes() -> tuple[int, int]:
-    """(total, available) physical memory, from /proc/meminfo where there is one."""
-    total = avail = 0
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                key, value = line.split(":", 1)
-                if key == "MemTotal":
-                    total = int(value.split()[0]) * 1024
-                elif key == "MemAvailable":
-                    avail = int(value.split()[0]) * 1024
-    except OSError:
-        pass
-    return total, avail
 
 
 class Node:

@@ -228,7 +228,7 @@ class SharderActor(ListenerMixin, pykka.ThreadingActor):
 
     def _plan(self, workers: list[Device]) -> Plan | None:
         try:
-            if self._static:  # llama.cpp splits by the memory each server reports
+            if self._static:  # no memory figures for static servers: equal shares, passed as --tensor-split
                 n = len(workers) + (1 if self._local else 0)
                 return Plan(tuple(workers) + ((self._local,) if self._local else ()), tuple([1 / n] * n))
             plan = make_plan(workers, self._local, self._needed)

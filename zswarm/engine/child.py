@@ -111,9 +111,6 @@ class StopFlag:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda signum, _frame: self._signals.append(signum))
 
-    def set(self) -> None:
-        self._signals.append(0)
-
     def is_set(self) -> bool:
         return bool(self._signals)
 

@@ -55,8 +55,6 @@ def ggml() -> SimpleNamespace:
             dev_by_type=bind(base, "ggml_backend_dev_by_type", vp, ctypes.c_int),
             # const char * ggml_backend_dev_name(ggml_backend_dev_t device);
             dev_name=bind(base, "ggml_backend_dev_name", cs, vp),
-            # const char * ggml_backend_dev_description(ggml_backend_dev_t device);
-            dev_description=bind(base, "ggml_backend_dev_description", cs, vp),
             # void ggml_backend_dev_memory(ggml_backend_dev_t device, size_t * free, size_t * total);
             dev_memory=bind(base, "ggml_backend_dev_memory", None, vp, ctypes.POINTER(sz), ctypes.POINTER(sz)),
             # void ggml_backend_register(ggml_backend_reg_t reg);

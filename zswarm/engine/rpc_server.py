@@ -28,8 +28,9 @@ Memory: a client asks the server for its device memory (RPC_CMD_GET_DEVICE_MEMOR
 answers what ``ggml_backend_dev_memory`` says for the CPU device: in this llama.cpp version the
 machine's total physical memory, as both free and total. The C API has no way to change that
 answer, so ``--mem`` caps what zswarm announces instead (READY, then the worker's ledger record);
-the engine always loads with an explicit ``tensor_split`` computed from the announced numbers,
-so the server's own figure never decides the split. READY's free bytes are
+the engine always loads with an explicit ``tensor_split`` computed from the announced numbers
+(equal shares in static ``--rpc-servers`` mode, where nothing is announced), so the server's own
+figure never decides the split. READY's free bytes are
 ``min(MemAvailable, ggml's free figure, --mem)``.
 
 Threads: ``rpc-server`` sits in the C call for the life of the process (ctypes releases the GIL);
@@ -54,6 +55,7 @@ import sys
 import threading
 import time
 
+from ..meminfo import memory_bytes
 from . import fault
 from .child import EX_CONFIG, StopFlag, parent_pid, stage, start_beat, take_stdout
 from .ggml import GGML_BACKEND_DEVICE_TYPE_CPU, device_memory, ggml
@@ -94,18 +96,6 @@ def listening_sockets(pid: int | str = "self") -> list[tuple[str, int]]:
                 ip_hex, port_hex = local.split(":")
                 found.append((socket.inet_ntoa(struct.pack("<I", int(ip_hex, 16))), int(port_hex, 16)))
     return found
-
-
-def mem_available() -> int | None:
-    """MemAvailable from /proc/meminfo in bytes; None where there is no such file."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
 
 
 # --- main ---
@@ -205,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
                     "Anyone who can reach that address can use this machine's memory and CPU, and llama.cpp's "
                     "RPC server has had remote-code-execution bugs. Use this only on a network you trust; "
                     "zswarm's p2p mode keeps it on 127.0.0.1 behind an encrypted tunnel. !!!", *bound)
-    free = min(v for v in (device_memory(cpu)[0], mem_available(), args.mem) if v is not None)
+    free = min(v for v in (device_memory(cpu)[0], memory_bytes()[1] or None, args.mem) if v is not None)
     log.info("serving llama.cpp RPC on %s:%d with %d thread(s); announcing %d MiB free%s",
              bound[0], bound[1], args.threads, free >> 20,
              f"; tensor cache in {args.cache_dir}" if cache_dir else "")
