@@ -7,6 +7,11 @@ checks the model file and binds the HTTP socket itself (:mod:`.startup`); and a 
 never start (the supervisor's ``on_fatal``) stops the node too: one line, exit status 1. SIGTERM and SIGINT
 stop the node gracefully (the Ledger announces the leave); SIGUSR1 logs every thread's stack.
 
+An actor that fails a message lives on (its guard, :mod:`.actors.base`, logs and counts it); one
+that dies is noticed by the main thread, which looks at every actor each ``POLL_S``
+(:meth:`Node.watch_actors`): it says so in the log and in ``zswarm admin status``, then restarts
+that actor or stops the node, one line and exit status 1, by the policy at :data:`RESTARTS_MAX`.
+
 Stopping is bounded, whatever the node is doing: :func:`run` starts the node in a helper thread so
 that the main thread sees SIGTERM at once, even while start-up still waits on an actor, and
 :meth:`Node.stop` gives the actors, the children and the Leave ``STOP_BUDGET_S`` in all. What is
@@ -33,6 +38,7 @@ import zmq
 from . import __version__, wire
 from .actors.admin import AdminActor
 from .actors.balancer import BalancerActor
+from .actors.base import Watch
 from .actors.discovery import DiscoveryActor
 from .actors.gateway import GatewayActor
 from .actors.ledger import BindError, LedgerActor
@@ -45,7 +51,7 @@ from .meminfo import memory_bytes
 from .startup import StartError, check_model, listen_http
 from .state import StateDir, StateDirError
 from .token import Token
-from .transport import Stats, ZapHandler
+from .transport import SocketLoop, Stats, ZapHandler
 from .tunnel import TunnelEntry, TunnelExit
 
 log = logging.getLogger(__name__)
@@ -55,7 +61,19 @@ START_TIMEOUT_S = 10.0
 # the Leave share STOP_BUDGET_S; the interpreter's own exit takes the rest.
 STOP_BUDGET_S = 1.2
 CHILDREN_STOP_S = 0.7  # of the budget: by then the supervisor has stopped its children, or they get SIGKILL
-POLL_S = 0.05  # how often the main thread looks at its signals (a handler only appends to a list)
+POLL_S = 0.05  # how often the main thread looks at its signals (a handler only appends to a list) and actors
+
+# When an actor dies (a bug: its guard keeps it alive through any failed message), the node
+# starts a new one if it has a restart step (Node._restarts): the Balancer, which keeps nothing
+# that the Ledger and the engine's model cannot tell a new one. Any other actor's death stops
+# the node, one line and exit status 1, and systemd starts it again in a known state: the node
+# cannot do its job without it, or a new one could not take over what the dead one held. The
+# Ledger is the node's membership; the Gateway carries every request and holds those in flight;
+# the RPCSupervisor's children are stopped with it rather than left unsupervised; the Sharder
+# holds the claims, tunnels and plan of the running engine; without the Admin nobody could ask
+# what happened; Discovery: see its module.
+RESTARTS_MAX = 3  # restarts of one actor within RESTART_WINDOW_S; one more death stops the node
+RESTART_WINDOW_S = 60.0  # (an actor that keeps dying would otherwise be restarted in a tight loop)
 
 
 class StartCancelled(Exception):
@@ -142,6 +160,7 @@ class Node:
     def __init__(self, settings: NodeSettings):
         self.s = settings
         self.stats = Stats()
+        self.watch = Watch(self.stats)  # how actors say they failed; the admin status shows it
         self.state = StateDir(settings.state_dir).claim()  # StateDirError: one line, nothing bound
         self.keys = settings.token.derive() if settings.token else None
         self.ctx = zmq.Context()
@@ -155,7 +174,12 @@ class Node:
         self._closed = False  # stop() has begun: start() creates no more actors
         self._starting = False
         self.http_sock = None  # the API's listening socket, bound here, inherited by gunicorn
-        self.fatal: list[str] = []  # why a child can never start: run() stops the node, exits 1
+        self.fatal: list[str] = []  # why a child can never start, or an actor died: run() stops, exits 1
+        self.balancer: pykka.ActorRef | None = None  # the current one (watch_actors may replace it)
+        self._engine_model = ""  # the local engine's model, once it was up: a new Balancer hears it
+        self._restarts: dict[type, Any] = {}  # actor class -> the step that starts a new one
+        self._restarted: dict[str, list[float]] = {}  # actor name -> when it was restarted (monotonic)
+        self._dead_seen: set[str] = set()  # urns of actors seen dead once, without a word yet
 
     def start(self) -> wire.NodeRecord:
         self._starting = True
@@ -187,7 +211,7 @@ class Node:
             own = ledger.proxy().open().get(timeout=START_TIMEOUT_S)
         self.record = own
         routes_peers = s.p2p and (s.federated or s.role == "federated")
-        gateway = balancer = supervisor = None
+        gateway = supervisor = None
         if s.role == "worker":
             supervisor = self._start(SupervisorActor, self.stats, s.child_hang_s, s.child_stuck_s)
         if s.role in ("server", "federated"):
@@ -197,10 +221,8 @@ class Node:
             endpoint = gateway.proxy().open().get(timeout=START_TIMEOUT_S)
             if endpoint and ledger is not None:
                 ledger.proxy().update_own(endpoints={**own.endpoints, "gateway": endpoint}).get(timeout=START_TIMEOUT_S)
-            balancer = self._start(BalancerActor, node_id, s.name, gateway.proxy(),
-                                   ledger.proxy() if ledger else None, routes_peers)
-            if ledger is not None:
-                ledger.proxy().add_listener(balancer)
+            self._start_balancer(node_id, gateway, ledger, routes_peers)
+            self._restarts[BalancerActor] = lambda: self._start_balancer(node_id, gateway, ledger, routes_peers)
             supervisor = self._start(SupervisorActor, self.stats, s.child_hang_s, s.child_stuck_s)
         if ledger is not None:
             port = int(own.endpoints["gossip"].rsplit(":", 1)[1])
@@ -217,13 +239,26 @@ class Node:
                             s.token.encode() if s.token else "")
         admin.proxy().open().get(timeout=START_TIMEOUT_S)
         if gateway is not None:
-            self._start_children(node_id, supervisor, gateway, balancer, ledger, admin)
+            self._start_children(node_id, supervisor, gateway, ledger, admin)
         if s.worker is not None:
             self._start_worker(admin, ledger, total, avail)
         return self.record
 
+    def _start_balancer(self, node_id: str, gateway: pykka.ActorRef, ledger: pykka.ActorRef | None,
+                        route_to_peers: bool) -> None:
+        """The Balancer and what it hears; also how a new one replaces one that died (main thread).
+        Nothing here waits: the Ledger and the local engine's model tell it everything it needs."""
+        balancer = self._start(BalancerActor, node_id, self.s.name, gateway.proxy(),
+                               ledger.proxy() if ledger else None, route_to_peers)
+        self.balancer = balancer
+        if ledger is not None:
+            ledger.proxy().add_listener(balancer)
+            notify([balancer], "ledger_changed")  # the peers known already
+        if self._engine_model:
+            notify([balancer], "engine_up", model=self._engine_model)
+
     def _start_children(self, node_id: str, supervisor: pykka.ActorRef, gateway: pykka.ActorRef,
-                        balancer: pykka.ActorRef, ledger: pykka.ActorRef | None, admin: pykka.ActorRef) -> None:
+                        ledger: pykka.ActorRef | None, admin: pykka.ActorRef) -> None:
         s = self.s
         sup, gw = supervisor.proxy(), gateway.proxy()
         if s.serve is not None:
@@ -231,18 +266,20 @@ class Node:
             sharder = self._start_sharder(gateway, supervisor, ledger, admin)
 
             # up, down and failed run in the supervisor's thread: they only tell (a proxy made
-            # once, here: making one for an actor that has stopped raises)
+            # once, here: making one for an actor that has stopped raises). The Balancer keeps
+            # the local route while the engine is down: the gateway parks its requests until the
+            # engine is back, or sends them to another node that serves the model.
             ledger_proxy = ledger.proxy() if ledger is not None else None
 
             def up(model: str) -> None:
                 gw.engine_up(engine_endpoint)
-                notify([balancer], "engine_up", model=model)
+                self._engine_model = model
+                notify([self.balancer], "engine_up", model=model)
                 if ledger_proxy is not None:
                     ledger_proxy.update_own(models=[model])
 
             def down(why: str) -> None:
                 gw.engine_down(f"the engine {why}")
-                notify([balancer], "engine_down")
                 # A planned restart (a re-shard) keeps the model announced: the gateway holds
                 # requests routed here until the engine is back, where withdrawing the model
                 # would make every entry point answer 404 for that second.
@@ -253,7 +290,6 @@ class Node:
                 gw.engine_failed(problem)  # requests get a 503 with the problem, /readyz says it
                 if not problem:  # tried again (restart_child)
                     return
-                notify([balancer], "engine_down")
                 if ledger_proxy is not None:
                     ledger_proxy.update_own(models=[])
 
@@ -362,9 +398,51 @@ class Node:
         with self._lock:  # stop() either sees this actor or start() sees the node closed
             if self._closed:
                 raise StartCancelled(f"the node is stopping; {cls.__name__} not started")
-            ref = cls.start(*args)
+            ref = cls.start(*args, watch=self.watch)
             self.actors.append(ref)
         return ref
+
+    def watch_actors(self) -> None:
+        """Main thread, every ``POLL_S``: an actor that stopped without the node asking it to is
+        logged and shown in the admin status, then restarted or the node stops (``fatal``)."""
+        with self._lock:
+            if self._closed:
+                return
+            dead = [r for r in self.actors if not r.is_alive()]
+        found = sorted(((ref, self.watch.why(ref.actor_urn)) for ref in dead), key=lambda f: f[1] is None)
+        for ref, why in found:  # those that said why first: the others may have stopped with them
+            if self.fatal:
+                return  # the node stops already
+            if why is None and ref.actor_urn not in self._dead_seen:
+                self._dead_seen.add(ref.actor_urn)  # its on_failure may be saying why just now
+                continue
+            self._dead_seen.discard(ref.actor_urn)
+            with self._lock:
+                if self._closed:
+                    return
+                self.actors.remove(ref)
+            self._after_death(ref.actor_class, why or "it stopped without saying why (see the log above)")
+
+    def _after_death(self, cls: type, why: str) -> None:
+        name = getattr(cls, "name", cls.__name__)
+        now = time.monotonic()
+        restart = None if self._starting else self._restarts.get(cls)
+        recent = [t for t in self._restarted.get(name, []) if now - t < RESTART_WINDOW_S]
+        if restart is not None and len(recent) < RESTARTS_MAX:
+            log.error("the %s actor failed (%s); starting a new one", name, why)
+            self.watch.failed(name, why, "restarted")
+            self.stats.inc(f"actor_restarts_{name}")
+            self._restarted[name] = recent + [now]
+            try:
+                restart()
+                return
+            except Exception as e:  # the actors it needs are gone too (the node is stopping)
+                why = f"{why}; a new one did not start: {type(e).__name__}: {e}"
+        elif restart is not None:
+            why = f"{why}; it failed {len(recent) + 1} times within {RESTART_WINDOW_S:.0f} s"
+        log.error("the %s actor failed (%s); the node cannot go on without it and stops", name, why)
+        self.watch.failed(name, why, "stopped the node")
+        self.fatal.append(f"the {name} actor failed: {why}")
 
     def stop(self, budget_s: float = STOP_BUDGET_S) -> bool:
         """Stop everything within ``budget_s`` (main thread), however far :meth:`start` got.
@@ -403,7 +481,9 @@ class Node:
                    if t is not threading.current_thread() and t.is_alive() and not t.daemon]
         for t in threads:
             t.join(max(0.0, deadline - time.monotonic()))  # an actor's thread ends just after its stop answers
-        leftovers = [t.name for t in threads if t.is_alive()]
+        # socket threads are daemons: one still polling would see its sockets closed under it
+        leftovers = [t.name for t in threads if t.is_alive()] + [
+            t.name for t in threading.enumerate() if isinstance(t, SocketLoop) and t.is_alive()]
         if leftovers:
             log.error("bug: threads still running after stop: %s", ", ".join(leftovers))
         if self._starting:
@@ -580,6 +660,7 @@ def _serve(node: Node, settings: NodeSettings, ready_line: str | None,
         starter.start()
         while starter.is_alive() and not stopping and not node.fatal:
             starter.join(POLL_S)
+            node.watch_actors()
     if stopping:
         log.info("received %s%s; stopping", signal.Signals(stopping[0]).name,
                  " while starting" if starter.is_alive() else "")
@@ -601,7 +682,8 @@ def _serve(node: Node, settings: NodeSettings, ready_line: str | None,
               flush=True)
     while not stopping and not node.fatal:
         time.sleep(POLL_S)
-    if node.fatal:  # a child can never start: the node cannot do its job, and says so by exiting
+        node.watch_actors()
+    if node.fatal:  # a child can never start, an actor died: the node cannot do its job, and says so by exiting
         return 1, node.fatal[0]
     log.info("received %s; stopping", signal.Signals(stopping[0]).name)
     return 0, None

@@ -116,6 +116,19 @@ def tcp(hostport: str) -> str:
     return hostport if hostport.startswith("tcp://") else "tcp://" + hostport
 
 
+def bind_private_ipc(sock: zmq.Socket, endpoint: str) -> zmq.Socket:
+    """Bind ``sock`` to ``ipc://path`` in the node's state directory, for this user only (0600).
+
+    A socket file already there is a killed node's: the state directory's lock says no other
+    node runs there, so it is removed first (bind would fail on it otherwise)."""
+    path = endpoint[len("ipc://"):]
+    if os.path.exists(path):
+        os.unlink(path)
+    sock.bind(endpoint)
+    os.chmod(path, 0o600)
+    return sock
+
+
 class SocketLoop(threading.Thread):
     """A thread that owns sockets, runs submitted calls, and ticks.
 

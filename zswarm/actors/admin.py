@@ -3,6 +3,9 @@
 Requests and replies are JSON (:class:`zswarm.wire.AdminRequest` / ``AdminReply``). Each command
 is a method ``cmd_<name>`` whose docstring is its help; errors carry a number from
 :data:`ERRORS`. A request that cannot be read gets error 2 and nothing else happens.
+
+``status`` also says which actors run and which failed (the node's :class:`~.base.Watch`). If
+the Admin actor itself dies, nobody could ask that any more, so the node stops (``node.py``).
 """
 
 from __future__ import annotations
@@ -17,7 +20,9 @@ import pykka
 import zmq
 
 from .. import __version__, wire
-from ..transport import SocketLoop, Stats
+from ..transport import SocketLoop, Stats, bind_private_ipc
+from .base import GuardedActor, Watch
+from .listener import tell
 
 log = logging.getLogger(__name__)
 
@@ -37,11 +42,13 @@ class AdminCommandError(Exception):
         self.code = code
 
 
-class AdminActor(pykka.ThreadingActor):
+class AdminActor(GuardedActor):
+    name = "admin"
+
     def __init__(self, ctx: zmq.Context, endpoint: str, socket_path: str, node: dict[str, Any],
                  own: wire.NodeRecord, ledger: Any, discovery: Any, stats: Stats,
-                 gateway: Any = None, supervisor: Any = None, token: str = ""):
-        super().__init__()
+                 gateway: Any = None, supervisor: Any = None, token: str = "", watch: Watch | None = None):
+        super().__init__(watch)
         self._token = token  # the cluster token ("" outside any cluster); only cmd_token reveals it
         self._own = own  # used when there is no ledger (a node outside any cluster)
         self._gateway = gateway
@@ -72,20 +79,13 @@ class AdminActor(pykka.ThreadingActor):
 
     # --- socket thread ---
     def _setup(self, loop: SocketLoop) -> None:
-        if os.path.exists(self._path):
-            os.unlink(self._path)  # a stale socket from a killed node; the state dir is ours
-        self._sock = loop.socket(zmq.ROUTER, self._on_frames)
-        self._sock.bind(self._endpoint)
-        os.chmod(self._path, 0o600)
+        self._sock = bind_private_ipc(loop.socket(zmq.ROUTER, self._on_frames), self._endpoint)
 
     def _on_frames(self, frames: list[bytes]) -> None:
         if len(frames) != 2:
             self._stats.inc("admin_bad_frames")
             return
-        try:
-            self.actor_ref.tell(frames)
-        except pykka.ActorDeadError:
-            pass  # stopping
+        tell(self.actor_ref, frames)  # the actor may be stopping: then nobody answers
 
     def _reply(self, ident: bytes, reply: wire.AdminReply) -> None:
         payload = wire.encode_json(reply)
@@ -99,7 +99,7 @@ class AdminActor(pykka.ThreadingActor):
             self._loop.submit(_out)
 
     # --- actor thread ---
-    def on_receive(self, message: Any) -> None:
+    def handle(self, message: Any) -> None:
         ident, payload = message
         try:
             req = wire.decode_admin_request(payload)
@@ -114,7 +114,7 @@ class AdminActor(pykka.ThreadingActor):
         except pykka.Timeout:
             reply = wire.AdminReply(req.id, False, error=wire.AdminError(4, ERRORS[4]))
         except Exception as e:  # a bug must not take the admin socket down with it
-            log.exception("admin command %r failed", req.command)
+            self.failed(f"admin command {req.command!r}")  # logged with its traceback, counted
             reply = wire.AdminReply(req.id, False, error=wire.AdminError(3, f"{type(e).__name__}: {e}"))
         self._reply(ident, reply)
 
@@ -139,9 +139,10 @@ class AdminActor(pykka.ThreadingActor):
         return out
 
     def cmd_status(self) -> dict[str, Any]:
-        """This node: id, role, endpoints, peers by state, counters."""
-        own = self._ledger.own().get(timeout=ASK_TIMEOUT_S) if self._ledger else self._own
-        peers = self._ledger.peers().get(timeout=ASK_TIMEOUT_S) if self._ledger else []
+        """This node: id, role, endpoints, peers by state, actors, counters."""
+        # An actor that died answers None here (failed_actors says why), while the node stops
+        own = self._ask(self._ledger, "own") or self._own
+        peers = self._ask(self._ledger, "peers") or []
         by_state: dict[str, int] = {}
         for p in peers:
             by_state[p["state"]] = by_state.get(p["state"], 0) + 1
@@ -153,12 +154,18 @@ class AdminActor(pykka.ThreadingActor):
             "uptime_s": round(time.time() - own.started_at, 1),
             "endpoints": own.endpoints,
             "peers": by_state,
-            "discovery": self._discovery.status().get(timeout=ASK_TIMEOUT_S) if self._discovery else None,
-            "gateway": self._gateway.status().get(timeout=ASK_TIMEOUT_S) if self._gateway else None,
-            "children": self._supervisor.status().get(timeout=ASK_TIMEOUT_S) if self._supervisor else None,
-            **{key: fn() for key, fn in self._status_parts.items()},
+            "discovery": self._ask(self._discovery, "status"),
+            "gateway": self._ask(self._gateway, "status"),
+            "children": self._ask(self._supervisor, "status"),
+            **{key: _unless_dead(fn) for key, fn in self._status_parts.items()},
+            **self._watch.status(),  # actors: name -> running or failed; failed_actors: what the node did
             "counters": self._stats.snapshot(),
         }
+
+    @staticmethod
+    def _ask(proxy: Any, method: str) -> Any:
+        """``proxy.method()``, waited for (ASK_TIMEOUT_S); None without that actor, or once it died."""
+        return None if proxy is None else _unless_dead(lambda: getattr(proxy, method)().get(timeout=ASK_TIMEOUT_S))
 
     def cmd_token(self) -> str:
         """The cluster token ("" when the node is in no cluster); the Swarm page shows it."""
@@ -185,7 +192,7 @@ class AdminActor(pykka.ThreadingActor):
             root.setLevel(value)
         return logging.getLevelName(root.level).lower()
 
-    def on_stop(self) -> None:
+    def release(self) -> None:
         if self._loop is not None:
             self._loop.stop()
             self._loop = None
@@ -193,3 +200,11 @@ class AdminActor(pykka.ThreadingActor):
             os.unlink(self._path)
         except OSError:
             pass
+
+
+def _unless_dead(fn: Callable[[], Any]) -> Any:
+    """``fn()``, or None if the actor it asks has died."""
+    try:
+        return fn()
+    except pykka.ActorDeadError:
+        return None

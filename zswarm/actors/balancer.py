@@ -1,11 +1,16 @@
 """Balancer actor: turns the ledger and the local engine's state into a routing table.
 
-Owns no socket. It hears ``ledger_changed`` and engine up/down events (``tell``), asks the
+Owns no socket. It hears ``ledger_changed`` and ``engine_up`` events (``tell``), asks the
 Ledger for its peers (downward, with a timeout), and hands the Gateway an immutable
 :class:`~zswarm.balancing.RouteTable`; the Gateway's io thread does the per-request choice.
 
+It keeps nothing it cannot rebuild (the table comes from the Ledger and the engine's model), so
+when it dies the node starts a new one (``node.py``) instead of stopping.
+
 Which nodes take routed requests: alive nodes flagged ``federated`` that announce a model and a
-gateway endpoint. This node's own engine is a route whenever it is up.
+gateway endpoint. This node's own engine is a route from the first time it is up, and stays one
+while it restarts or re-shards: the gateway parks its requests until it is back, or sends them
+to another node that serves the model.
 """
 
 from __future__ import annotations
@@ -13,19 +18,20 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-import pykka
-
 from ..balancing import Route, RouteTable
-from .listener import ListenerMixin
+from .base import GuardedActor, Watch
 
 log = logging.getLogger(__name__)
 
 ASK_TIMEOUT_S = 2.0
 
 
-class BalancerActor(ListenerMixin, pykka.ThreadingActor):
-    def __init__(self, node_id: str, name: str, gateway: Any, ledger: Any | None, route_to_peers: bool):
-        super().__init__()
+class BalancerActor(GuardedActor):
+    name = "balancer"
+
+    def __init__(self, node_id: str, name: str, gateway: Any, ledger: Any | None, route_to_peers: bool,
+                 watch: Watch | None = None):
+        super().__init__(watch)
         self._node_id = node_id
         self._name = name
         self._gateway = gateway
@@ -34,22 +40,12 @@ class BalancerActor(ListenerMixin, pykka.ThreadingActor):
         self._local_models: tuple[str, ...] = ()
         self._table = RouteTable()
 
-    def on_receive(self, message: Any) -> None:
-        from .listener import Event
-
-        if isinstance(message, Event):
-            self.on_event(message)
-
     def on_ledger_changed(self) -> None:
         self._rebuild()
 
     def on_engine_up(self, model: str) -> None:
         self._local_models = (model,)
         self._rebuild()
-
-    def on_engine_down(self) -> None:
-        """Keep the local route: the gateway parks its requests until the engine is back (a
-        restart or a re-shard), or sends them to another node if one serves the model."""
 
     def table(self) -> RouteTable:
         return self._table

@@ -12,6 +12,11 @@ Stopping never waits for zeroconf: registering takes about 2 s (probes, then ann
 withdrawing 3 x 125 ms, a resolve up to ``RESOLVE_TIMEOUT_MS``, and a node must be gone within 2 s
 of SIGTERM. ``on_stop`` tells the helper thread to stop and waits ``MDNS_STOP_WAIT_S`` at most;
 the thread (a daemon) skips what is queued, says goodbye if it still can, and closes zeroconf.
+
+When it dies the node stops (``node.py``): a new Discovery in the same process would announce
+the node's mDNS name while the old announcement may still be withdrawing, and the Admin's view
+of it would need re-wiring; a fresh process (systemd restarts the node) does both from a clean
+state, and peers already known stay reachable meanwhile through the Ledger.
 """
 
 from __future__ import annotations
@@ -25,10 +30,10 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
-import pykka
-
 from ..token import Keys
 from ..transport import Stats
+from .base import GuardedActor, Watch
+from .listener import tell
 
 log = logging.getLogger(__name__)
 
@@ -48,10 +53,13 @@ class _Found:
     endpoint: str
 
 
-class DiscoveryActor(pykka.ThreadingActor):
+class DiscoveryActor(GuardedActor):
+    name = "discovery"
+
     def __init__(self, ledger: Any, keys: Keys, node_id: str, role: str, bootstrap: list[str],
-                 mdns: bool, mdns_interfaces: list[str], gossip_port: int, stats: Stats):
-        super().__init__()
+                 mdns: bool, mdns_interfaces: list[str], gossip_port: int, stats: Stats,
+                 watch: Watch | None = None):
+        super().__init__(watch)
         self._ledger = ledger
         self._keys = keys
         self._node_id = node_id
@@ -65,17 +73,19 @@ class DiscoveryActor(pykka.ThreadingActor):
         self._found: dict[str, str] = {}
 
     def on_start(self) -> None:
+        """Actor thread: dial the bootstrap peers, then start the mDNS thread (last: an exception
+        before it leaves no thread behind)."""
         for endpoint in self._bootstrap:
             self._ledger.dial(endpoint, "bootstrap")
         if self._mdns:
             self._worker = _MdnsWorker(self)
             self._worker.start()
 
-    def on_stop(self) -> None:
+    def release(self) -> None:
         if self._worker is not None and not self._worker.stop(MDNS_STOP_WAIT_S):
             log.debug("mDNS thread still busy in zeroconf at stop; leaving it to finish on its own")
 
-    def on_receive(self, message: Any) -> None:
+    def handle(self, message: Any) -> None:
         if isinstance(message, _Found) and self._found.get(message.node_id) != message.endpoint:
             log.info("mDNS: found node %s at %s", message.node_id, message.endpoint)
             old = self._found.get(message.node_id)
@@ -169,7 +179,7 @@ class _MdnsWorker(threading.Thread):
             return
         addrs = info.parsed_addresses()
         if addrs:
-            self._ref.tell(_Found(node_id, f"tcp://{addrs[0]}:{info.port}"))
+            tell(self._ref, _Found(node_id, f"tcp://{addrs[0]}:{info.port}"))
 
 
 def _ipv4_addresses() -> list[str]:

@@ -15,6 +15,9 @@ What happens to each request (dispatch, retry, park, deadline) is decided by the
 and forwarded without leaving the thread; replies are passed through as raw bytes. The actor
 side only feeds in control changes (routes, engine up/down) and answers status.
 It must never block in the io thread, nor let a socket be touched from another thread.
+
+Every request of the node passes through it and its table holds the ones in flight, which a
+new Gateway could not answer: when it dies, the node stops (``node.py``).
 """
 
 from __future__ import annotations
@@ -24,7 +27,6 @@ import logging
 import os
 from typing import Any
 
-import pykka
 import zmq
 from zmq.utils.monitor import parse_monitor_message
 
@@ -32,7 +34,8 @@ from .. import wire
 from ..balancing import Route, Router, RouteTable
 from ..flights import Origin, Table
 from ..token import Keys
-from ..transport import SocketLoop, Stats, curve_client, curve_server, link_options, tcp
+from ..transport import SocketLoop, Stats, bind_private_ipc, curve_client, curve_server, link_options, tcp
+from .base import GuardedActor, Watch
 
 log = logging.getLogger(__name__)
 
@@ -44,11 +47,14 @@ ASK_TIMEOUT_S = 2.0
 _LINK_EVENTS = zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
 
 
-class GatewayActor(pykka.ThreadingActor):
+class GatewayActor(GuardedActor):
+    name = "gateway"
+
     def __init__(self, ctx: zmq.Context, node_id: str, local_endpoint: str, stats: Stats,
                  keys: Keys | None = None, listen: str | None = None, advertise_host: str = "127.0.0.1",
-                 accept_routed: bool = False, policy: str = "p2c", target_node: str = ""):
-        super().__init__()
+                 accept_routed: bool = False, policy: str = "p2c", target_node: str = "",
+                 watch: Watch | None = None):
+        super().__init__(watch)
         self._ctx = ctx
         self._node_id = node_id
         self._local_endpoint = local_endpoint
@@ -118,7 +124,8 @@ class GatewayActor(pykka.ThreadingActor):
         self._submit(_snap)
         return fut.result(timeout=ASK_TIMEOUT_S)
 
-    def on_stop(self) -> None:
+    def release(self) -> None:
+        """On a stop and on a death alike: the io thread closes its sockets and ends."""
         if self._loop is not None:
             self._loop.stop()
             self._loop = None
@@ -135,13 +142,9 @@ class GatewayActor(pykka.ThreadingActor):
     # --- io thread ---
     def _setup(self, loop: SocketLoop) -> None:
         self._l = loop
-        path = self._local_endpoint[len("ipc://"):]
-        if os.path.exists(path):
-            os.unlink(path)
         self._local = loop.socket(zmq.ROUTER, self._on_local)
         self._local.setsockopt(zmq.MAXMSGSIZE, MAX_REQUEST_BYTES)
-        self._local.bind(self._local_endpoint)
-        os.chmod(path, 0o600)
+        bind_private_ipc(self._local, self._local_endpoint)
         self._out = link_options(loop.socket(zmq.ROUTER, self._on_peer_reply))  # a dead link drops in seconds
         if self._keys is not None:  # without a token there is no cluster, so no peer to reach
             curve_client(self._out, self._keys)

@@ -16,6 +16,9 @@ the other's own beats within about a second, and :mod:`zswarm.membership` believ
 The rules of merging and liveness live in :mod:`zswarm.membership`; this actor only moves
 messages between it and the sockets. Frames are decoded in the loop thread; a bad one is dropped
 and counted there and never reaches the actor.
+
+Without it the node is nobody to the cluster: when it dies, the node stops (``node.py``) and
+systemd starts it again; peers see its silence and, once it is back, its new incarnation.
 """
 
 from __future__ import annotations
@@ -23,13 +26,11 @@ from __future__ import annotations
 import json
 import logging
 import os
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pykka
 import zmq
 from zmq.utils.monitor import parse_monitor_message
 
@@ -37,7 +38,8 @@ from .. import wire
 from ..membership import Changes, Membership, Timing
 from ..token import Keys
 from ..transport import SocketLoop, Stats, curve_client, curve_server, link_options, tcp
-from .listener import notify
+from .base import GuardedActor, Watch
+from .listener import notify, tell, tell_later
 
 log = logging.getLogger(__name__)
 
@@ -76,10 +78,13 @@ class BindError(RuntimeError):
     pass
 
 
-class LedgerActor(pykka.ThreadingActor):
+class LedgerActor(GuardedActor):
+    name = "ledger"
+
     def __init__(self, ctx: zmq.Context, keys: Keys, own: wire.NodeRecord, listen: str,
-                 advertise_host: str, stats: Stats, timing: Timing = Timing(), peers_file: Path | None = None):
-        super().__init__()
+                 advertise_host: str, stats: Stats, timing: Timing = Timing(), peers_file: Path | None = None,
+                 watch: Watch | None = None):
+        super().__init__(watch)
         self._peers_file = peers_file
         self._peers_saved: list[str] = []
         self._ctx = ctx
@@ -103,7 +108,7 @@ class LedgerActor(pykka.ThreadingActor):
     def open(self) -> wire.NodeRecord:
         """Bind and start gossiping; returns our record with its gossip endpoint filled in."""
         loop = SocketLoop("ledger-io", self._ctx, self._setup, self._timing.heartbeat_interval_s,
-                          lambda: self._tell(_Tick()))
+                          lambda: tell(self.actor_ref, _Tick()))
         try:
             loop.start_and_wait()
         except zmq.ZMQError as e:
@@ -115,7 +120,8 @@ class LedgerActor(pykka.ThreadingActor):
         return self.m.own
 
     def add_listener(self, ref: Any) -> None:
-        self._listeners.append(ref)
+        """``ref`` hears ``ledger_changed``; listeners that have stopped (one the node replaced) go."""
+        self._listeners = [r for r in self._listeners if r.is_alive()] + [ref]
 
     def dial(self, endpoint: str, reason: str) -> None:
         self._dial(tcp(endpoint), reason)
@@ -143,9 +149,6 @@ class LedgerActor(pykka.ThreadingActor):
 
     def records(self) -> list[wire.NodeRecord]:
         return [self.m.own] + [m.record for m in self.m.members.values() if m.record is not None]
-
-    def dialed(self) -> dict[str, list[str]]:
-        return {e: sorted(r) for e, r in self._dialed.items()}
 
     # --- the socket thread (runs in ledger-io, never in the actor) ---
     def _setup(self, loop: SocketLoop) -> None:
@@ -185,7 +188,7 @@ class LedgerActor(pykka.ThreadingActor):
         if isinstance(msg.body, wire.Beat) and msg.body.id != msg.sender:
             self._drop("beat for another node")
             return
-        self._tell(_Inbound(msg))
+        tell(self.actor_ref, _Inbound(msg))
 
     def _drop(self, why: str) -> None:
         self._stats.inc("gossip_bad_frames")
@@ -194,21 +197,14 @@ class LedgerActor(pykka.ThreadingActor):
     def _on_pub_event(self, frames: list[bytes]) -> None:
         event = parse_monitor_message(frames)
         up = event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED
-        self._tell(_Link(event["endpoint"].decode(errors="replace"), up))
-
-    def _tell(self, msg: Any) -> None:
-        """From the io thread: the actor may already be stopping, and then there is nobody to tell."""
-        try:
-            self.actor_ref.tell(msg)
-        except pykka.ActorDeadError:
-            pass
+        tell(self.actor_ref, _Link(event["endpoint"].decode(errors="replace"), up))
 
     def _on_sub_event(self, frames: list[bytes]) -> None:
         parse_monitor_message(frames)
         self._stats.inc("handshake_failed")
 
     # --- actor thread ---
-    def on_receive(self, message: Any) -> Any:
+    def handle(self, message: Any) -> None:
         if isinstance(message, _Inbound):
             self._handle(message.msg)
         elif isinstance(message, _Tick):
@@ -220,9 +216,7 @@ class LedgerActor(pykka.ThreadingActor):
             self._hello()
             # ZeroMQ's slow joiner: the peer's subscription may not have reached our PUB yet, and
             # PUB drops what no subscription matches; say it again a moment later
-            timer = threading.Timer(HELLO_AGAIN_S, self._tell, args=(_HelloAgain(),))
-            timer.daemon = True
-            timer.start()
+            tell_later(self.actor_ref, _HelloAgain(), HELLO_AGAIN_S)
         elif isinstance(message, _HelloAgain):
             self._hello()
 
@@ -399,6 +393,8 @@ class LedgerActor(pykka.ThreadingActor):
             log.error("ledger socket thread did not stop")
         self._loop = None
 
-    def on_failure(self, *exc: Any) -> None:
+    def release(self) -> None:
+        """On a death (a stop is on_stop's, with the Leave): the io thread closes the sockets and ends."""
         if self._loop is not None:
             self._loop.stop()
+            self._loop = None

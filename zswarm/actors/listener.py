@@ -1,44 +1,46 @@
-"""Upward events between actors: fire-and-forget ``tell()``, never ``ask()``.
+"""Upward messages between actors: fire-and-forget ``tell()``, never ``ask()``.
 
 An actor that wants to hear about another's changes registers its ref; the source calls
-:func:`notify`. There is no return channel, so a listener's failure is caught and logged in the
-listener and never reaches the source (blocking there would deadlock two actors waiting on each
-other).
+:func:`notify` with an :class:`Event`, which the listener's guard (:mod:`.base`) hands to its
+``on_<name>`` method. There is no return channel, so a listener's failure is caught, logged and
+counted in the listener and never reaches the source (blocking there would deadlock two actors
+waiting on each other).
 """
 
 from __future__ import annotations
 
-import logging
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 
 import pykka
 
-log = logging.getLogger(__name__)
 
-
-@dataclass
+@dataclass(frozen=True)
 class Event:
     name: str
     data: dict = field(default_factory=dict)
 
 
+def tell(ref: Any, message: Any) -> bool:
+    """Tell ``ref`` (an ActorRef) ``message``; False if that actor has stopped (a stopping node's
+    threads and timers run on for a moment, and then nobody is left to tell)."""
+    try:
+        ref.tell(message)
+        return True
+    except pykka.ActorDeadError:
+        return False
+
+
+def tell_later(ref: Any, message: Any, delay_s: float) -> threading.Timer:
+    """Tell ``ref`` ``message`` after ``delay_s``: a daemon timer, which the actor cancels in
+    its ``release``."""
+    timer = threading.Timer(delay_s, tell, args=(ref, message))
+    timer.daemon = True
+    timer.start()
+    return timer
+
+
 def notify(listeners: list[Any], name: str, **data: Any) -> None:
     for ref in listeners:
-        try:
-            ref.tell(Event(name, data))
-        except pykka.ActorDeadError:
-            pass
-
-
-class ListenerMixin:
-    """Dispatches an :class:`Event` to ``on_<name>(**data)`` when the actor defines it."""
-
-    def on_event(self, event: Event) -> None:
-        handler = getattr(self, "on_" + event.name, None)
-        if handler is None:
-            return
-        try:
-            handler(**event.data)
-        except Exception:
-            log.exception("%s failed to handle event %r", type(self).__name__, event.name)
+        tell(ref, Event(name, data))

@@ -16,6 +16,10 @@ claims the free workers in its own ledger record, uses one only once its claim h
 with no worker at all (or waits for one, with ``--no-local-layers``).
 
 Static mode (``--rpc-servers``) uses the same path with a fixed device list, no tunnels and no claims.
+
+A re-shard that fails (the Ledger too slow to answer, a tunnel that cannot open) is tried again
+later, never dropped. When the Sharder itself dies, the node stops (``node.py``): it holds the
+claims, the tunnels and the plan the running engine uses, which a new one would not know.
 """
 
 from __future__ import annotations
@@ -31,7 +35,8 @@ import pykka
 
 from .. import wire
 from ..sharding import HOLDING_STATES, Claim, ClaimStep, Device, Plan, ShortOfMemory, claim_step, holders, make_plan
-from .listener import Event, ListenerMixin
+from .base import GuardedActor, Watch
+from .listener import tell, tell_later
 
 log = logging.getLogger(__name__)
 
@@ -63,12 +68,14 @@ class _Idle:
     pass
 
 
-class SharderActor(ListenerMixin, pykka.ThreadingActor):
+class SharderActor(GuardedActor):
+    name = "sharder"
+
     def __init__(self, box: PlanBox, gateway: Any, supervisor: Any, ledger: Any | None,
                  open_tunnel: Callable[[str], Any] | None, local: Device | None, needed: int,
                  settle_s: float, static: list[str] | None = None, stats: Any = None, node_id: str = "",
-                 claim_settle_s: float = CLAIM_SETTLE_S):
-        super().__init__()
+                 claim_settle_s: float = CLAIM_SETTLE_S, watch: Watch | None = None):
+        super().__init__(watch)
         self._me = node_id
         self._claim_settle_s = claim_settle_s
         self._mine: tuple[Claim, ...] = ()  # our claims, as our ledger record announces them
@@ -100,20 +107,21 @@ class SharderActor(ListenerMixin, pykka.ThreadingActor):
         self._box.plan = self._plan(self._look()[0]) if self._static else self._plan([])
 
     # --- events ---
-    def on_receive(self, message: Any) -> None:
-        if isinstance(message, Event):
-            self.on_event(message)
-        elif isinstance(message, _Reshard):
+    def handle(self, message: Any) -> None:
+        if isinstance(message, _Reshard):
             try:
                 self._reshard(message.reason)
-            except pykka.Timeout:  # the Ledger was busy: look again later rather than die
-                log.warning("re-shard (%s) postponed: the ledger did not answer in time", message.reason)
-                self._schedule(message.reason, at_least_s=self._claim_settle_s)
+            except Exception as e:
+                self._postpone(message.reason, e)
         elif isinstance(message, _Idle):
             self._swap()
 
     def on_ledger_changed(self) -> None:
-        workers, step = self._look()
+        try:
+            workers, step = self._look()
+        except Exception as e:  # the re-shard looks again at whatever changed
+            self._postpone("the ledger changed", e)
+            return
         current = self._box.plan
         wanted = tuple(sorted([w.id for w in workers] + (["local"] if self._local else [])))
         if self._uses_taken(step):
@@ -124,6 +132,16 @@ class SharderActor(ListenerMixin, pykka.ThreadingActor):
             self._schedule("free workers claimed", at_least_s=self._settle_wait(step))
         elif current is None or current.key() != wanted:
             self._schedule("workers changed")
+
+    def _postpone(self, reason: str, e: Exception) -> None:
+        """Inside ``except``: a look at the ledger or a re-shard failed with ``e``; try again
+        later, so that one failure never stops re-sharding for good."""
+        if isinstance(e, pykka.Timeout):  # the Ledger was busy
+            log.warning("re-shard (%s) postponed: the ledger did not answer in time", reason)
+            self._schedule(reason, at_least_s=self._claim_settle_s)
+        else:  # a tunnel that would not open, a bug: logged with its traceback, counted
+            self.failed(f"re-shard ({reason})")
+            self._schedule(reason, at_least_s=max(self._settle_s, self._claim_settle_s))
 
     def reshard(self) -> str:
         """Re-shard now (admin), whatever changed."""
@@ -256,9 +274,7 @@ class SharderActor(ListenerMixin, pykka.ThreadingActor):
                 return  # one re-shard is already coming, no later than this one would
             self._timer.cancel()  # if it fired meanwhile, the second re-shard finds nothing to do
         self._due = now + delay
-        self._timer = threading.Timer(delay, _tell, args=(self.actor_ref, _Reshard(reason)))
-        self._timer.daemon = True
-        self._timer.start()
+        self._timer = tell_later(self.actor_ref, _Reshard(reason), delay)
 
     def _reshard(self, reason: str, force: bool = False) -> None:
         self._timer = None
@@ -284,7 +300,7 @@ class SharderActor(ListenerMixin, pykka.ThreadingActor):
             # Restart at once; requests that had not streamed anything are retried.
             self._swap()
         else:
-            self._gateway.hold_engine(lambda: _tell(self.actor_ref, _Idle()))
+            self._gateway.hold_engine(lambda: tell(self.actor_ref, _Idle()))
 
     def _with_tunnels(self, plan: Plan) -> Plan:
         """Give each remote worker a local tunnel port; the engine dials those."""
@@ -321,19 +337,12 @@ class SharderActor(ListenerMixin, pykka.ThreadingActor):
             self._tunnels.pop(wid)[1].stop()
         self._supervisor.restart_child("engine")
 
-    def on_stop(self) -> None:
+    def release(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
         for _, entry in self._tunnels.values():
             entry.stop()
         self._tunnels.clear()
-
-
-def _tell(ref: pykka.ActorRef, msg: Any) -> None:
-    try:
-        ref.tell(msg)
-    except pykka.ActorDeadError:
-        pass
 
 
 def holder_status(ledger: Any, worker_id: str) -> dict[str, Any] | None:

@@ -36,6 +36,11 @@ progress count standing for ``stuck_s``) is SIGKILLed with its process group and
 a crash; ``on_down`` is called at once, so the requests it held end or retry elsewhere at once.
 A child loading a model keeps beating (the beat has a thread of its own, and model code releases
 the GIL), so a slow load is never taken for a hang.
+
+The ``on_*`` callbacks of a :class:`ChildSpec` are the node's code: one that raises is logged
+and counted, and the child's supervision goes on (its restart must still happen). When the
+supervisor itself dies, its ``release`` stops every child rather than leave them running
+unsupervised, and the node, which cannot serve without them, stops (``node.py``).
 """
 
 from __future__ import annotations
@@ -54,7 +59,8 @@ import pykka
 
 from ..engine import fault
 from ..engine.child import BEAT_ENV, EX_CONFIG
-from .listener import notify
+from .base import GuardedActor, Watch
+from .listener import tell, tell_later
 from .liveness import Pulse, Ticker, verdict
 
 log = logging.getLogger(__name__)
@@ -151,16 +157,18 @@ class _Tick:
     pass
 
 
-class SupervisorActor(pykka.ThreadingActor):
-    def __init__(self, stats: Any = None, hang_s: float = HANG_S, stuck_s: float = STUCK_S):
-        super().__init__()
+class SupervisorActor(GuardedActor):
+    name = "supervisor"
+
+    def __init__(self, stats: Any = None, hang_s: float = HANG_S, stuck_s: float = STUCK_S,
+                 watch: Watch | None = None):
+        super().__init__(watch)
         self._children: dict[str, _Child] = {}
         self._stats = stats
-        self._listeners: list[Any] = []
         self._stopping = False
         self._hang_s = hang_s  # 0: never judge missing beats
         self._stuck_s = stuck_s  # 0: never judge a standing progress count
-        self._ticker = Ticker(lambda: _tell(self.actor_ref, _Tick()), CHECK_S, "supervisor-tick")
+        self._ticker = Ticker(lambda: tell(self.actor_ref, _Tick()), CHECK_S, "supervisor-tick")
         now = time.monotonic()
         self._last_check = now
         self._judge_from = now  # beats older than this are not held against a child (see _check)
@@ -171,9 +179,6 @@ class SupervisorActor(pykka.ThreadingActor):
             self._ticker.start()
 
     # --- API ---
-    def add_listener(self, ref: Any) -> None:
-        self._listeners.append(ref)
-
     def start_child(self, spec: ChildSpec) -> None:
         self._children[spec.name] = c = _Child(spec)
         self._spawn(c)
@@ -207,8 +212,8 @@ class SupervisorActor(pykka.ThreadingActor):
             if c.timer is not None:
                 c.timer.cancel()
             c.backoff_s = BACKOFF_MIN_S
-            if c.state == "failed" and c.spec.on_failed:
-                c.spec.on_failed("")  # trying again: requests may wait for it once more
+            if c.state == "failed":
+                self._call(c, "on_failed", "")  # trying again: requests may wait for it once more
             self._spawn(c)
         c.early, c.problem = ("", 0), ""  # a new attempt (a new plan): nothing to count it against
         return True
@@ -244,7 +249,7 @@ class SupervisorActor(pykka.ThreadingActor):
         if c.spec.ready_prefix is None:
             self._on_ready(c, "")
 
-    def on_receive(self, message: Any) -> None:
+    def handle(self, message: Any) -> None:
         if isinstance(message, _Tick):
             self._check()
             return
@@ -265,8 +270,19 @@ class SupervisorActor(pykka.ThreadingActor):
             c.stage = m.line
         elif m.kind == "fault":
             c.fault = fault.parse(m.line)
-        elif m.kind == "report" and c.spec.on_report:
-            c.spec.on_report(m.line)
+        elif m.kind == "report":
+            self._call(c, "on_report", m.line)
+
+    def _call(self, c: _Child, hook: str, *args: Any) -> None:
+        """Call the spec's ``hook`` (the node's code): if it raises, it is logged with its
+        traceback and counted, and the supervision of ``c`` goes on where it was."""
+        fn = getattr(c.spec, hook)
+        if fn is None:
+            return
+        try:
+            fn(*args)
+        except Exception:
+            self.failed(f"{c.spec.name}'s {hook} callback")
 
     # --- liveness (actor thread) ---
     def _check(self) -> None:
@@ -303,19 +319,17 @@ class SupervisorActor(pykka.ThreadingActor):
                 pass
         if c.state == "ready" and c.spec.on_down:
             c.down_told = True
-            c.spec.on_down(f"hung ({why})")
+            self._call(c, "on_down", f"hung ({why})")
 
     def _on_ready(self, c: _Child, detail: str) -> None:
         c.state = "ready"
         c.ever_ready = True
         c.early, c.problem = ("", 0), ""
         log.info("%s: ready %s", c.spec.name, detail)
-        if c.spec.on_ready:
-            c.spec.on_ready(detail)
-        notify(self._listeners, "child_ready", child=c.spec.name, detail=detail)
+        self._call(c, "on_ready", detail)
 
     def _on_exit(self, c: _Child, rc: int, last_words: str = "") -> None:
-        why = f"exited with status {rc}" if rc >= 0 else f"killed by {signal.Signals(-rc).name}"
+        why = f"exited with status {rc}" if rc >= 0 else f"killed by {_signame(-rc)}"
         hung, told = c.hung, c.down_told
         if hung:
             why = f"hung ({hung}); killed"
@@ -336,9 +350,8 @@ class SupervisorActor(pykka.ThreadingActor):
                 log.warning("%s: %s", c.spec.name, why)
             if self._stats is not None:
                 self._stats.inc(f"restarts_{c.spec.name}")
-        if was_up and c.spec.on_down and not told:
-            c.spec.on_down(RESTARTING if planned else why)
-        notify(self._listeners, "child_down", child=c.spec.name, why=why)
+        if was_up and not told:
+            self._call(c, "on_down", RESTARTING if planned else why)
         if planned:
             c.state = "stopped"
             self._spawn(c)
@@ -359,7 +372,7 @@ class SupervisorActor(pykka.ThreadingActor):
             if last_words:  # the child's own line names the mistake; the exit status adds nothing
                 c.problem = f"the {_title(c.spec.name)} cannot start: {last_words}"
             log.error("%s", c.problem)
-            return self._give_up(c, why, fatal=True)
+            return self._give_up(c, fatal=True)
         if c.early[1] == 1:
             log.error("%s", c.problem)
         else:
@@ -370,18 +383,16 @@ class SupervisorActor(pykka.ThreadingActor):
         c.problem = f"{c.problem} (gave up after {c.early[1]} identical failures before ready)"
         log.error("%s: not restarting it: it died %d times in a row the same way before it was ready",
                   c.spec.name, c.early[1])
-        return self._give_up(c, why, fatal=not c.ever_ready)
+        return self._give_up(c, fatal=not c.ever_ready)
 
-    def _give_up(self, c: _Child, why: str, fatal: bool) -> bool:
+    def _give_up(self, c: _Child, fatal: bool) -> bool:
         """Leave ``c`` failed; if ``fatal``, the node is told to exit too."""
         c.state = "failed"
         if self._stats is not None:
             self._stats.inc(f"failed_{c.spec.name}")
-        if c.spec.on_failed:
-            c.spec.on_failed(c.problem)
-        if fatal and c.spec.on_fatal:
-            c.spec.on_fatal(c.problem)
-        notify(self._listeners, "child_down", child=c.spec.name, why=why)
+        self._call(c, "on_failed", c.problem)
+        if fatal:
+            self._call(c, "on_fatal", c.problem)
         return True
 
     def _schedule_restart(self, c: _Child, why: str) -> None:
@@ -390,20 +401,16 @@ class SupervisorActor(pykka.ThreadingActor):
         delay = c.backoff_s
         c.backoff_s = min(BACKOFF_MAX_S, c.backoff_s * 2)
         log.info("%s: restarting in %.1f s", c.spec.name, delay)
-        c.timer = threading.Timer(delay, _tell, args=(self.actor_ref, _Restart(c.spec.name)))
-        c.timer.daemon = True
-        c.timer.start()
+        c.timer = tell_later(self.actor_ref, _Restart(c.spec.name), delay)
 
-    def on_stop(self) -> None:
+    def release(self) -> None:
+        """On a stop and on a death alike: the children go too, rather than run on unsupervised."""
         self._ticker.stop()
         self._stop_children()
 
     def on_failure(self, exception_type: Any, exception_value: Any, traceback: Any) -> None:
-        """A handler raised and pykka stops this actor without on_stop: its children go too,
-        rather than run on unsupervised."""
         log.error("the supervisor failed (%s); stopping its children", exception_value)
-        self._ticker.stop()
-        self._stop_children()
+        super().on_failure(exception_type, exception_value, traceback)
 
     def _stop_children(self) -> None:
         """SIGTERM every child, SIGKILL its whole session after STOP_GRACE_S (gunicorn's workers too)."""
@@ -452,7 +459,7 @@ def explain(name: str, rc: int, stage: str, report: dict | None, last_words: str
     if rc >= 0:
         said = f": {last_words}" if last_words else ""
         return f"the {title} exited with status {rc} before it was ready{doing}{said}"
-    sig = signal.Signals(-rc).name
+    sig = _signame(-rc)
     where = f" ({fault.describe(report)})" if report else ""
     head = f"the {title} was killed by {sig} before it was ready{doing}{where}"
     if report and "sender_pid" in report:
@@ -480,14 +487,14 @@ def _watch(ref: pykka.ActorRef, spec: ChildSpec, proc: subprocess.Popen, generat
         if line.startswith("BEAT") and spec.beats:
             pulse.beat(line[len("BEAT"):], time.monotonic())
         elif spec.ready_prefix and line.startswith(spec.ready_prefix):
-            _tell(ref, _Ready(spec.name, generation, line[len(spec.ready_prefix):].strip()))
+            tell(ref, _Ready(spec.name, generation, line[len(spec.ready_prefix):].strip()))
         elif spec.report_prefix and line.startswith(spec.report_prefix):
-            _tell(ref, _Report(spec.name, generation, line[len(spec.report_prefix):].strip()))
+            tell(ref, _Report(spec.name, generation, line[len(spec.report_prefix):].strip()))
         elif line.startswith("STAGE "):
-            _tell(ref, _Report(spec.name, generation, line[len("STAGE "):].strip(), "stage"))
+            tell(ref, _Report(spec.name, generation, line[len("STAGE "):].strip(), "stage"))
         elif line.startswith("FAULT "):
             child_log.error("%s", line)
-            _tell(ref, _Report(spec.name, generation, line, "fault"))
+            tell(ref, _Report(spec.name, generation, line, "fault"))
         elif line:
             child_log.info("%s", line)
             level, words = _words(line)
@@ -496,7 +503,7 @@ def _watch(ref: pykka.ActorRef, spec: ChildSpec, proc: subprocess.Popen, generat
             elif not last_error:
                 last_words = words
     rc = proc.wait()
-    _tell(ref, _Exited(spec.name, generation, rc, last_words))
+    tell(ref, _Exited(spec.name, generation, rc, last_words))
 
 
 _CHILD_LOG = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ [\w.-]+\[\d+\] ([A-Z]+) (.*)$")
@@ -510,9 +517,9 @@ def _words(line: str) -> tuple[str, str]:
     return "", line.strip()[:300]
 
 
-def _tell(ref: pykka.ActorRef, msg: Any) -> bool:
+def _signame(signum: int) -> str:
+    """SIGKILL for 9; a number Python has no name for (a real-time signal) must not raise here."""
     try:
-        ref.tell(msg)
-        return True
-    except pykka.ActorDeadError:
-        return False
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
