@@ -422,3 +422,14 @@ def test_hold_calls_on_idle_at_once_when_the_engine_has_nothing():
     assert idle == [1]
     h.ask()
     assert h.last_to() == "a"  # held: another node takes it
+
+
+def test_a_suspect_node_is_chosen_only_when_no_other_serves_the_model():
+    suspect_a = Route("a", PEER_A.endpoint, ("m",), "alpha", suspect=True)
+    h = Harness(suspect_a, PEER_B)
+    for i in range(4):
+        h.ask(f"r{i}")
+        assert h.last_to() == "b"
+    h.table.set_routes(RouteTable((suspect_a,)))
+    h.ask("last")
+    assert h.last_to() == "a"  # better a node that may answer than a 503

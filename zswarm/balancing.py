@@ -10,7 +10,7 @@ Policies:
 - ``least-busy``: fewest in flight, ties at random;
 - ``round-robin``; ``random``.
 A node that failed ``COOLDOWN_AFTER`` times in a row, or timed out once, is skipped for
-``cooldown_s`` unless no other node serves the model.
+``cooldown_s`` unless no other node serves the model; so is a node the ledger suspects.
 """
 
 from __future__ import annotations
@@ -32,6 +32,9 @@ class Route:
     endpoint: str  # gateway endpoint ("" for this node's own engine)
     models: tuple[str, ...]
     name: str = ""
+    # the ledger has not heard from the node for a moment (a busy or lossy link, or the start of
+    # a partition): chosen only when no other node serves the model, and its requests go on
+    suspect: bool = False
 
     @property
     def local(self) -> bool:
@@ -90,6 +93,7 @@ class Router:
         candidates = [r for r in serving if r.node not in exclude]
         if not candidates:
             raise NoRoute("no_node", f"no node left to serve model {model!r}")
+        candidates = [r for r in candidates if not r.suspect] or candidates
         now = self.clock()
         healthy = [r for r in candidates if self._health.get(r.node, _Health()).until <= now]
         candidates = healthy or candidates

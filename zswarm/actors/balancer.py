@@ -8,7 +8,7 @@ It keeps nothing it cannot rebuild (the table comes from the Ledger and the engi
 when it dies the node starts a new one (``node.py``) instead of stopping.
 
 Which nodes take routed requests: alive nodes flagged ``federated`` that announce a model and a
-gateway endpoint. This node's own engine is a route from the first time it is up, and stays one
+gateway endpoint (suspect ones too, marked, as a last resort). This node's own engine is a route from the first time it is up, and stays one
 while it restarts or re-shards: the gateway parks its requests until it is back, or sends them
 to another node that serves the model.
 """
@@ -57,8 +57,12 @@ class BalancerActor(GuardedActor):
         if self._route_to_peers:
             for p in self._ledger.peers().get(timeout=ASK_TIMEOUT_S):
                 gateway = p["endpoints"].get("gateway")
-                if p["state"] == "alive" and "federated" in p["flags"] and p["models"] and gateway:
-                    routes.append(Route(p["id"], gateway, tuple(p["models"]), p["name"]))
+                # a suspect node keeps its route, marked: it is chosen only when no other node
+                # serves the model, and its requests in flight go on (a busy or lossy link makes
+                # the ledger suspect a node for a moment; dropping the route would fail them all)
+                if p["state"] in ("alive", "suspect") and "federated" in p["flags"] and p["models"] and gateway:
+                    routes.append(Route(p["id"], gateway, tuple(p["models"]), p["name"],
+                                        suspect=p["state"] == "suspect"))
         table = RouteTable(tuple(routes))
         if table != self._table:
             log.info("routes: %s", ", ".join(f"{r.name or r.node}={'/'.join(r.models)}" for r in routes) or "none")
