@@ -61,6 +61,10 @@ def serve(endpoint: str, node_id: str, service_s: float, max_queue: int, model: 
     queue: collections.deque[tuple[float, list[bytes], str]] = collections.deque()  # (due, route, id)
     last_due = 0.0
     served = 0
+    # the node kills an engine that sends no heartbeat (ZSWARM_CHILD_HANG_S): beat as the real one does
+    from zswarm.engine.child import start_beat
+
+    start_beat(sys.stdout, lambda: f"{served} {len(queue)}")
 
     def send(route: list[bytes], body: Any) -> None:
         sock.send_multipart([*route, wire.encode_inference(node_id, body)])
