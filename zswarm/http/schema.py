@@ -86,12 +86,17 @@ class ChatRequest(_Common, kw_only=True):
         description="the newer name of max_tokens; wins when both are given")] = None
 
 
+# the engine has nothing to continue from an empty prompt (it answered 400 "the prompt is
+# empty"); saying so in the type makes it the decoder's 400 and the document's rule
+_Prompt = Annotated[str, msgspec.Meta(min_length=1)]
+
+
 class CompletionRequest(_Common, kw_only=True):
     __doc__ = "The body of POST /v1/completions." + _NOTE
 
-    prompt: Annotated[Union[str, Annotated[list[str], msgspec.Meta(min_length=1, max_length=1)]], msgspec.Meta(
-        description="the text to continue: a string, or a list of exactly one string",
-        examples=["Once upon a time"])]
+    prompt: Annotated[Union[_Prompt, Annotated[list[_Prompt], msgspec.Meta(min_length=1, max_length=1)]],
+                      msgspec.Meta(description="the text to continue: a string, or a list of exactly one "
+                                   "string; not empty", examples=["Once upon a time"])]
 
 
 # What each kind of completion decodes its body as; /openapi.json documents these same types.
