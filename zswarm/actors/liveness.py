@@ -1,8 +1,8 @@
 """Heartbeats of the node's child processes: what a beat says, and when a child counts as hung.
 
-Owns :class:`Pulse` (one child's beats as its watcher thread read them), :func:`verdict` (the
-judgement, a pure function of the pulse and the clock) and :class:`Ticker` (the thread that asks
-the supervisor to judge). It must never signal or start a process; the supervisor does that.
+Owns :class:`Pulse` (one child's beats as its watcher thread read them) and :func:`verdict` (the
+judgement, a pure function of the pulse and the clock; the supervisor asks for it every second).
+It must never signal or start a process; the supervisor does that.
 
 A child that beats writes ``BEAT`` or ``BEAT <progress> <in flight>`` (engine/child.py):
 progress is a count that moves while the child works (the engine: tokens evaluated), in flight
@@ -13,8 +13,6 @@ moved for ``stuck_s`` (alive but stuck: llama.cpp waiting forever on a worker th
 
 from __future__ import annotations
 
-import threading
-from typing import Any, Callable
 
 FIRST_BEAT_S = 30.0  # a child's first beat follows its imports (llama_cpp: seconds on a busy machine)
 
@@ -56,25 +54,3 @@ def verdict(pulse: Pulse, started_at: float, judge_from: float, now: float, hang
         if now - since > stuck_s:
             return f"made no progress for {now - since:.0f} s with {in_flight} request(s) in flight"
     return ""
-
-
-class Ticker:
-    """A daemon thread that calls ``tick()`` every ``interval_s`` until stopped. ``tick`` only
-    tells an actor (it must not block); when it returns False the ticker ends."""
-
-    def __init__(self, tick: Callable[[], Any], interval_s: float, name: str = "tick"):
-        self._tick = tick
-        self._interval_s = interval_s
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-
-    def _run(self) -> None:
-        while not self._stop.wait(self._interval_s):
-            if self._tick() is False:
-                return

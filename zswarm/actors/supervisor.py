@@ -29,7 +29,7 @@ restarted (or end ``failed``) as above, and the node stays up.
 Liveness: an exit code says nothing about a child that is stopped (SIGSTOP), frozen in a system
 call, or stuck in llama.cpp waiting on a worker that never answers. A child whose spec says
 ``beats`` writes a ``BEAT`` line about every ``BEAT_S`` (engine/child.py); its watcher thread
-notes it in a :class:`~.liveness.Pulse`, and a ticker thread asks the actor every ``CHECK_S`` to
+notes it in a :class:`~.liveness.Pulse`, and a timer the actor re-arms asks it every ``CHECK_S`` to
 judge (the watcher cannot: it is blocked reading a stopped child). A child that
 :func:`~.liveness.verdict` finds hung (no beat for ``hang_s``; or ready, holding requests, its
 progress count standing for ``stuck_s``) is SIGKILLed with its process group and restarted like
@@ -61,7 +61,7 @@ from ..engine import fault
 from ..engine.child import BEAT_ENV, EX_CONFIG
 from .base import GuardedActor, Watch
 from .listener import tell, tell_later
-from .liveness import Pulse, Ticker, verdict
+from .liveness import Pulse, verdict
 
 log = logging.getLogger(__name__)
 
@@ -168,15 +168,15 @@ class SupervisorActor(GuardedActor):
         self._stopping = False
         self._hang_s = hang_s  # 0: never judge missing beats
         self._stuck_s = stuck_s  # 0: never judge a standing progress count
-        self._ticker = Ticker(lambda: tell(self.actor_ref, _Tick()), CHECK_S, "supervisor-tick")
+        self._tick: threading.Timer | None = None  # the next _Tick (liveness checks on)
         now = time.monotonic()
         self._last_check = now
         self._judge_from = now  # beats older than this are not held against a child (see _check)
 
     def on_start(self) -> None:
-        """Actor thread: start the ticker that makes the actor look at the beats."""
+        """Actor thread: start the ticks that make the actor look at the beats."""
         if self._hang_s or self._stuck_s:
-            self._ticker.start()
+            self._tick = tell_later(self.actor_ref, _Tick(), CHECK_S)
 
     # --- API ---
     def start_child(self, spec: ChildSpec) -> None:
@@ -251,7 +251,11 @@ class SupervisorActor(GuardedActor):
 
     def handle(self, message: Any) -> None:
         if isinstance(message, _Tick):
-            self._check()
+            try:
+                self._check()
+            finally:  # the next look, whatever this one did (a released actor asks for none)
+                if self._tick is not None:
+                    self._tick = tell_later(self.actor_ref, _Tick(), CHECK_S)
             return
         c = self._children.get(getattr(message, "name", ""))
         if c is None:
@@ -405,7 +409,9 @@ class SupervisorActor(GuardedActor):
 
     def release(self) -> None:
         """On a stop and on a death alike: the children go too, rather than run on unsupervised."""
-        self._ticker.stop()
+        tick, self._tick = self._tick, None
+        if tick is not None:
+            tick.cancel()
         self._stop_children()
 
     def on_failure(self, exception_type: Any, exception_value: Any, traceback: Any) -> None:
