@@ -337,10 +337,7 @@ class LedgerActor(GuardedActor):
         self._stats.inc("gossip_redials")
 
         def _again() -> None:
-            try:
-                self._pub.disconnect(endpoint)
-            except zmq.ZMQError:
-                pass
+            self._disconnect(endpoint)
             self._pub.connect(endpoint)
         self._loop.submit(_again)
 
@@ -352,13 +349,14 @@ class LedgerActor(GuardedActor):
         if not reasons:
             del self._dialed[endpoint]
             self._links_up.discard(endpoint)
+            self._loop.submit(lambda: self._disconnect(endpoint))
 
-            def _disconnect() -> None:
-                try:
-                    self._pub.disconnect(endpoint)
-                except zmq.ZMQError:
-                    pass
-            self._loop.submit(_disconnect)
+    def _disconnect(self, endpoint: str) -> None:
+        """io thread: stop dialling ``endpoint`` (not dialled any more: nothing to do)."""
+        try:
+            self._pub.disconnect(endpoint)
+        except zmq.ZMQError:
+            pass
 
     def _send(self, topic: bytes, body: wire.Body) -> None:
         if self._loop is None:
