@@ -50,6 +50,14 @@ def chat(content: str, max_tokens: int) -> dict:
     return {"model": MODEL, "max_tokens": max_tokens, "messages": [{"role": "user", "content": content}]}
 
 
+def server_behind_an_entry(c: Cluster):
+    """A federated server ``s`` and a model-less entry point ``f`` that routes to it."""
+    s = c.node("s", "server", extra=SERVER_ARGS)
+    f = c.node("f", "federated", bootstrap=[s])
+    wait_for(lambda: routes_ready(f, 1), 60, 0.2, what="the server routable")
+    return s, f
+
+
 def test_whole_answers_survive_a_server_killed_mid_generation(tmp_path):
     c, s1, s2, f = start_federation(tmp_path)
     try:
@@ -82,9 +90,7 @@ def test_whole_answers_survive_a_server_killed_mid_generation(tmp_path):
 def test_timeout_header_gives_504_and_cools_the_slow_node(tmp_path):
     c = Cluster(tmp_path, Token.generate().encode())
     try:
-        s = c.node("s", "server", extra=SERVER_ARGS)
-        f = c.node("f", "federated", bootstrap=[s])
-        wait_for(lambda: routes_ready(f, 1), 60, 0.2, what="the server routable")
+        s, f = server_behind_an_entry(c)
         status, headers, body = post(f, chat("hi", 4), {"X-Zswarm-Timeout": "soon"})
         assert status == 400 and body["error"]["param"] == "X-Zswarm-Timeout", body
         t0 = time.monotonic()
@@ -107,9 +113,7 @@ def test_timeout_header_gives_504_and_cools_the_slow_node(tmp_path):
 def test_a_model_served_a_moment_ago_is_503_with_retry_after_not_404(tmp_path):
     c = Cluster(tmp_path, Token.generate().encode())
     try:
-        s = c.node("s", "server", extra=SERVER_ARGS)
-        f = c.node("f", "federated", bootstrap=[s])
-        wait_for(lambda: routes_ready(f, 1), 60, 0.2, what="the server routable")
+        s, f = server_behind_an_entry(c)
         s.signal(signal.SIGTERM)  # leaves the cluster: its route goes at once
         s.wait(15)
         wait_for(lambda: not f.admin("status")["gateway"]["routes"], 15, 0.1, what="the route to go")
