@@ -102,7 +102,10 @@ def parse_seconds(text: str) -> float:
 
 def parse_seconds_or_off(text: str) -> float:
     """A bound in seconds, 0 meaning "no bound"."""
-    value = float(text)
+    try:
+        value = float(text)
+    except ValueError:
+        raise ConfigError(f"expected a number of seconds >= 0 (0: off), got {text!r}") from None
     if not 0 <= value < float("inf"):
         raise ConfigError(f"expected a number of seconds >= 0 (0: off), got {text!r}")
     return value
