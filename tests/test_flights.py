@@ -433,3 +433,12 @@ def test_a_suspect_node_is_chosen_only_when_no_other_serves_the_model():
     h.table.set_routes(RouteTable((suspect_a,)))
     h.ask("last")
     assert h.last_to() == "a"  # better a node that may answer than a 503
+
+
+def test_a_peer_gateway_must_be_tcp():
+    from zswarm.balancing import peer_gateway
+
+    assert peer_gateway("tcp://10.0.0.1:7341")
+    assert not peer_gateway("ipc:///var/lib/zswarm/server/admin.sock")  # a member that lies
+    assert not peer_gateway("inproc://zeromq.zap.01")
+    assert not peer_gateway("tcp://" + "a" * 300 + ":1")

@@ -52,6 +52,12 @@ class RouteTable:
         return [r for r in self.routes if model in r.models]
 
 
+def peer_gateway(endpoint: str) -> bool:
+    """Is ``endpoint`` one a peer's gateway may announce? Only tcp: a member whose record said
+    ``ipc:///...`` would have this node's gateway dial a local socket of its choosing."""
+    return endpoint.startswith("tcp://") and len(endpoint) <= 255  # libzmq caps a routing id at 255
+
+
 class NoRoute(Exception):
     def __init__(self, code: str, message: str):
         super().__init__(message)

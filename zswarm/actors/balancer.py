@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from ..balancing import Route, RouteTable
+from ..balancing import Route, RouteTable, peer_gateway
 from .base import GuardedActor, Watch
 
 log = logging.getLogger(__name__)
@@ -60,7 +60,8 @@ class BalancerActor(GuardedActor):
                 # a suspect node keeps its route, marked: it is chosen only when no other node
                 # serves the model, and its requests in flight go on (a busy or lossy link makes
                 # the ledger suspect a node for a moment; dropping the route would fail them all)
-                if p["state"] in ("alive", "suspect") and "federated" in p["flags"] and p["models"] and gateway:
+                if (p["state"] in ("alive", "suspect") and "federated" in p["flags"] and p["models"]
+                        and gateway and peer_gateway(gateway)):
                     routes.append(Route(p["id"], gateway, tuple(p["models"]), p["name"],
                                         suspect=p["state"] == "suspect"))
         table = RouteTable(tuple(routes))
