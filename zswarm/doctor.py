@@ -20,10 +20,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 from . import install
+from .startup import MIN_NOFILE
 
 OK, WARN, FAIL = "ok", "warn", "fail"
 HANDSHAKE_TIMEOUT_S = 3.0  # a LAN peer completes a CURVE handshake in milliseconds
-MIN_NOFILE = 4096  # descriptors a node wants: a socket per peer link plus llama.cpp's files
 
 # llama.cpp's system-info names -> the /proc/cpuinfo flag that says the CPU has it (x86)
 _CPU_FLAG = {"SSE3": "pni", "SSSE3": "ssse3", "AVX": "avx", "AVX2": "avx2", "AVX_VNNI": "avx_vnni",
@@ -149,11 +149,13 @@ def check_interfaces(interfaces: list[str], mdns: bool) -> Check:
 
 def check_nofile() -> Check:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != resource.RLIM_INFINITY and soft < MIN_NOFILE:
-        return Check("ulimit", WARN, f"open files limit is {soft} (a node wants {MIN_NOFILE})",
-                     f"ulimit -n {min(hard, 65536) if hard != resource.RLIM_INFINITY else 65536} "
-                     "(or LimitNOFILE= in the systemd unit)")
-    return Check("ulimit", OK, f"open files limit {soft}")
+    usable = hard  # a node raises its soft limit to the hard one at start (startup.raise_nofile)
+    if usable != resource.RLIM_INFINITY and usable < MIN_NOFILE:
+        return Check("ulimit", WARN, f"open files limit is {usable} (a node wants {MIN_NOFILE}): "
+                     "a flood of connections makes it refuse peers sooner",
+                     "raise the hard limit: LimitNOFILE=65536 in the systemd unit, or limits.conf")
+    return Check("ulimit", OK, f"open files limit {soft} (a node raises it to {usable})" if soft != usable
+                 else f"open files limit {soft}")
 
 
 def check_token(text: str | None) -> tuple[Check | None, Any]:

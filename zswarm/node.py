@@ -48,7 +48,7 @@ from .actors.supervisor import RESTARTING, ChildSpec, SupervisorActor
 from .config import is_loopback
 from .membership import Timing
 from .meminfo import memory_bytes
-from .startup import StartError, check_model, listen_http
+from .startup import StartError, check_model, listen_http, raise_nofile
 from .state import StateDir, StateDirError
 from .token import Token
 from .transport import SocketLoop, Stats, ZapHandler
@@ -190,6 +190,7 @@ class Node:
 
     def _start_all(self) -> wire.NodeRecord:
         s = self.s
+        raise_nofile()  # children inherit it
         # Start-up mistakes first, before anything binds or starts: one line (StartError).
         if s.serve is not None:
             check_model(s.serve.model)

@@ -1,7 +1,7 @@
 """What a node checks and takes before it starts anything: its model file and its HTTP socket.
 
 Owns :class:`StartError` (a start-up mistake: one line for the user and the exit status),
-:func:`check_model` and :func:`listen_http`. Both run before any actor or child starts, so that
+:func:`check_model`, :func:`listen_http` and :func:`raise_nofile`. Both run before any actor or child starts, so that
 a missing model or an address in use ends the node at once with one clear line, instead of a
 child that fails at every restart while the node runs on and systemd never learns of it.
 
@@ -15,12 +15,20 @@ instead of being refused). Nothing here may import pykka or zmq.
 from __future__ import annotations
 
 import errno
+import logging
+import resource
 import socket
 
 from .engine.gguf import NotAModel, check_model_file
 from .engine.model import ModelMissing, default_model_path
 
+log = logging.getLogger(__name__)
+
 HTTP_BACKLOG = 2048  # gunicorn's own default backlog
+# Descriptors a node wants: a connection per peer link, the strangers' connections that
+# zswarm/gate.py lets in while they prove themselves (64 per tcp socket), the HTTP clients, and
+# llama.cpp's files. ``zswarm doctor`` warns below it too.
+MIN_NOFILE = 4096
 
 
 class StartError(Exception):
@@ -64,3 +72,21 @@ def listen_http(address: str, what: str = "--address") -> socket.socket:
         hint = " (it is not an address of this host)" if e.errno == errno.EADDRNOTAVAIL else ""
         raise StartError(f"cannot listen on {address} ({what}): {e.strerror or e}{hint}") from None
     return sock
+
+
+def raise_nofile() -> int:
+    """Raise the soft open-files limit to the hard one (what systemd's and most shells' soft 1024
+    leaves unused), and warn once if even that is below :data:`MIN_NOFILE`. Returns the limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = hard if hard == resource.RLIM_INFINITY else min(hard, 1 << 20)
+    if soft != resource.RLIM_INFINITY and soft < want:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+            soft = want
+        except (ValueError, OSError):
+            pass
+    if soft != resource.RLIM_INFINITY and soft < MIN_NOFILE:
+        log.warning("open files limit is %d (a node wants %d): under a flood of connections the node "
+                    "refuses more of them; raise it with ulimit -n or LimitNOFILE= in the systemd unit",
+                    soft, MIN_NOFILE)
+    return soft

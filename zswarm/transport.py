@@ -17,12 +17,15 @@ import logging
 import os
 import threading
 import time
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import zmq
 import zmq.utils.z85
 
 from .token import Keys
+
+if TYPE_CHECKING:
+    from .gate import Gate
 
 log = logging.getLogger(__name__)
 
@@ -143,6 +146,7 @@ class SocketLoop(threading.Thread):
         self._setup = setup
         self._tick_s = tick_s
         self._on_tick = on_tick
+        self._tickers: list[Callable[[], None]] = []
         self._handlers: dict[zmq.Socket, Callable[[list[bytes]], None]] = {}
         self._poller = zmq.Poller()
         self._sockets: list[zmq.Socket] = []
@@ -208,6 +212,17 @@ class SocketLoop(threading.Thread):
     def socket(self, kind: int, handler: Callable[[list[bytes]], None] | None = None) -> zmq.Socket:
         return self.add(self.ctx.socket(kind), handler)
 
+    def add_ticker(self, fn: Callable[[], None]) -> None:
+        """Call ``fn`` at every tick too (the loop must have been made with ``tick_s``)."""
+        self._tickers.append(fn)
+
+    def guard_socket(self, sock: zmq.Socket, gate: "Gate") -> zmq.Socket:
+        """Put a bound tcp socket behind ``gate`` (see :mod:`zswarm.gate`); call before ``bind``."""
+        monitor = gate.install(sock)
+        self.add(monitor, lambda frames: gate.on_monitor(frames, monitor))
+        self.add_ticker(gate.tick)
+        return sock
+
     def run(self) -> None:
         try:
             self._setup(self)
@@ -245,6 +260,8 @@ class SocketLoop(threading.Thread):
                     next_tick = time.monotonic() + self._tick_s
                     if self._on_tick is not None:
                         self._guard(self._on_tick)
+                    for fn in self._tickers:
+                        self._guard(fn)
         finally:
             self._close_all()
 

@@ -34,6 +34,7 @@ from .. import wire
 from ..balancing import Route, Router, RouteTable
 from ..flights import Origin, Table
 from ..token import Keys
+from ..gate import Gate
 from ..transport import SocketLoop, Stats, bind_private_ipc, curve_client, curve_server, link_options, tcp
 from .base import GuardedActor, Watch
 
@@ -157,6 +158,7 @@ class GatewayActor(GuardedActor):
             self._peers = link_options(loop.socket(zmq.ROUTER, self._on_peer))
             self._peers.setsockopt(zmq.MAXMSGSIZE, MAX_REQUEST_BYTES)
             curve_server(self._peers, self._keys)
+            loop.guard_socket(self._peers, Gate("gateway", self._stats))
             self._peers.bind(tcp(self._listen))
             port = self._peers.last_endpoint.decode().rsplit(":", 1)[1]
             self._endpoint = f"tcp://{self._advertise_host}:{port}"

@@ -37,6 +37,7 @@ from zmq.utils.monitor import parse_monitor_message
 from .. import wire
 from ..membership import Changes, Membership, Timing
 from ..token import Keys
+from ..gate import Gate
 from ..transport import SocketLoop, Stats, curve_client, curve_server, link_options, tcp
 from .base import GuardedActor, Watch
 from .listener import notify, tell, tell_later
@@ -157,6 +158,7 @@ class LedgerActor(GuardedActor):
         link_options(sub)  # heartbeats close what a partition left of a peer's link
         sub.subscribe(wire.TOPIC_ALL)
         sub.subscribe(self.m.own.id.encode())
+        loop.guard_socket(sub, Gate("gossip", self._stats))  # strangers' idle connections are bounded
         sub.bind(tcp(self._listen))
         port = sub.last_endpoint.decode().rsplit(":", 1)[1]
         pub = loop.socket(zmq.PUB)
@@ -164,8 +166,6 @@ class LedgerActor(GuardedActor):
         link_options(pub)  # a broken link is closed by heartbeats and redialed about once a second
         loop.add(pub.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED),
                  self._on_pub_event)
-        loop.add(sub.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_AUTH
-                                        | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL), self._on_sub_event)
         self._sub, self._pub = sub, pub
         host = self._advertise_host
         gossip = f"tcp://{host}:{port}"
@@ -198,10 +198,6 @@ class LedgerActor(GuardedActor):
         event = parse_monitor_message(frames)
         up = event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED
         tell(self.actor_ref, _Link(event["endpoint"].decode(errors="replace"), up))
-
-    def _on_sub_event(self, frames: list[bytes]) -> None:
-        parse_monitor_message(frames)
-        self._stats.inc("handshake_failed")
 
     # --- actor thread ---
     def handle(self, message: Any) -> None:
