@@ -3,10 +3,14 @@
 Sources: bootstrap endpoints (flags, environment, the token), and mDNS (``_zswarm._tcp.local.``).
 Peer exchange needs nothing here: the Ledger dials every node its records name.
 
-mDNS announcements carry the network id and an HMAC (token-derived key) over what they claim;
-anything else on the LAN, another zswarm cluster included, is ignored and counted. Zeroconf calls
+mDNS announcements carry the network id and an HMAC (token-derived key) over what they claim:
+addresses, port, a time and a nonce (``zswarm/announcement.py`` says what is checked and why).
+Anything else on the LAN, another zswarm cluster, a stale, replayed or re-addressed announcement
+included, is ignored and counted (``mdns_ignored`` and ``mdns_ignored_<reason>``). Zeroconf calls
 back on its own event-loop thread, where nothing may block, and resolving a service blocks; so
-resolving and registering happen on one helper thread fed by a queue, which tells the actor.
+resolving, registering and re-signing (every ``announcement.REFRESH_S``) happen on one helper
+thread fed by a bounded queue (``MDNS_QUEUE_MAX``; what does not fit is dropped and counted as
+``mdns_queue_dropped``: a flood of service names must not grow memory), which tells the actor.
 
 Stopping never waits for zeroconf: registering takes about 2 s (probes, then announcements),
 withdrawing 3 x 125 ms, a resolve up to ``RESOLVE_TIMEOUT_MS``, and a node must be gone within 2 s
@@ -21,15 +25,15 @@ state, and peers already known stay reachable meanwhile through the Ledger.
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import logging
 import queue
-import socket
+import secrets
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 
+from .. import announcement
 from ..token import Keys
 from ..transport import Stats
 from .base import GuardedActor, Watch
@@ -40,17 +44,14 @@ log = logging.getLogger(__name__)
 SERVICE_TYPE = "_zswarm._tcp.local."
 RESOLVE_TIMEOUT_MS = 3000  # zeroconf's default; a peer on the LAN answers in milliseconds
 MDNS_STOP_WAIT_S = 0.3  # on_stop waits this long for the helper thread, no more (see above)
-
-
-def sign(keys: Keys, node_id: str, port: int) -> str:
-    msg = f"{keys.network_id}|{node_id}|{port}".encode()
-    return hmac.new(keys.discovery_key, msg, hashlib.sha256).hexdigest()[:32]
+MDNS_QUEUE_MAX = 256  # service names waiting to be resolved; a LAN cluster has a few, so more is a flood
 
 
 @dataclass
 class _Found:
     node_id: str
     endpoint: str
+    signed_ms: int = 0  # when the announcement was signed (Unix ms)
 
 
 class DiscoveryActor(GuardedActor):
@@ -71,6 +72,7 @@ class DiscoveryActor(GuardedActor):
         self._stats = stats
         self._worker: _MdnsWorker | None = None
         self._found: dict[str, str] = {}
+        self._signed_ms: dict[str, int] = {}  # node id -> its latest announcement's time (Unix ms)
 
     def on_start(self) -> None:
         """Actor thread: dial the bootstrap peers, then start the mDNS thread (last: an exception
@@ -86,6 +88,8 @@ class DiscoveryActor(GuardedActor):
             log.debug("mDNS thread still busy in zeroconf at stop; leaving it to finish on its own")
 
     def handle(self, message: Any) -> None:
+        if isinstance(message, _Found) and message.signed_ms:
+            self._signed_ms[message.node_id] = message.signed_ms
         if isinstance(message, _Found) and self._found.get(message.node_id) != message.endpoint:
             log.info("mDNS: found node %s at %s", message.node_id, message.endpoint)
             old = self._found.get(message.node_id)
@@ -96,23 +100,34 @@ class DiscoveryActor(GuardedActor):
 
     def status(self) -> dict:
         return {"bootstrap": list(self._bootstrap), "mdns": self._mdns,
-                "mdns_interfaces": list(self._interfaces), "mdns_found": dict(self._found)}
+                "mdns_interfaces": list(self._interfaces), "mdns_found": dict(self._found),
+                "mdns_signed_ms": dict(self._signed_ms)}
 
 
 class _MdnsWorker(threading.Thread):
-    """Owns the Zeroconf instance; registers us, resolves what the browser sees."""
+    """Owns the Zeroconf instance; registers us (re-signed every ``REFRESH_S``), resolves and
+    judges what the browser sees."""
 
     def __init__(self, actor: DiscoveryActor):
         super().__init__(name="mdns", daemon=True)
         self._a = actor
         self._ref = actor.actor_ref
-        self._q: queue.Queue[str | None] = queue.Queue()
+        self._stats = actor._stats
+        self._q: queue.Queue[str | None] = queue.Queue(MDNS_QUEUE_MAX)
+        self._queued: set[str] = set()  # names in _q: a busy service holds one place, not one per update
+        self._queued_lock = threading.Lock()  # _queued: zeroconf's loop thread adds, this thread removes
         self._stopping = threading.Event()
+        self._guard = announcement.ReplayGuard()
+        self._signed_ms = 0  # our latest announcement's time: each one is later (receivers refuse older)
+        self._logged: set[str] = set()  # ignore reasons already logged at info; later ones at debug
 
     def stop(self, timeout_s: float) -> bool:
         """Ask the thread to stop (any thread); False if it was still busy after ``timeout_s``."""
         self._stopping.set()
-        self._q.put(None)
+        try:
+            self._q.put_nowait(None)
+        except queue.Full:
+            pass  # then the thread is not waiting: it takes an item at once and sees _stopping
         self.join(timeout_s)
         return not self.is_alive()
 
@@ -129,23 +144,56 @@ class _MdnsWorker(threading.Thread):
             return
         info = browser = None
         try:
-            addrs = a._interfaces or _ipv4_addresses()
-            info = ServiceInfo(
-                SERVICE_TYPE, f"{a._node_id}.{SERVICE_TYPE}",
-                addresses=[socket.inet_aton(x) for x in addrs], port=a._port,
-                properties={"net": a._keys.network_id, "id": a._node_id, "role": a._role,
-                            "sig": sign(a._keys, a._node_id, a._port)})
+            every = a._interfaces or _ipv4_addresses()
+            addrs = announcement.fit_addresses(every)
+            if len(addrs) < len(set(every)):
+                log.warning("mDNS: announcing %s only: one TXT string holds no more addresses (--mdns-interface "
+                            "chooses)", ", ".join(addrs))
+            info = self._info(ServiceInfo, addrs)
             if self._stopping.is_set():
                 return
             zc.register_service(info)
             browser = ServiceBrowser(zc, SERVICE_TYPE, handlers=[self._on_change])
-            while (name := self._q.get()) is not None and not self._stopping.is_set():
-                self._resolve(zc, ServiceInfo, name)
+            refresh_at = time.monotonic() + announcement.REFRESH_S
+            while not self._stopping.is_set():
+                wait_s = refresh_at - time.monotonic()
+                if wait_s <= 0:  # checked between resolves too: a flood must not let us go stale
+                    info = self._refresh(zc, ServiceInfo, addrs, info)
+                    refresh_at = time.monotonic() + announcement.REFRESH_S
+                    continue
+                try:
+                    name = self._q.get(timeout=wait_s)
+                except queue.Empty:
+                    continue
+                if name is None or self._stopping.is_set():
+                    break
+                with self._queued_lock:
+                    self._queued.discard(name)  # before resolving: an update meanwhile queues it again
+                self._resolve(zc, name)
         except Exception:
             if not self._stopping.is_set():
                 log.exception("mDNS stopped")
         finally:
             self._close(zc, browser, info)
+
+    def _info(self, ServiceInfo: Any, addrs: list[str]) -> Any:
+        """Our announcement, freshly signed: the A records carry exactly the signed addresses."""
+        a = self._a
+        self._signed_ms = max(int(time.time() * 1000), self._signed_ms + 1)
+        props = announcement.properties(a._keys, a._node_id, a._role, a._port, addrs, self._signed_ms,
+                                        secrets.token_hex(8))
+        name = f"{a._node_id}.{SERVICE_TYPE}"  # the host name too (update_service needs it given)
+        return ServiceInfo(SERVICE_TYPE, name, server=name, parsed_addresses=addrs, port=a._port, properties=props)
+
+    def _refresh(self, zc: Any, ServiceInfo: Any, addrs: list[str], info: Any) -> Any:
+        """Re-sign and re-announce (new time and nonce) so that receivers never find us stale."""
+        new = self._info(ServiceInfo, addrs)
+        try:
+            zc.update_service(new)
+        except Exception as e:  # EventLoopBlocked on a loaded host; the next refresh tries again
+            self._stats.inc("mdns_refresh_failed")
+            log.warning("mDNS: re-announcing failed (%r); trying again in %.0f s", e, announcement.REFRESH_S)
+        return new
 
     @staticmethod
     def _close(zc: Any, browser: Any, info: Any) -> None:
@@ -161,25 +209,60 @@ class _MdnsWorker(threading.Thread):
             zc.close()
 
     def _on_change(self, zeroconf: Any, service_type: str, name: str, state_change: Any) -> None:
-        if state_change.name in ("Added", "Updated"):
-            self._q.put(name)
+        """Zeroconf's event-loop thread: queue the name, never block."""
+        if state_change.name not in ("Added", "Updated"):
+            return
+        with self._queued_lock:
+            if name in self._queued:
+                return
+            try:
+                self._q.put_nowait(name)
+            except queue.Full:
+                self._stats.inc("mdns_queue_dropped")
+                if "queue" not in self._logged:
+                    self._logged.add("queue")
+                    log.warning("mDNS: more than %d services waiting to be resolved; dropping (counted as "
+                                "mdns_queue_dropped)", MDNS_QUEUE_MAX)
+                return
+            self._queued.add(name)
 
-    def _resolve(self, zc: Any, ServiceInfo: Any, name: str) -> None:
+    def _resolve(self, zc: Any, name: str) -> None:
         info = zc.get_service_info(SERVICE_TYPE, name, timeout=RESOLVE_TIMEOUT_MS)
         if info is None:
             return
-        props = {k.decode(errors="replace"): (v or b"").decode(errors="replace") for k, v in info.properties.items()}
-        node_id = props.get("id", "")
-        keys = self._a._keys
-        if props.get("net") != keys.network_id or not hmac.compare_digest(
-                props.get("sig", ""), sign(keys, node_id, info.port or 0)):
-            self._a._stats.inc("mdns_ignored")
+        a = self._a
+        now_s = time.time()
+        v = announcement.verify(a._keys, info.properties or {}, info.port or 0, info.parsed_addresses(), now_s)
+        if isinstance(v, announcement.Announcement) and v.node_id == a._node_id:
+            return  # our own, heard back
+        if isinstance(v, announcement.Announcement):
+            seen = self._guard.check(v, now_s)
+            if seen == announcement.REPLAYED:
+                v = announcement.Ignored(announcement.REPLAYED, v.node_id, f"signed at {v.t_ms} ms, "
+                                         "not the latest seen from that node")
+            elif seen == "repeat":
+                return  # zeroconf's re-announcements and caches: already told
+        if isinstance(v, announcement.Ignored):
+            self._ignore(name, v)
             return
-        if node_id == self._a._node_id:
-            return
-        addrs = info.parsed_addresses()
-        if addrs:
-            tell(self._ref, _Found(node_id, f"tcp://{addrs[0]}:{info.port}"))
+        if v.unsigned:  # the records mix in addresses the node never signed: they are not dialled
+            self._stats.inc("mdns_unsigned_addresses")
+            self._log_once("unsigned", "mDNS: %r resolved also to unsigned addresses %s (not dialled)", name,
+                           ", ".join(v.unsigned))
+        host = f"[{v.dial[0]}]" if ":" in v.dial[0] else v.dial[0]
+        tell(self._ref, _Found(v.node_id, f"tcp://{host}:{v.port}", v.t_ms))
+
+    def _ignore(self, name: str, why: announcement.Ignored) -> None:
+        self._stats.inc("mdns_ignored")
+        self._stats.inc(f"mdns_ignored_{why.reason}")
+        self._log_once(why.reason, "mDNS: ignored %r (%s%s%s); counted as mdns_ignored_%s", name, why.reason,
+                       f", node {why.node_id!r}" if why.node_id else "", f": {why.detail}" if why.detail else "",
+                       why.reason)
+
+    def _log_once(self, key: str, msg: str, *args: Any) -> None:
+        """Info the first time, debug after: what a stranger sends must not flood the log."""
+        log.log(logging.DEBUG if key in self._logged else logging.INFO, msg, *args)
+        self._logged.add(key)
 
 
 def _ipv4_addresses() -> list[str]:
