@@ -56,3 +56,117 @@ def test_rpc_listen_must_be_ipv4_and_loopback_is_one_rule():
         parse_rpc_listen("rpc.example:5")
     assert all(is_loopback(h) for h in ("127.0.0.1", "127.3.4.5", "localhost", "[::1]", "::1"))
     assert not any(is_loopback(h) for h in ("10.0.0.2", "0.0.0.0", "example.org", "[fe80::1]"))
+
+
+# --- secrets by file (--token-file, --api-key-file) ---
+
+def resolve_secrets(argv, env, opts=None):
+    from zswarm.config import HTTP_OPTIONS, apply_secret_files
+
+    opts = opts or NODE_OPTIONS + HTTP_OPTIONS
+    p = argparse.ArgumentParser()
+    add_options(p, opts)
+    ns = p.parse_args(argv)
+    cfg = resolve(ns, opts, env)
+    return cfg, apply_secret_files(ns, cfg, env)
+
+
+def secret_file(tmp_path, name, text, mode=0o600):
+    path = tmp_path / name
+    path.write_text(text)
+    path.chmod(mode)
+    return str(path)
+
+
+def test_the_token_comes_from_a_file_by_flag_or_env(tmp_path):
+    from zswarm.token import Token
+
+    tok = Token.generate().encode()
+    path = secret_file(tmp_path, "token", f"\n  {tok}\n")
+    for argv, env in ((["--token-file", path], {}), ([], {"ZSWARM_TOKEN_FILE": path})):
+        cfg, warnings = resolve_secrets(argv, env)
+        assert cfg["token"] == tok and path in cfg["token_source"] and warnings == []
+    # a flag beats the environment, whichever way each gives the token
+    other = Token.generate().encode()
+    cfg, warnings = resolve_secrets(["--token-file", path], {"ZSWARM_TOKEN": other})
+    assert cfg["token"] == tok
+    cfg, warnings = resolve_secrets(["--token", other], {"ZSWARM_TOKEN_FILE": path})
+    assert cfg["token"] == other and len(warnings) == 1  # the argv warning
+    cfg, warnings = resolve_secrets([], {"LOCALAI_P2P_TOKEN": other})
+    assert cfg["token"] == other and cfg["token_source"] == "LOCALAI_P2P_TOKEN" and warnings == []
+
+
+def test_a_token_file_that_cannot_be_used_is_one_line_naming_the_file_never_the_content(tmp_path):
+    bad = "zs1-not-really-a-token-SECRETISH"
+    cases = {
+        str(tmp_path / "missing"): "cannot read the token file",
+        secret_file(tmp_path, "empty", " \n\n"): "is empty",
+        secret_file(tmp_path, "bad", bad + "\n"): "holds no valid token",
+        str(tmp_path): "cannot read the token file",  # a directory
+    }
+    for path, words in cases.items():
+        with pytest.raises(ConfigError) as e:
+            resolve_secrets(["--token-file", path], {})
+        msg = str(e.value)
+        assert words in msg and path in msg and "\n" not in msg and bad not in msg, msg
+
+
+def test_the_token_is_given_one_way(tmp_path):
+    from zswarm.token import Token
+
+    tok = Token.generate().encode()
+    path = secret_file(tmp_path, "token", tok)
+    with pytest.raises(ConfigError, match="--token and --token-file both give the token"):
+        resolve_secrets(["--token", tok, "--token-file", path], {})
+    with pytest.raises(ConfigError, match="TOKEN and ZSWARM_TOKEN_FILE both give the token"):
+        resolve_secrets([], {"TOKEN": tok, "ZSWARM_TOKEN_FILE": path})
+
+
+def test_warnings_for_a_file_open_to_others_and_a_secret_in_argv(tmp_path):
+    from zswarm.token import Token
+
+    tok = Token.generate().encode()
+    path = secret_file(tmp_path, "token", tok, mode=0o644)
+    cfg, warnings = resolve_secrets(["--token-file", path], {})
+    assert len(warnings) == 1 and "open to other users (mode 0644)" in warnings[0]
+    assert f"chmod 600 {path}" in warnings[0]
+    cfg, warnings = resolve_secrets(["--token", tok], {})
+    assert len(warnings) == 1 and "process list" in warnings[0] and "ZSWARM_TOKEN" in warnings[0]
+    assert "--token-file" in warnings[0] and tok not in warnings[0]
+    cfg, warnings = resolve_secrets(["--api-key", "k1"], {})
+    assert len(warnings) == 1 and "--api-key" in warnings[0] and "k1" not in warnings[0]
+
+
+def test_api_keys_from_a_file_join_those_given_otherwise(tmp_path):
+    path = secret_file(tmp_path, "keys", "# the API keys\n\nk-one\n   k-two  \n# k-old\nk-one\n")
+    cfg, warnings = resolve_secrets(["--api-key-file", path], {})
+    assert cfg["api_keys"] == ["k-one", "k-two"] and warnings == []
+    cfg, _ = resolve_secrets([], {"ZSWARM_API_KEY_FILE": path, "ZSWARM_API_KEYS": "k-env"})
+    assert cfg["api_keys"] == ["k-env", "k-one", "k-two"]
+    for text, words in (("# nothing\n\n", "holds no key"), ("ok\nk with space\n", "line 2"),
+                        ("a,b\n", "line 1")):
+        with pytest.raises(ConfigError, match=words) as e:
+            resolve_secrets(["--api-key-file", secret_file(tmp_path, "k", text)], {})
+        assert "k with space" not in str(e.value) and "a,b" not in str(e.value)
+    with pytest.raises(ConfigError, match="cannot read the API key file"):
+        resolve_secrets(["--api-key-file", str(tmp_path / "nope")], {})
+
+
+def test_every_variable_of_a_secret_option_is_stripped_from_children():
+    from zswarm.config import ALL_OPTIONS, SECRET_ENVS
+
+    names = {"ZSWARM_TOKEN", "LOCALAI_P2P_TOKEN", "P2P_TOKEN", "TOKEN", "ZSWARM_TOKEN_FILE",
+             "ZSWARM_API_KEYS", "LOCALAI_API_KEY", "API_KEY", "ZSWARM_API_KEY_FILE"}
+    assert names <= SECRET_ENVS
+    assert {o.dest for o in ALL_OPTIONS if o.secret} == {"token", "token_file", "api_keys", "api_key_file"}
+    assert "ZSWARM_STATE_DIR" not in SECRET_ENVS and "ZSWARM_ADDRESS" not in SECRET_ENVS
+
+
+def test_children_inherit_the_environment_less_the_secrets(monkeypatch):
+    from zswarm.actors.supervisor import inherited_env
+
+    monkeypatch.setenv("P2P_TOKEN", "t")
+    monkeypatch.setenv("API_KEY", "k")
+    monkeypatch.setenv("ZSWARM_LOG_LEVEL", "debug")
+    env = inherited_env()
+    assert "P2P_TOKEN" not in env and "API_KEY" not in env and env["ZSWARM_LOG_LEVEL"] == "debug"

@@ -16,10 +16,10 @@ pytestmark = pytest.mark.slow
 
 
 def run_worker(token: str, state_dir, timeout_s: float = 30) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "zswarm", "worker", "--token", token, "--no-mdns",
+    return subprocess.run([sys.executable, "-m", "zswarm", "worker", "--no-mdns",
                            "--p2p-listen", f"127.0.0.1:{free_port(span=2)}", "--state-dir", str(state_dir)],
                           capture_output=True, text=True, timeout=timeout_s, cwd=REPO,
-                          env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
+                          env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "ZSWARM_TOKEN": token})
 
 
 def test_a_second_node_on_a_running_nodes_state_dir_is_refused_and_the_first_keeps_working(cluster, token):
@@ -47,7 +47,7 @@ def test_a_state_dir_that_is_a_file_or_read_only_is_one_line_of_error(tmp_path, 
     ro = tmp_path / "ro"
     ro.mkdir()
     script = (f"mount --bind {ro} {ro} && mount -o remount,bind,ro {ro} && "
-              f"PYTHONPATH={REPO} {sys.executable} -m zswarm worker --token {token} --no-mdns "
+              f"ZSWARM_TOKEN={token} PYTHONPATH={REPO} {sys.executable} -m zswarm worker --no-mdns "
               f"--p2p-listen 127.0.0.1:{free_port(span=2)} --state-dir {ro}/state")
     r = subprocess.run(["unshare", "--mount", "sh", "-c", script], capture_output=True, text=True, timeout=30)
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr

@@ -14,7 +14,8 @@ from typing import Any
 
 from . import __version__
 from .config import (HTTP_OPTIONS, NODE_OPTIONS, SERVE_OPTIONS, SERVER_OPTIONS, SHARD_OPTIONS, WORKER_OPTIONS,
-                     ConfigError, add_options, default_state_dir, hostname, is_loopback, resolve)
+                     ConfigError, add_options, apply_secret_files, default_state_dir, hostname, is_loopback,
+                     resolve)
 from .token import Token, TokenError
 
 ROLES = {
@@ -114,10 +115,12 @@ def cmd_token(args: argparse.Namespace) -> int:
     return 0
 
 
-def _resolve(args: argparse.Namespace, role: str) -> dict[str, Any]:
-    """The settings of ``role`` from flags, environment and defaults; a bad value is one line."""
+def _resolve(args: argparse.Namespace, role: str) -> tuple[dict[str, Any], list[str]]:
+    """The settings of ``role`` from flags, environment, files and defaults, and the warnings to
+    show about them; a bad value is one line."""
     try:
-        return resolve(args, role_options(role))
+        cfg = resolve(args, role_options(role))
+        return cfg, apply_secret_files(args, cfg)
     except ConfigError as e:
         raise UserError(str(e)) from None
 
@@ -126,7 +129,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     from .doctor import FAIL, as_json, run_checks
 
     role = args.doctor_role
-    cfg = _resolve(args, role)
+    cfg, _ = _resolve(args, role)
     checks = run_checks(role, cfg)
     if args.json:
         print(json.dumps(as_json(checks)))
@@ -180,7 +183,7 @@ def cmd_node(args: argparse.Namespace) -> int:
     from .node import HttpSettings, NodeSettings, ServeSettings, WorkerSettings, run
 
     role = args.command
-    cfg = _resolve(args, role)
+    cfg, warnings = _resolve(args, role)
     _setup_logging(cfg["log_level"])
     generated = False
     token = None
@@ -188,14 +191,16 @@ def cmd_node(args: argparse.Namespace) -> int:
         try:
             token = Token.parse(cfg["token"])
         except TokenError as e:
-            raise UserError(f"--token: {e}") from None
+            raise UserError(f"{cfg['token_source']}: {e}") from None
     elif role == "server" and cfg["p2p"]:
         token, generated = Token.generate(), True
     elif role == "worker" and cfg["no_p2p"]:
         pass  # static mode: no cluster
     elif role != "server":
-        raise UserError(f"zswarm {role} needs a cluster token: --token or ZSWARM_TOKEN "
+        raise UserError(f"zswarm {role} needs a cluster token: ZSWARM_TOKEN, --token-file or --token "
                         "(make one with `zswarm token new`)")
+    for w in warnings:  # once the settings are known good: a mistake stays one line of error
+        logging.getLogger("zswarm.cli").warning("%s", w)
     serve = http = None
     if role == "server":
         serve = ServeSettings(model=cfg["model"], ctx_size=cfg["ctx_size"], threads=cfg["threads"],
@@ -224,10 +229,12 @@ def cmd_node(args: argparse.Namespace) -> int:
     ready = None
     if generated:
         t = token.encode()
+        # The token goes in the environment, not the command line, where every local user could read it.
         ready = ("zswarm: generated a new cluster token; join this cluster with:\n"
-                 f"  zswarm worker --token {t} --bootstrap {{gossip_hostport}}\n"
-                 f"  zswarm server --p2p --federated --token {t} --bootstrap {{gossip_hostport}}\n"
-                 f"  zswarm federated --token {t} --bootstrap {{gossip_hostport}}")
+                 f"  ZSWARM_TOKEN={t} zswarm worker --bootstrap {{gossip_hostport}}\n"
+                 f"  ZSWARM_TOKEN={t} zswarm server --p2p --federated --bootstrap {{gossip_hostport}}\n"
+                 f"  ZSWARM_TOKEN={t} zswarm federated --bootstrap {{gossip_hostport}}\n"
+                 "(or write the token to a file of mode 0600 and give it with --token-file FILE)")
     return run(settings, ready)
 
 

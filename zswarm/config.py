@@ -16,7 +16,7 @@ import socket
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from .token import TokenError, validate_endpoint
+from .token import Token, TokenError, validate_endpoint
 
 
 class ConfigError(ValueError):
@@ -70,6 +70,9 @@ class Opt:
     parse: Callable[[str], Any] | None = str  # None: a switch (store_true)
     metavar: str | None = None
     extra: dict = field(default_factory=dict)
+    # The value, or the file it names, gives access to the cluster or the API: no child process
+    # inherits any of its variables (SECRET_ENVS; apply_secret_files warns of one in argv).
+    secret: bool = False
 
     @property
     def is_switch(self) -> bool:
@@ -113,7 +116,11 @@ def parse_seconds_or_off(text: str) -> float:
 
 NODE_OPTIONS: list[Opt] = [
     Opt("token", ("--token",), ("ZSWARM_TOKEN", "LOCALAI_P2P_TOKEN", "P2P_TOKEN", "TOKEN"), None,
-        "cluster token (`zswarm token new` makes one); never logged", metavar="TOKEN"),
+        "cluster token (`zswarm token new` makes one); never logged. On the command line every local "
+        "user can read it (ps): prefer ZSWARM_TOKEN or --token-file", metavar="TOKEN", secret=True),
+    Opt("token_file", ("--token-file",), ("ZSWARM_TOKEN_FILE",), None,
+        "read the cluster token from this file (keep it mode 0600); instead of --token",
+        metavar="PATH", secret=True),
     Opt("state_dir", ("--state-dir",), ("ZSWARM_STATE_DIR",), None,
         "where the node keeps its id and admin socket (default: ~/.local/state/zswarm/ROLE)", metavar="DIR"),
     Opt("p2p_listen", ("--p2p-listen",), ("ZSWARM_P2P_LISTEN", "LOCALAI_P2P_LISTEN_MADDRS"),
@@ -246,7 +253,10 @@ HTTP_OPTIONS: list[Opt] = [
         "where the OpenAI API listens", parse=parse_hostport, metavar="HOST:PORT"),
     Opt("api_keys", ("--api-key",), ("ZSWARM_API_KEYS", "LOCALAI_API_KEY", "API_KEY"), [],
         "require one of these keys (Authorization: Bearer KEY); repeat or comma-separate for several",
-        parse=parse_list, metavar="KEY", extra={"action": "append"}),
+        parse=parse_list, metavar="KEY", extra={"action": "append"}, secret=True),
+    Opt("api_key_file", ("--api-key-file",), ("ZSWARM_API_KEY_FILE",), None,
+        "also accept the keys in this file: one a line, blank lines and # comments ignored (keep it "
+        "mode 0600)", metavar="PATH", secret=True),
     Opt("policy", ("--policy",), ("ZSWARM_POLICY",), "p2c",
         "how to pick a node: p2c (least in flight of two random nodes), least-busy, round-robin, random",
         metavar="POLICY", extra={"choices": ["p2c", "least-busy", "round-robin", "random"]}),
@@ -258,6 +268,15 @@ HTTP_OPTIONS: list[Opt] = [
         "seconds a request may take, queueing included, before the client gets 504 (a request may "
         "ask for another with the X-Zswarm-Timeout header)", parse=parse_seconds, metavar="SECONDS"),
 ]
+
+
+ALL_OPTIONS: list[Opt] = (NODE_OPTIONS + SERVER_OPTIONS + SERVE_OPTIONS + SHARD_OPTIONS + WORKER_OPTIONS
+                           + HTTP_OPTIONS)
+
+# Every variable that can carry the token or an API key (or name a file of them): stripped from
+# the environment every child inherits (actors/supervisor.py). Derived from the declarations
+# above, so a new alias of a secret option is stripped too.
+SECRET_ENVS: frozenset[str] = frozenset(e for o in ALL_OPTIONS if o.secret for e in o.envs)
 
 
 def add_options(parser: argparse.ArgumentParser, opts: list[Opt]) -> None:
@@ -300,3 +319,113 @@ def resolve(ns: argparse.Namespace, opts: list[Opt], environ: dict[str, str] | N
 
 def hostname() -> str:
     return socket.gethostname() or "node"
+
+
+# --- secrets given by file -------------------------------------------------------------------
+
+# A token is under 100 bytes and a key file a few lines: reading more than this means the path
+# names something else (a device such as /dev/zero, a log file), not a forgotten long key.
+MAX_SECRET_FILE_BYTES = 64 * 1024
+_KEY_CHARS = re.compile(r"^[^\s,]+$")  # the HTTP child gets the keys comma-separated
+
+
+def read_secret_file(path: str, what: str) -> str:
+    """The text of ``path``; ConfigError (one line, naming the file, never its content) if it
+    cannot be read or holds nothing."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_SECRET_FILE_BYTES + 1)
+    except OSError as e:
+        raise ConfigError(f"cannot read the {what} file {path}: {e.strerror or e}") from None
+    if len(data) > MAX_SECRET_FILE_BYTES:
+        raise ConfigError(f"the {what} file {path} is over {MAX_SECRET_FILE_BYTES // 1024} KiB: "
+                          "is it the right file?")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"the {what} file {path} is not text") from None
+    return text
+
+
+def parse_token_file(path: str) -> str:
+    """The token text in ``path``: the whole file, surrounding whitespace stripped."""
+    text = read_secret_file(path, "token").strip()
+    if not text:
+        raise ConfigError(f"the token file {path} is empty")
+    try:
+        Token.parse(text)
+    except TokenError as e:
+        raise ConfigError(f"the token file {path} holds no valid token: {e}") from None
+    return text
+
+
+def parse_api_key_file(path: str) -> list[str]:
+    """The keys in ``path``: one a line; blank lines and lines starting with # are skipped."""
+    keys = []
+    for n, line in enumerate(read_secret_file(path, "API key").splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if not _KEY_CHARS.match(line):  # never show the line: it may be a key with a typo
+            raise ConfigError(f"the API key file {path}, line {n}: a key has no spaces or commas")
+        keys.append(line)
+    if not keys:
+        raise ConfigError(f"the API key file {path} holds no key")
+    return keys
+
+
+def open_to_others(path: str) -> str:
+    """A warning if other users than the owner may read or change ``path``; "" if not."""
+    try:
+        mode = os.stat(path).st_mode & 0o777
+    except OSError:
+        return ""
+    if not mode & 0o077:
+        return ""
+    return f"{path} is open to other users (mode {mode:04o}): chmod 600 {path}"
+
+
+def _given(ns: argparse.Namespace, o: Opt, environ: dict[str, str]) -> str | None:
+    """Where option ``o`` was given: its flag, the first of its variables that is set, or None."""
+    if getattr(ns, o.dest, None) is not None:
+        return o.flags[0]
+    return next((e for e in o.envs if environ.get(e, "") != ""), None)
+
+
+def _opt(dest: str) -> Opt:
+    return next(o for o in ALL_OPTIONS if o.dest == dest)
+
+
+def apply_secret_files(ns: argparse.Namespace, cfg: dict[str, Any],
+                       environ: dict[str, str] | None = None) -> list[str]:
+    """Complete ``cfg`` (from :func:`resolve`) with the token and API keys given by file, and set
+    ``cfg["token_source"]`` (what the token came from, for error lines). Returns the warnings to
+    show (a file open to other users, a secret on the command line). Raises ConfigError.
+
+    The token is given one way: --token and --token-file together, or ZSWARM_TOKEN (or an
+    alias) and ZSWARM_TOKEN_FILE together, are an error; a flag beats the environment, as for
+    every option. The keys of --api-key-file are added to those of --api-key."""
+    environ = os.environ if environ is None else environ
+    warnings: list[str] = []
+    if "token" in cfg:
+        by_value, by_file = _given(ns, _opt("token"), environ), _given(ns, _opt("token_file"), environ)
+        if by_value and by_file and by_value.startswith("--") == by_file.startswith("--"):
+            raise ConfigError(f"{by_value} and {by_file} both give the token: give it one way")
+        cfg["token_source"] = by_value or by_file or "--token"
+        if by_file and (not by_value or by_file.startswith("--")):
+            path = cfg["token_file"]
+            cfg["token"], cfg["token_source"] = parse_token_file(path), f"{by_file} {path}"
+            if w := open_to_others(path):
+                warnings.append(f"the token file {w}")
+        elif by_value == "--token":
+            warnings.append("the token given with --token is visible to every local user in the process "
+                            "list (ps, /proc/PID/cmdline): set ZSWARM_TOKEN or use --token-file instead")
+    if cfg.get("api_key_file"):
+        path = cfg["api_key_file"]
+        cfg["api_keys"] = list(dict.fromkeys([*cfg.get("api_keys", []), *parse_api_key_file(path)]))
+        if w := open_to_others(path):
+            warnings.append(f"the API key file {w}")
+    if getattr(ns, "api_keys", None) is not None:
+        warnings.append("API keys given with --api-key are visible to every local user in the process "
+                        "list (ps, /proc/PID/cmdline): set ZSWARM_API_KEYS or use --api-key-file instead")
+    return warnings

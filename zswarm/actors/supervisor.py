@@ -37,6 +37,9 @@ a crash; ``on_down`` is called at once, so the requests it held end or retry els
 A child loading a model keeps beating (the beat has a thread of its own, and model code releases
 the GIL), so a slow load is never taken for a hang.
 
+A child inherits the node's environment less every variable that can carry the cluster token
+or an API key (:func:`inherited_env`): it must never hold them, and none of its arguments do.
+
 The ``on_*`` callbacks of a :class:`ChildSpec` are the node's code: one that raises is logged
 and counted, and the child's supervision goes on (its restart must still happen). When the
 supervisor itself dies, its ``release`` stops every child rather than leave them running
@@ -57,6 +60,7 @@ from typing import Any, Callable
 
 import pykka
 
+from ..config import SECRET_ENVS
 from ..engine import fault
 from ..engine.child import BEAT_ENV, EX_CONFIG
 from .base import GuardedActor, Watch
@@ -223,7 +227,7 @@ class SupervisorActor(GuardedActor):
         c.generation += 1
         c.state = "starting"
         c.stage, c.fault, c.hung, c.down_told = "", None, "", False
-        env = {**os.environ, **c.spec.env, "ZSWARM_PARENT_PID": str(os.getpid())}
+        env = {**inherited_env(), **c.spec.env, "ZSWARM_PARENT_PID": str(os.getpid())}
         if c.spec.beats:
             env[BEAT_ENV] = str(BEAT_S)
         argv = c.spec.argv() if callable(c.spec.argv) else c.spec.argv
@@ -477,6 +481,13 @@ def explain(name: str, rc: int, stage: str, report: dict | None, last_words: str
     if sig in ("SIGSEGV", "SIGBUS", "SIGFPE", "SIGABRT"):
         return f"{head}: llama.cpp crashed; `zswarm doctor` checks the build and the model"
     return head
+
+
+def inherited_env() -> dict[str, str]:
+    """The node's environment less every variable that can carry the token or an API key
+    (config.SECRET_ENVS): a child never needs them, and a bug in llama.cpp's RPC server must not
+    hand them over. What a child does need, the node gives it in its spec's ``env``."""
+    return {k: v for k, v in os.environ.items() if k not in SECRET_ENVS}
 
 
 def _watch(ref: pykka.ActorRef, spec: ChildSpec, proc: subprocess.Popen, generation: int,
