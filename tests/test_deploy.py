@@ -5,8 +5,8 @@
 - ``systemd-analyze verify`` passes on the units, and their exposure stays low;
 - deploy/site.yml, run for real against this machine (``connection: local``, everything under a
   temporary prefix, nodes started directly since systemd is not PID 1 here), brings up a server
-  and two workers on one host that form a cluster and answer a chat completion; a second run
-  changes nothing; rolling-restart.yml brings every node back; stop.yml leaves nothing running;
+  and two workers on one host that form a cluster and answer a chat completion with the API key
+  the role made (and refuse one without it); a second run changes nothing and keeps the key; rolling-restart.yml brings every node back; stop.yml leaves nothing running;
 - three network namespaces on one bridge act as three hosts: a server, a federated entry point
   and a worker find each other (by mDNS across the bridge, and by bootstrap), and a completion
   sent to the entry point from the worker's host is answered by the server's host.
@@ -238,8 +238,8 @@ def engine_ready(d: Deployment) -> bool:
     return bool(status) and any(MODEL in r["models"] for r in status["gateway"]["routes"])
 
 
-def chat(port: int) -> tuple[str, str]:
-    api = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=120)
+def chat(port: int, key: str) -> tuple[str, str]:
+    api = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=key, max_retries=0, timeout=120)
     raw = api.chat.completions.with_raw_response.create(model=MODEL, messages=MESSAGES, temperature=0, max_tokens=12)
     return raw.headers["x-zswarm-node"], raw.parse().choices[0].message.content
 
@@ -259,20 +259,27 @@ def test_site_yml_deploys_a_cluster_on_this_machine_and_a_second_run_changes_not
         env_file = prefix / "etc" / "zswarm" / "zswarm.env"
         assert env_file.stat().st_mode & 0o777 == 0o600
         assert re.search(r"^ZSWARM_TOKEN=zs1\S+$", env_file.read_text(), re.M)
+        # no zswarm_api_keys in the inventory: the first server made one, kept beside the token
+        keys = re.findall(r"^ZSWARM_API_KEYS=(zsk-[A-Za-z0-9_-]{40,})$", env_file.read_text(), re.M)
+        assert len(keys) == 1, "no generated API key in zswarm.env"
+        key = keys[0]
         for unit in ("zswarm-server.service", "zswarm-federated.service", "zswarm-worker@.service"):
             installed = (prefix / "etc" / "systemd" / "system" / unit).read_text()
             assert f"ExecStart={d.venv}/bin/zswarm " in installed
         wait_for(lambda: cluster_formed(d), 30, 0.5, what="the server and both workers to see each other alive")
         wait_for(lambda: engine_ready(d), 60, 0.5, what="the server's engine")
         server_id = d.admin("server", "status")["id"]
-        node, content = chat(d.http_port)
+        node, content = chat(d.http_port, key)
         assert node == server_id and content
+        with pytest.raises(openai.AuthenticationError):  # the API is not open
+            chat(d.http_port, "none")
 
         before = d.pids()
         second = d.play("site.yml", timeout_s=300)
         timings["second run"] = second["seconds"]
         assert second["changed"] == 0, second["stdout"][-4000:]
         assert d.pids() == before, "a second run must not restart anything"
+        assert f"ZSWARM_API_KEYS={key}\n" in env_file.read_text(), "the second run must keep the key"
 
         restart = d.play("rolling-restart.yml", timeout_s=300)
         timings["rolling restart"] = restart["seconds"]
@@ -281,7 +288,7 @@ def test_site_yml_deploys_a_cluster_on_this_machine_and_a_second_run_changes_not
         assert d.admin("server", "status")["id"] == server_id  # the same node, restarted
         wait_for(lambda: cluster_formed(d), 30, 0.5, what="the cluster to form again after the rolling restart")
         wait_for(lambda: engine_ready(d), 60, 0.5, what="the server's engine after the restart")
-        assert chat(d.http_port)[0] == server_id
+        assert chat(d.http_port, key)[0] == server_id
 
         stop = d.play("stop.yml", timeout_s=300)
         timings["stop"] = stop["seconds"]

@@ -119,9 +119,14 @@ def test_api_p2p_routes():
         "entry", "worker-01", "server-02"}
     r = c.simulate_get("/api/p2p/stats")
     assert r.json["workers"] == {"online": 1, "total": 1} and r.json["all"] == {"online": 3, "total": 3}
-    r = c.simulate_get("/api/p2p/token")
+    r = c.simulate_get("/api/p2p/token", host="127.0.0.1:8080", remote_addr="127.0.0.1")  # this machine
     assert r.status_code == 200 and r.text == "zs1FAKETOKEN"
     assert r.headers["content-type"].startswith("text/plain")
+    # without keys, nobody else: another machine, or a foreign Host (DNS rebinding)
+    for host, remote in (("127.0.0.1", "192.0.2.7"), ("attacker.example", "127.0.0.1"), ("127.0.0.1", None)):
+        r = c.simulate_get("/api/p2p/token", host=host, remote_addr=remote)
+        assert r.status_code == 403 and "zswarm admin token" in r.json["error"]["message"], (host, remote)
+        assert "zs1FAKETOKEN" not in r.text
 
 
 def test_token_needs_an_api_key_when_keys_are_set():
@@ -145,7 +150,7 @@ def test_cluster_unavailable_is_503_never_500():
     fake.down = True
     c = client(fake)
     for path in ("/api/p2p", "/api/p2p/stats", "/api/p2p/token"):
-        r = c.simulate_get(path)
+        r = c.simulate_get(path, host="127.0.0.1", remote_addr="127.0.0.1")
         assert r.status_code == 503, path
         assert r.json["error"]["code"] == "node_unavailable"
     c = falcon.testing.TestClient(create_app(FakeBackend()))  # no ZSWARM_STATE_DIR at all
@@ -156,17 +161,21 @@ def test_cluster_unavailable_is_503_never_500():
 def test_gunicorn_factory_reads_the_state_dir(tmp_path):
     from zswarm.http.wsgi import app_factory
 
-    env = {"ZSWARM_NODE_ENDPOINT": f"ipc://{tmp_path}/gateway.sock", "ZSWARM_STATE_DIR": str(tmp_path)}
-    c = falcon.testing.TestClient(app_factory(env))
-    r = c.simulate_get("/api/p2p")  # no node runs there: a clear 503 naming the directory
-    assert r.status_code == 503 and str(tmp_path) in r.json["error"]["message"]
+    from zswarm.http.wsgi import ConfigError
+
+    env = {"ZSWARM_NODE_ENDPOINT": f"ipc://{tmp_path}/gateway.sock", "ZSWARM_STATE_DIR": str(tmp_path),
+           "ZSWARM_KEYS_WAIT_S": "0.3"}
+    # no node runs there: the API keys cannot be read, so no server starts (never an open API)
+    with pytest.raises(ConfigError, match=str(tmp_path)):
+        app_factory(env)
     del env["ZSWARM_STATE_DIR"]
-    r = falcon.testing.TestClient(app_factory(env)).simulate_get("/api/p2p/token")
+    r = falcon.testing.TestClient(app_factory(env)).simulate_get("/api/p2p/token", host="localhost",
+                                                                  remote_addr="127.0.0.1")
     assert r.status_code == 503 and "ZSWARM_STATE_DIR" in r.json["error"]["message"]
 
 
 def test_no_cluster_token_is_404():
-    r = client(FakeCluster(token="")).simulate_get("/api/p2p/token")
+    r = client(FakeCluster(token="")).simulate_get("/api/p2p/token", host="localhost", remote_addr="::1")
     assert r.status_code == 404 and r.json["error"]["code"] == "no_cluster"
 
 
@@ -370,7 +379,8 @@ def test_real_cluster_page_shows_both_nodes_and_copies_the_token(real, browser):
     gossip = s1.admin("status")["endpoints"]["gossip"][len("tcp://"):]
     page.click("button[data-copy=cmd-worker]")
     wait_js(page, "navigator.clipboard.readText().then(t => t.includes('worker'))", 2)
-    assert page.evaluate("navigator.clipboard.readText()") == f"zswarm worker --token {token} --bootstrap {gossip}"
+    # the token goes in the environment, never in argv
+    assert page.evaluate("navigator.clipboard.readText()") == f"ZSWARM_TOKEN={token} zswarm worker --bootstrap {gossip}"
 
     # requests served show up within the refresh time
     before = sum(int(r["served"]) for r in rows(page).values())
@@ -381,16 +391,16 @@ def test_real_cluster_page_shows_both_nodes_and_copies_the_token(real, browser):
     # a node started with the copied command (plus this test's isolation flags) joins, and the
     # table shows it within UPDATE_S of the node knowing it
     page.click("button[data-copy=cmd-balancer]")
-    wait_js(page, "navigator.clipboard.readText().then(t => t.startsWith('zswarm federated'))", 2)
+    wait_js(page, "navigator.clipboard.readText().then(t => t.includes('zswarm federated'))", 2)
     argv = shlex.split(page.evaluate("navigator.clipboard.readText()"))
-    assert argv[:2] == ["zswarm", "federated"] and argv[argv.index("--token") + 1] == token
+    assert argv[:3] == [f"ZSWARM_TOKEN={token}", "zswarm", "federated"] and "--token" not in argv
     port = free_port(span=2)
     entry_log = open(tmp / "copied.log", "ab")
-    proc = subprocess.Popen([sys.executable, "-m", "zswarm", *argv[1:], "--no-mdns", "--name", "copied",
+    proc = subprocess.Popen([sys.executable, "-m", "zswarm", *argv[2:], "--no-mdns", "--name", "copied",
                              "--state-dir", str(tmp / "copied"), "--p2p-listen", f"127.0.0.1:{port}",
                              "--address", f"127.0.0.1:{free_port()}"],
                             stdout=entry_log, stderr=subprocess.STDOUT, cwd=REPO,
-                            env={**os.environ, "PYTHONPATH": str(REPO)})
+                            env={**os.environ, "PYTHONPATH": str(REPO), "ZSWARM_TOKEN": argv[0].split("=", 1)[1]})
     try:
         wait_for(lambda: "copied" in s1.alive_peer_names(), 20, 0.05, what="s1 to know the copied node")
         seen_at = time.monotonic()

@@ -301,8 +301,10 @@ class Node:
                                       on_fatal=self._on_fatal, beats=True)
                             ).get(timeout=START_TIMEOUT_S)
         if s.http is not None:
+            # the keys go over the admin socket (wsgi.py asks), never in a child's environment
+            admin.proxy().set_api_keys(tuple(s.http.api_keys)).get(timeout=START_TIMEOUT_S)
             env = {"ZSWARM_NODE_ENDPOINT": self.state.endpoint("gateway"), "ZSWARM_ADDRESS": s.http.address,
-                   "ZSWARM_API_KEYS": ",".join(s.http.api_keys), "ZSWARM_NODE_NAME": s.name,
+                   "ZSWARM_NODE_NAME": s.name,
                    "ZSWARM_HTTP_WORKERS": str(s.http.workers), "ZSWARM_STATE_DIR": str(self.state.path),
                    "ZSWARM_REQUEST_TIMEOUT_S": str(s.http.request_timeout_s)}
             env["ZSWARM_HTTP_FD"] = str(self.http_sock.fileno())  # gunicorn binds fd://N (startup.py)

@@ -50,6 +50,7 @@ class AdminActor(GuardedActor):
                  gateway: Any = None, supervisor: Any = None, token: str = "", watch: Watch | None = None):
         super().__init__(watch)
         self._token = token  # the cluster token ("" outside any cluster); only cmd_token reveals it
+        self._api_keys: tuple[str, ...] = ()  # the HTTP API's keys; only cmd_api_keys reveals them
         self._own = own  # used when there is no ledger (a node outside any cluster)
         self._gateway = gateway
         self._supervisor = supervisor
@@ -170,6 +171,14 @@ class AdminActor(GuardedActor):
     def cmd_token(self) -> str:
         """The cluster token ("" when the node is in no cluster); the Swarm page shows it."""
         return self._token
+
+    def set_api_keys(self, keys: tuple[str, ...]) -> None:
+        """The node, before it starts its HTTP server: the keys that server must ask for."""
+        self._api_keys = tuple(keys)
+
+    def cmd_api_keys(self) -> list[str]:
+        """The HTTP API's keys; the node's HTTP server reads them here at start (never from its environment)."""
+        return list(self._api_keys)
 
     def cmd_peers(self) -> list[dict]:
         """Every peer this node knows, with its state (alive, suspect, dead)."""

@@ -21,6 +21,7 @@ import msgspec
 from .. import wire
 from . import schema
 from .backend import Backend, BackendUnavailable, Reply
+from .access import LoopbackHostOnly, bound_to_loopback
 from .cluster import NO_CLUSTER, ClusterSource, Nodes, TokenText
 from ..config import DEFAULT_REQUEST_TIMEOUT_S, ConfigError, parse_seconds
 from .errors import NODE_HEADER, RETRY_LATER, TIMEOUT_HEADER, ApiError, from_fail, handle_unexpected, serialize_error
@@ -40,7 +41,7 @@ PUBLIC_PREFIXES = ("/swarm/",)
 
 def create_app(backend: Backend, api_keys: Iterable[str] = (), node_name: str = "",
                max_body_bytes: int = MAX_BODY_BYTES, cluster: ClusterSource | None = None,
-               request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S) -> falcon.App:
+               request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S, bind_address: str | None = None) -> falcon.App:
     """The app for one node. ``node_name`` goes in ``X-Zswarm-Node`` when no node answered.
     ``request_timeout_s``: a completion's timeout unless its ``X-Zswarm-Timeout`` header asks
     for another; past it the client gets 504 and the node stops working on it.
@@ -48,9 +49,20 @@ def create_app(backend: Backend, api_keys: Iterable[str] = (), node_name: str = 
     ``cluster`` is the node's view of the cluster (the admin socket, see
     :class:`~zswarm.http.cluster.AdminCluster`); without it the ``/api/p2p`` routes answer 503
     and ``/metrics`` has only this process's HTTP series.
+
+    ``bind_address`` (``host:port``, the node's --address) is where the server listens: on a
+    loopback address every route refuses a foreign ``Host`` (access.py); elsewhere without API
+    keys, the Swarm page warns that the API is open to the network. None (an app built by a
+    test): neither. The token's own rule (API keys, else this machine only) holds either way.
     """
     keys = [k for k in api_keys if k]
-    app = falcon.App(middleware=[_NodeHeader(node_name)] + ([_ApiKeys(keys)] if keys else []))
+    loopback = bind_address is not None and bound_to_loopback(bind_address)
+    middleware: list[object] = [_NodeHeader(node_name)]
+    if loopback:
+        middleware.append(LoopbackHostOnly())
+    if keys:
+        middleware.append(_ApiKeys(keys))
+    app = falcon.App(middleware=middleware)
     app.set_error_serializer(serialize_error)
     app.add_error_handler(Exception, handle_unexpected)
     registry, metrics = make_registry(cluster)
@@ -65,10 +77,10 @@ def create_app(backend: Backend, api_keys: Iterable[str] = (), node_name: str = 
     app.add_route("/v1/models/{model_id}", _Models(backend), suffix="one")
     for path, kind in (("/v1/chat/completions", "chat"), ("/v1/completions", "completion")):
         app.add_route(path, _Completions(backend, kind, node_name, max_body_bytes, metrics, request_timeout_s))
-    nodes = Nodes(cluster or NO_CLUSTER)
+    nodes = Nodes(cluster or NO_CLUSTER, open_to_network=bind_address is not None and not loopback and not keys)
     app.add_route("/api/p2p", nodes)
     app.add_route("/api/p2p/stats", nodes, suffix="stats")
-    app.add_route("/api/p2p/token", TokenText(cluster or NO_CLUSTER))
+    app.add_route("/api/p2p/token", TokenText(cluster or NO_CLUSTER, keys_set=bool(keys)))
     return app
 
 
@@ -181,7 +193,11 @@ def _read_body(req: falcon.Request, limit: int) -> bytes:
         stream = req.stream  # chunked upload; the server (gunicorn) ends the stream at the last chunk
     else:
         stream = req.bounded_stream  # never reads past Content-Length (absent: nothing)
-    body = stream.read(limit + 1)
+    try:
+        body = stream.read(limit + 1)
+    except TimeoutError:  # the server's body deadline (zswarm/http/worker.py) passed
+        # (gunicorn then closes the connection: the rest of the body cannot be drained in time)
+        raise ApiError(408, "The request body did not arrive in time.", code="request_timeout") from None
     if len(body) > limit:
         raise ApiError(413, f"The request body is larger than {limit} bytes.")
     return body

@@ -1,6 +1,7 @@
 """What the HTTP app knows about the cluster: ``/api/p2p``, ``/api/p2p/stats``, ``/api/p2p/token``.
 
-The data comes from the node's admin socket (``status``, ``peers``, ``ledger``, ``token``), read
+The data comes from the node's admin socket (``status``, ``peers``, ``ledger``, ``token``; and,
+once per process, ``api_keys``, see :meth:`AdminCluster.api_keys`), read
 through :class:`AdminCluster`, which keeps one snapshot for ``ttl_s`` so that a page polling
 every second, a Prometheus scrape and a few API clients cost the node one round of admin calls,
 not one each. The shaping of that data into nodes by role is :func:`cluster_view`, a pure
@@ -33,6 +34,7 @@ import falcon
 import msgspec
 
 from ..sharding import claims_of_records, holders
+from .access import check_token_access
 from .errors import ApiError
 
 GROUPS = ("federated", "workers", "servers", "balancers")
@@ -106,6 +108,15 @@ class AdminCluster:
             token = self._call("token")
             self._token = token if isinstance(token, str) else ""
         return self._token
+
+    def api_keys(self) -> list[str]:
+        """The node's API keys (the app factory asks once): they reach the HTTP server over this
+        socket (mode 0600, the node's user only), never through its environment or argv, where
+        other processes could read them. Raises :class:`ClusterUnavailable`."""
+        keys = self._call("api_keys")
+        if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
+            raise ClusterUnavailable("the node's admin socket answered something unexpected for api_keys")
+        return [k for k in keys if k]
 
 
 # --- shaping (pure) ---
@@ -277,10 +288,13 @@ NO_CLUSTER = _NoCluster()
 
 
 class Nodes:
-    """GET /api/p2p and GET /api/p2p/stats."""
+    """GET /api/p2p and GET /api/p2p/stats. ``open_to_network``: this server listens on a
+    non-loopback address without API keys; ``node.open_to_network`` says so, for the page's
+    warning."""
 
-    def __init__(self, source: ClusterSource):
+    def __init__(self, source: ClusterSource, open_to_network: bool = False):
         self._source = source
+        self._open = open_to_network
 
     def _view(self) -> dict[str, Any]:
         try:
@@ -289,19 +303,25 @@ class Nodes:
             raise _unavailable(e) from None
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
-        _json(resp, self._view())
+        view = self._view()
+        view["node"]["open_to_network"] = self._open
+        _json(resp, view)
 
     def on_get_stats(self, req: falcon.Request, resp: falcon.Response) -> None:
         _json(resp, cluster_stats(self._view()))
 
 
 class TokenText:
-    """GET /api/p2p/token: the token as text/plain (the API-key middleware guards it like the rest)."""
+    """GET /api/p2p/token: the token as text/plain. With API keys (``keys_set``) the key check
+    guards it like the rest; without, only a client on this machine that named a loopback
+    ``Host`` gets it, anyone else a 403 saying how to get it (access.py)."""
 
-    def __init__(self, source: ClusterSource):
+    def __init__(self, source: ClusterSource, keys_set: bool = False):
         self._source = source
+        self._keys_set = keys_set
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        check_token_access(req, self._keys_set)
         try:
             token = self._source.token()
         except ClusterUnavailable as e:

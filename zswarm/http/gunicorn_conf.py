@@ -21,16 +21,35 @@ bind = ([f"fd://{os.environ['ZSWARM_HTTP_FD']}"] if os.environ.get("ZSWARM_HTTP_
 # while doing nothing but waiting on the node's socket, so threads, not processes, are the unit
 # of concurrency. The thread that answers a request also iterates its streamed body, which is
 # what lets each thread keep its own ZeroMQ socket to the node (and cancel on that socket).
-worker_class = "gthread"
+# zswarm's subclass of it (zswarm/http/worker.py) reads each request's header block in the
+# worker's main loop with a deadline (ZSWARM_HTTP_HEADER_TIMEOUT_S, 10 s) and gives a thread only
+# to a connection whose headers are all in, and it bounds the body read
+# (ZSWARM_HTTP_BODY_TIMEOUT_S, 30 s): slow clients cost a descriptor each, not a thread. Plain
+# gthread (gunicorn < 27, whose internals the subclass does not know) let 16 slow-header clients
+# stop /healthz for as long as they liked; figures in docs/RELIABILITY.md ("Slow HTTP clients").
+def _worker_class() -> str:
+    from gunicorn.workers import gthread
+
+    if hasattr(gthread.ThreadWorker, "murder_pending") and hasattr(gthread.ThreadWorker, "enqueue_req"):
+        return "zswarm.http.worker.HeaderFirstWorker"
+    return "gthread"
+
+
+worker_class = _worker_class()
 
 # One process by default (the node's --http-workers sets this). A second keeps the API up while
 # the first is recycled (max_requests below) and adds a GIL for JSON and SSE encoding; more buys
 # nothing, since generation happens in the node's engine, a handful of requests at a time.
 workers = int(os.environ.get("ZSWARM_HTTP_WORKERS", "1"))
 
-# Requests in flight per process: 16 concurrent streams, more than an engine has slots, so the
-# node's queue (which answers "overloaded" fairly) decides, not the HTTP layer.
-threads = int(os.environ.get("ZSWARM_HTTP_THREADS", "16"))
+# Requests in flight per process: 32, twice what an engine has slots for, so the node's queue
+# (which answers "overloaded" fairly) decides, not the HTTP layer, even while clients that send
+# their bodies slowly hold some threads (each for at most ZSWARM_HTTP_BODY_TIMEOUT_S).
+threads = int(os.environ.get("ZSWARM_HTTP_THREADS", "32"))
+
+# Connections per process, idle or reading their headers included (each a descriptor; the
+# worker stops accepting past it). gunicorn's default.
+worker_connections = 1000
 
 # With gthread this is NOT a per-request limit: the worker's main loop tells the master it is
 # alive every second whatever its threads are doing, so a ten-minute stream is never killed.
@@ -75,8 +94,12 @@ def on_starting(server) -> None:
     die_with_parent()
 
 
-def post_worker_init(worker) -> None:
-    """Runs in each worker after the fork: zswarm's own log lines go where gunicorn's errors go."""
+def post_fork(server, worker) -> None:
+    """Runs in each worker after the fork, before the app is made: zswarm's own log lines (the
+    app factory's included) go where gunicorn's errors go, and the factory learns whether it is
+    the first worker of this master (``worker.age`` counts the workers the master started), so a
+    warning at start is logged once, not once per worker (zswarm/http/wsgi.py)."""
+    os.environ["ZSWARM_HTTP_WORKER_AGE"] = str(worker.age)
     zlog = logging.getLogger("zswarm")
     zlog.handlers[:] = worker.log.error_log.handlers
     zlog.setLevel(worker.log.error_log.level)

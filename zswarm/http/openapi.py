@@ -105,7 +105,9 @@ _SCHEMAS: dict[str, Any] = {
     "Cluster": _obj({
         "node": _obj({"id": _STR, "name": _STR, "role": _STR, "network_id": _nullable(_STR),
                       "gossip": _nullable({"type": "string", "description": "HOST:PORT to pass as --bootstrap"}),
-                      "software": _STR}),
+                      "software": _STR,
+                      "open_to_network": {"type": "boolean", "description": "this server listens on a "
+                                          "non-loopback address without API keys (the Swarm page warns)"}}),
         "federated": {"type": "array", "items": _ref("Node"),
                       "description": "servers started with --p2p --federated"},
         "workers": {"type": "array", "items": _ref("Node"), "description": "zswarm worker nodes"},
@@ -244,7 +246,9 @@ _PATHS: dict[str, Any] = {
     "/api/p2p/token": _get("clusterToken", "The cluster token, as text", {
         "200": {"description": "The token", "content": {"text/plain": {"schema": {"type": "string",
                                                                                    "pattern": "^zs1"}}}},
-        **_401, "404": _error("The node is in no cluster"),
+        **_401, "403": _error("The node has no API keys and the request is not from this machine to a "
+                              "loopback address (get the token with `zswarm admin token`)"),
+        "404": _error("The node is in no cluster"),
         "503": _error("The node's admin socket did not answer")}, _GUARDED, "Cluster"),
 }
 

@@ -11,7 +11,7 @@
   const ROLE_LABEL = { federated: "federated", servers: "server", workers: "worker", balancers: "entry point" };
 
   const $ = (id) => document.getElementById(id);
-  const state = { data: null, token: null, tokenStatus: "", filter: "all", search: "", lastOk: 0, error: "" };
+  const state = { data: null, token: null, tokenStatus: "", tokenRefused: false, filter: "all", search: "", lastOk: 0, error: "" };
 
   function el(tag, cls, text) {
     const e = document.createElement(tag);
@@ -103,37 +103,45 @@
     const addr = state.data && state.data.node.gossip;
     $("token").textContent = token || (state.tokenStatus || "…");
     $("copy-token").disabled = !token;
+    // The token goes in the environment, never on the command line, where every local user
+    // of the other machine could read it (ps, /proc/PID/cmdline).
+    const env = "ZSWARM_TOKEN=" + token;
     const cmds = {
-      "cmd-worker": "zswarm worker --token " + token + " --bootstrap " + addr,
-      "cmd-federated": "zswarm server --p2p --federated --token " + token + " --bootstrap " + addr,
-      "cmd-balancer": "zswarm federated --token " + token + " --bootstrap " + addr,
+      "cmd-worker": env + " zswarm worker --bootstrap " + addr,
+      "cmd-federated": env + " zswarm server --p2p --federated --bootstrap " + addr,
+      "cmd-balancer": env + " zswarm federated --bootstrap " + addr,
     };
     const ready = Boolean(token && addr);
     for (const [id, text] of Object.entries(cmds)) {
-      if (ready) setCommand($(id), text, token);
-      else $(id).textContent = token === "" ? "—" : "…";
+      if (ready) setCommand($(id), text, env);
+      else $(id).textContent = token === "" ? "—" : (state.tokenRefused ? "the token is needed (see the token card)" : "…");
       document.querySelector('button[data-copy="' + id + '"]').disabled = !ready;
     }
     $("join-hint").textContent = token === ""
       ? "This node is in no cluster: start it with --p2p (a new token is made) or --token to build one."
-      : "Run one of these on another machine; it finds the rest of the cluster through this node (" + (addr || "…") + ").";
+      : state.tokenRefused
+        ? "Get the token with `zswarm admin token` on this node's machine, then run one of these on another machine with ZSWARM_TOKEN set to it."
+        : "Run one of these on another machine; it finds the rest of the cluster through this node (" + (addr || "…") + ").";
   }
 
   // Lines may wrap inside the token only, never inside a flag such as --bootstrap; the text
   // (what the copy button copies) stays exactly the command.
-  function setCommand(code, text, token) {
+  function setCommand(code, text, tokenPart) {
     const parts = text.split(" ");
     code.replaceChildren(...parts.flatMap((part, i) =>
-      [el("span", part === token ? "tok" : "nw", part)].concat(i < parts.length - 1 ? [document.createTextNode(" ")] : [])));
+      [el("span", part === tokenPart ? "tok" : "nw", part)].concat(i < parts.length - 1 ? [document.createTextNode(" ")] : [])));
   }
 
   async function loadToken() {
     try {
       state.token = (await get("/api/p2p/token", true)).trim();
       state.tokenStatus = "";
+      state.tokenRefused = false;
     } catch (e) {
       if (e instanceof NeedKey) throw e;
+      state.tokenRefused = e.status === 403;
       if (e.status === 404) { state.token = ""; state.tokenStatus = "This node is in no cluster."; }
+      else if (e.status === 403) { state.token = null; state.tokenStatus = e.message; }
       else { state.token = null; state.tokenStatus = "Not available: " + e.message; }
     }
     drawJoin();
@@ -152,6 +160,8 @@
     w.append(el("b", "", d.node.name || d.node.id), " · " + d.node.role);
     if (d.node.network_id) w.append(" · network " + d.node.network_id);
     if (d.node.gossip) w.append(" · " + d.node.gossip);
+    $("open-warning").hidden = !d.node.open_to_network;
+    $("open-address").textContent = location.host;
   }
 
   function drawStats(d) {
