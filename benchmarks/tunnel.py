@@ -8,6 +8,9 @@ change of machine load hits them all alike; the median round is reported):
 - *curve*: a bare CURVE PAIR pair (ZAP handler running), messages of ``--chunk-kib``.
 - *tunnel*: TCP -> TunnelEntry -> CURVE -> TunnelExit -> TCP, one connection.
 - *tunnel xN*: the same with ``--streams`` connections at once (aggregate).
+- *tunnel brokered*: the exit takes each connection from a connection broker over a Unix socket
+  pair, as a p2p worker's exit does (its RPC server listens in a network namespace of its own,
+  zswarm/engine/isolation.py; the broker runs in a thread here): the bytes take the same path.
 
 Each moves ``--mb`` MB one way (a sender writes ``--chunk-kib`` blocks, a sink counts them);
 the clock runs from the first write to the sink's last byte. "CPU" is the process's CPU time
@@ -43,6 +46,7 @@ import zmq
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import command_line, machine as common_machine, replace_in_doc  # noqa: E402
+from zswarm.engine.isolation import serve_connects  # noqa: E402
 from zswarm.token import Token  # noqa: E402
 from zswarm.transport import Stats, ZapHandler, curve_client, curve_server  # noqa: E402
 from zswarm.tunnel import TunnelEntry, TunnelExit  # noqa: E402
@@ -175,11 +179,16 @@ def run_pair(total: int, chunk: bytes, keys, curve: bool) -> float:
 class TunnelRig:
     """ZAP + exit (worker side) and entry (server side), each in its own context."""
 
-    def __init__(self, keys, target_port: int):
+    def __init__(self, keys, target_port: int, brokered: bool = False):
         self.worker_ctx, self.server_ctx, self.stats = zmq.Context(), zmq.Context(), Stats()
         self.zap = ZapHandler(self.worker_ctx, keys, self.stats)
         self.zap.start()
-        self.exit = TunnelExit(self.worker_ctx, keys, "127.0.0.1:0", ("127.0.0.1", target_port), self.stats)
+        broker = self.channel = None
+        if brokered:
+            broker, self.channel = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            serve_connects(self.channel, ("127.0.0.1", target_port))
+        self.exit = TunnelExit(self.worker_ctx, keys, "127.0.0.1:0", ("127.0.0.1", target_port), self.stats,
+                               broker=broker)
         self.exit.start()
         self.entry = TunnelEntry(self.server_ctx, keys, self.exit.endpoint, self.stats)
         self.entry.start()
@@ -189,14 +198,16 @@ class TunnelRig:
     def close(self) -> None:
         self.entry.stop()
         self.exit.stop()
+        if self.channel is not None:
+            self.channel.close()
         self.zap.stop()
         self.server_ctx.term()
         self.worker_ctx.term()
 
 
-def run_tunnel(total: int, chunk: bytes, keys, streams: int) -> float:
+def run_tunnel(total: int, chunk: bytes, keys, streams: int, brokered: bool = False) -> float:
     sink = Sink(total, streams)
-    rig = TunnelRig(keys, sink.port)
+    rig = TunnelRig(keys, sink.port, brokered)
     try:
         return tcp_transfer(rig.entry.local_port, total, chunk, streams, sink)
     finally:
@@ -238,9 +249,9 @@ def ping_pong(port: int, pings: int) -> list[float]:
     return rtts
 
 
-def latency(keys, pings: int, tunnel: bool) -> list[float]:
+def latency(keys, pings: int, tunnel: bool, brokered: bool = False) -> list[float]:
     lsock, t = echo_server()
-    rig = TunnelRig(keys, lsock.getsockname()[1]) if tunnel else None
+    rig = TunnelRig(keys, lsock.getsockname()[1], brokered) if tunnel else None
     try:
         return ping_pong(rig.entry.local_port if rig else lsock.getsockname()[1], pings)
     finally:
@@ -279,6 +290,7 @@ def main() -> int:
         "curve": lambda: run_pair(total, chunk, keys, curve=True),
         "tunnel": lambda: run_tunnel(total, chunk, keys, 1),
         f"tunnel x{args.streams}": lambda: run_tunnel(total, chunk, keys, args.streams),
+        "tunnel brokered": lambda: run_tunnel(total, chunk, keys, 1, brokered=True),
     }
     load = os.getloadavg()[0]
     rates: dict[str, list[float]] = {k: [] for k in variants}
@@ -289,8 +301,9 @@ def main() -> int:
             dt = fn()
             rates[name].append(total / dt / 1e6)
             cpus[name].append((cpu_s() - c0) / (total / 1e9))
-            print(f"round {r + 1}: {name:10s} {rates[name][-1]:8.0f} MB/s  CPU {cpus[name][-1]:.2f} s/GB", flush=True)
-    lat = {"tcp": latency(keys, args.pings, False), "tunnel": latency(keys, args.pings, True)}
+            print(f"round {r + 1}: {name:15s} {rates[name][-1]:8.0f} MB/s  CPU {cpus[name][-1]:.2f} s/GB", flush=True)
+    lat = {"tcp": latency(keys, args.pings, False), "tunnel": latency(keys, args.pings, True),
+           "tunnel brokered": latency(keys, args.pings, True, brokered=True)}
 
     med = {k: statistics.median(v) for k, v in rates.items()}
     rows = []
@@ -313,7 +326,8 @@ Load average (1 min) before the run: {load:.2f}.
 {total / 1e6:.0f} MB one way per variant, {len(chunk) >> 10} KiB writes/messages, {args.rounds} interleaved
 rounds (median, and the range). *tcp*: plain loopback TCP; *zmq*: bare ZeroMQ PAIR, no security;
 *curve*: bare CURVE PAIR; *tunnel*: TCP -> TunnelEntry -> CURVE DEALER/ROUTER -> TunnelExit -> TCP,
-one connection; *tunnel x{args.streams}*: {args.streams} connections at once. CPU: process CPU time per GB
+one connection; *tunnel x{args.streams}*: {args.streams} connections at once; *tunnel brokered*: the exit's
+connection handed over by a broker, as on a p2p worker. CPU: process CPU time per GB
 (all threads). Both ends share this machine's cores; see `benchmarks/tunnel.py`. MB/s swings with
 whatever else the machine runs (see the load); CPU s/GB is the steadier figure.
 

@@ -170,6 +170,7 @@ class Node:
         self.http_url = ""
         self.plan_box = PlanBox()
         self.tunnel_exit: TunnelExit | None = None
+        self.rpc_channel = None  # the RPC child's end of its connection broker, kept for its restarts
         self._lock = threading.Lock()  # self.actors and self._closed, between start() and stop()
         self._closed = False  # stop() has begun: start() creates no more actors
         self._starting = False
@@ -351,7 +352,15 @@ class Node:
         return sharder
 
     def _start_worker(self, admin: pykka.ActorRef, ledger: pykka.ActorRef | None, total: int, avail: int) -> None:
-        """A worker: a llama.cpp RPC server on 127.0.0.1, reachable only through a CURVE tunnel."""
+        """A worker: a llama.cpp RPC server on 127.0.0.1, reachable only through a CURVE tunnel.
+
+        In p2p mode the RPC child listens in a network namespace of its own, out of other local
+        users' reach, and the tunnel exit gets its connections through a socket pair
+        (:mod:`.engine.isolation`); where the kernel refuses the namespace, it listens on the
+        host's 127.0.0.1, and the node says so (log, ``rpc_server_shared_netns``, admin status).
+        Static mode (``--listen``) is reachable by design and stays as it was."""
+        import socket
+
         s, w = self.s, self.s.worker
         supervisor = next(a for a in self.actors if a.actor_class is SupervisorActor)
         static = w.listen is not None
@@ -359,21 +368,35 @@ class Node:
         mem_total = min(total, w.mem) if w.mem else total
         mem_free = min(avail, w.mem) if w.mem else avail
         tunnel = ""
+        broker_fd = None
         if ledger is not None:
+            broker = None
+            if not static:
+                broker, self.rpc_channel = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+                broker_fd = self.rpc_channel.fileno()
             self.tunnel_exit = TunnelExit(self.ctx, self.keys, next_port(s.p2p_listen, 1), ("127.0.0.1", int(port)),
-                                          self.stats)
+                                          self.stats, broker=broker)
             self.tunnel_exit.start()
             tunnel = f"tcp://{advertise_host(s.p2p_listen, s.advertise)}:{self.tunnel_exit.port}"
             own = ledger.proxy().own().get(timeout=START_TIMEOUT_S)
             ledger.proxy().update_own(endpoints={**own.endpoints, "tunnel": tunnel}, mem_total=mem_total,
                                       mem_free=mem_free).get(timeout=START_TIMEOUT_S)
 
+        # "private": a namespace of its own; "shared": the host's, as READY says; "host": static mode
+        netns = {"state": "host" if broker_fd is None else "starting"}
         # up and down run in the supervisor's thread: they tell the Ledger, never wait on it (a
         # proxy made now, because making one for an actor already gone raises in the supervisor)
         ledger_proxy = ledger.proxy() if ledger is not None else None
 
         def up(detail: str) -> None:
             log.info("RPC server ready on %s:%s%s", host, port, f", tunnel {tunnel}" if tunnel else "")
+            words = detail.split()
+            if broker_fd is not None and len(words) > 2:
+                if words[2] == "shared" and netns["state"] != "shared":
+                    self.stats.inc("rpc_server_shared_netns")
+                    log.warning("the RPC server listens on the host's 127.0.0.1: every local user can reach it "
+                                "(this kernel allows no network namespace for it; see the README)")
+                netns["state"] = words[2]
             if ledger_proxy is not None:
                 ledger_proxy.set_flag("rpc", True)
 
@@ -381,14 +404,17 @@ class Node:
             if ledger_proxy is not None:
                 ledger_proxy.set_flag("rpc", False)
 
-        argv = rpc_server_argv(host, int(port), w, mem_free, allow_remote=static and not is_loopback(host))
+        argv = rpc_server_argv(host, int(port), w, mem_free, allow_remote=static and not is_loopback(host),
+                               broker_fd=broker_fd)
         supervisor.proxy().start_child(ChildSpec("rpc", argv, on_ready=up, on_down=down, on_failed=down,
-                                                 on_fatal=self._on_fatal, beats=True)
+                                                 on_fatal=self._on_fatal, beats=True,
+                                                 pass_fds=() if broker_fd is None else (broker_fd,))
                                        ).get(timeout=START_TIMEOUT_S)
         from .actors.sharder import holder_status
 
         own_id = self.record.id  # held_by: the server whose split this worker serves (None: free)
-        admin.proxy().register_status("rpc", lambda: {"listen": f"{host}:{port}", "tunnel": tunnel,
+        admin.proxy().register_status("rpc", lambda: {"listen": f"{host}:{port}", "netns": netns["state"],
+                                                      "tunnel": tunnel,
                                                       "mem_total": mem_total, "mem_free": mem_free,
                                                       "held_by": holder_status(ledger_proxy, own_id)
                                                       if ledger_proxy is not None else None})
@@ -469,6 +495,8 @@ class Node:
         left = lambda: max(0.05, deadline - time.monotonic())  # noqa: E731
         if self.tunnel_exit is not None and not self.tunnel_exit.stop(timeout_s=left()):
             stuck.append("the tunnel exit")
+        if self.rpc_channel is not None:  # after the children: no RPC child needs it any more
+            self.rpc_channel.close()
         if self.zap is not None and not self.zap.stop(timeout_s=left()):
             stuck.append("the ZAP handler")
         if self.http_sock is not None:  # after the children: gunicorn no longer needs it
@@ -581,9 +609,12 @@ def engine_argv(serve: ServeSettings, endpoint: str, node_id: str, plan: Any = N
     return argv
 
 
-def rpc_server_argv(host: str, port: int, w: WorkerSettings, mem: int, allow_remote: bool) -> list[str]:
+def rpc_server_argv(host: str, port: int, w: WorkerSettings, mem: int, allow_remote: bool,
+                    broker_fd: int | None = None) -> list[str]:
     argv = [sys.executable, "-m", "zswarm.engine.rpc_server", "--host", host, "--port", str(port),
             "--mem", str(mem)]
+    if broker_fd is not None:  # a p2p worker: a network namespace of its own, connections through the fd
+        argv += ["--broker-fd", str(broker_fd)]
     if w.threads:
         argv += ["--threads", str(w.threads)]
     if w.cache_dir:

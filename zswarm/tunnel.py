@@ -1,10 +1,14 @@
 """Byte-stream tunnels: llama.cpp RPC (plain TCP, no authentication) carried inside CURVE ZeroMQ.
 
 - :class:`TunnelExit` runs on a worker: a CURVE ROUTER that, for every stream a cluster member
-  opens, connects to the worker's RPC server on 127.0.0.1 and pumps bytes both ways.
+  opens, connects to the worker's RPC server on 127.0.0.1 and pumps bytes both ways. A p2p
+  worker's RPC server listens in a network namespace of its own, out of every other local user's
+  reach; the exit then gets each connection from the RPC child's broker, ready made
+  (:mod:`zswarm.engine.isolation`), and uses it exactly as one it made itself.
 - :class:`TunnelEntry` runs on the server: it listens on 127.0.0.1 (one port per remote worker),
   and carries every TCP connection it accepts over one CURVE DEALER to that worker's exit, each
-  connection as its own stream.
+  connection as its own stream. It serves only the node's own user: a connection from a socket
+  another uid owns is reset at once (:mod:`zswarm.sockowner`).
 
 Each end is one thread that owns its ZeroMQ sockets *and* its TCP sockets (non-blocking, all in
 one ``zmq.Poller``); no other thread ever touches them. This module must never connect anywhere
@@ -54,6 +58,8 @@ from typing import Hashable
 import zmq
 from zmq.utils.monitor import parse_monitor_message
 
+from .engine.isolation import REPLY as _BROKER_REPLY, REQUEST as _BROKER_REQUEST
+from .sockowner import Unknown, peer_uid
 from .token import Keys, validate_endpoint
 from .transport import Stats, configure, curve_client, curve_server, tcp
 
@@ -83,6 +89,9 @@ HEARTBEAT_S = 1.0  # how often an entry PINGs its exit
 # Silence after which the other end is presumed gone. Any frame counts as life (a PING can queue
 # behind a window of DATA on a slow link), so a busy link never times out.
 PEER_TIMEOUT_S = 10.0
+# How long an exit waits for the broker's answer before it fails the stream (an RPC child that is
+# restarting, say): a connect on loopback takes microseconds, so only a broker that is gone waits this.
+BROKER_TIMEOUT_S = 3.0
 _ZMQ_BATCH = 256  # messages drained per wake-up, so TCP sockets are never starved
 
 
@@ -104,9 +113,9 @@ class _Stream:
     __slots__ = ("key", "sid", "peer", "sock", "fd", "connecting", "established", "tx_credit",
                  "rx", "rx_bytes", "rx_allow", "rx_used", "read_eof", "peer_eof", "wr_shut", "flags")
 
-    def __init__(self, key: Hashable, sid: bytes, peer: bytes | None, sock: socket.socket):
+    def __init__(self, key: Hashable, sid: bytes, peer: bytes | None, sock: socket.socket | None):
         self.key, self.sid, self.peer, self.sock = key, sid, peer, sock
-        self.fd = sock.fileno()
+        self.fd = sock.fileno() if sock is not None else -1  # None: an exit stream awaiting its broker's socket
         self.connecting = False  # exit only: non-blocking connect to the target in progress
         self.established = False  # may read the TCP socket (entry: the exit has acknowledged)
         self.tx_credit = 0  # bytes (with FRAME_COST) we may still send to the other end
@@ -276,7 +285,8 @@ class _TunnelEnd:
     # --- streams ---
     def _add_stream(self, s: _Stream) -> None:
         self._streams[s.key] = s
-        self._by_fd[s.fd] = s
+        if s.sock is not None:  # a stream awaiting the broker's socket has no fd yet
+            self._by_fd[s.fd] = s
         self._dirty.add(s)
         self.stats.inc("tunnel_streams")
 
@@ -284,7 +294,6 @@ class _TunnelEnd:
         if self._streams.get(s.key) is not s:
             return
         del self._streams[s.key]
-        del self._by_fd[s.fd]
         self._dirty.discard(s)
         if s.flags:
             self._poller.unregister(s.fd)
@@ -292,12 +301,14 @@ class _TunnelEnd:
         self.buffered_bytes -= s.rx_bytes
         s.rx.clear()
         s.rx_bytes = 0
-        if reset:  # RST, not FIN: the application must not mistake a cut stream for a finished one
-            try:
-                s.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            except OSError:
-                pass
-        s.sock.close()
+        if s.sock is not None:  # None: it never got its socket from the broker
+            del self._by_fd[s.fd]
+            if reset:  # RST, not FIN: the application must not mistake a cut stream for a finished one
+                try:
+                    s.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                except OSError:
+                    pass
+            s.sock.close()
         self._on_removed(s)
 
     def _on_removed(self, s: _Stream) -> None:
@@ -446,7 +457,7 @@ class _TunnelEnd:
 
     def _update_polling(self) -> None:
         for s in self._dirty:
-            if self._streams.get(s.key) is not s:
+            if self._streams.get(s.key) is not s or s.sock is None:  # gone, or nothing to poll yet
                 continue
             if s.connecting:
                 want = zmq.POLLOUT
@@ -488,12 +499,19 @@ class TunnelExit(_TunnelEnd):
     A ZAP handler (:class:`zswarm.transport.ZapHandler`) must already run in ``ctx``: without one,
     libzmq lets any CURVE client in. ``target`` must be a loopback address. ``listen`` may use
     port 0; :attr:`endpoint` and :attr:`port` say what was bound (after :meth:`start`).
+
+    ``broker``: the node's end of the RPC child's connection broker (an AF_UNIX SOCK_SEQPACKET
+    socket, :mod:`zswarm.engine.isolation`). With it, each stream's connection is asked of the
+    broker instead of made here (``target`` is then where it connects, inside the child's network
+    namespace: for the logs), without blocking: the request goes out at OPEN, the socket comes
+    back through the poller. The exit owns the socket from then on and closes it at stop.
     """
 
     def __init__(self, ctx: zmq.Context, keys: Keys, listen: str, target: tuple[str, int], stats: Stats, *,
                  window_bytes: int = DEFAULT_WINDOW_BYTES, chunk_bytes: int = MAX_DATA_BYTES,
                  max_streams: int = DEFAULT_MAX_STREAMS, heartbeat_s: float = HEARTBEAT_S,
-                 peer_timeout_s: float = PEER_TIMEOUT_S):
+                 peer_timeout_s: float = PEER_TIMEOUT_S, broker: socket.socket | None = None,
+                 broker_timeout_s: float = BROKER_TIMEOUT_S):
         super().__init__("tunnel-exit", ctx, keys, stats, window_bytes=window_bytes, chunk_bytes=chunk_bytes,
                          max_streams=max_streams, heartbeat_s=heartbeat_s, peer_timeout_s=peer_timeout_s)
         self._listen = tcp(validate_endpoint(listen.removeprefix("tcp://"), allow_port_zero=True))
@@ -502,6 +520,10 @@ class TunnelExit(_TunnelEnd):
         self._peers: dict[bytes, _Peer] = {}  # by routing id
         self._warned_versions: set[bytes] = set()
         self.endpoint = ""
+        self._broker = broker
+        self.broker_timeout_s = broker_timeout_s
+        self._awaiting: dict[int, tuple[_Stream, float]] = {}  # broker request id -> (stream, monotonic s asked)
+        self._next_request = 1
 
     @property
     def port(self) -> int:
@@ -516,6 +538,14 @@ class TunnelExit(_TunnelEnd):
         sock.bind(self._listen)
         self.endpoint = sock.last_endpoint.decode()
         self._poller.register(sock, zmq.POLLIN)
+        if self._broker is not None:
+            self._broker.setblocking(False)  # the loop never waits on the broker: replies come through the poller
+            self._poller.register(self._broker.fileno(), zmq.POLLIN)
+
+    def _close_extra(self) -> None:
+        if self._broker is not None:
+            self._broker.close()
+            self._broker = None
 
     def _send(self, s: _Stream, kind: bytes, payload: bytes = b"") -> bool:
         if self._zsock is None:
@@ -594,6 +624,9 @@ class TunnelExit(_TunnelEnd):
             log.warning("tunnel exit: %d streams open already; refusing another", len(self._streams))
             self._zsock.send_multipart([peer, sid, CLOSE, b""])
             return
+        if self._broker is not None:  # the target is in the RPC child's namespace: only the broker reaches it
+            self._ask_broker(peer, p, sid, window)
+            return
         sock = socket.socket(self._family, socket.SOCK_STREAM)
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # RPC is request/reply: Nagle only adds latency
@@ -609,6 +642,67 @@ class TunnelExit(_TunnelEnd):
         self._add_stream(s)
         if err == 0:
             self._on_connected(s)
+
+    def _ask_broker(self, peer: bytes, p: _Peer, sid: bytes, window: int) -> None:
+        """OPEN with a broker: ask it for a connection; the stream waits for it (``sock`` None)."""
+        rid = self._next_request
+        self._next_request += 1
+        try:
+            self._broker.send(_BROKER_REQUEST.pack(rid), socket.MSG_DONTWAIT)
+        except OSError as e:  # the child is gone, or its channel is full: never wait for it
+            self._connect_failed(peer, sid, e.errno or errno.EIO)
+            return
+        s = _Stream((peer, sid), sid, peer, None)
+        s.tx_credit = window
+        s.connecting = True  # from the reply on, exactly as a connect of our own: POLLOUT, then SO_ERROR
+        p.streams.add(s.key)
+        self._add_stream(s)
+        self._awaiting[rid] = (s, time.monotonic())
+
+    def _on_other(self, obj, ev: int) -> None:
+        if self._broker is not None and obj == self._broker.fileno():
+            self._on_broker()
+
+    def _on_broker(self) -> None:
+        """The broker's answers: a connection (in progress) for each stream that waits for one."""
+        for _ in range(64):
+            try:
+                msg, fds, _flags, _ = socket.recv_fds(self._broker, 64, 1,
+                                                      socket.MSG_DONTWAIT | socket.MSG_CMSG_CLOEXEC)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:
+                msg, fds = b"", []
+                log.warning("tunnel exit: the RPC server's connection broker failed: %s", e)
+            if not msg and not fds:  # EOF: the child is gone; its waiting streams time out in _on_timer
+                log.warning("tunnel exit: the RPC server's connection broker is gone")
+                self._poller.unregister(self._broker.fileno())
+                return
+            sock = socket.socket(fileno=fds[0]) if fds else None
+            for extra in fds[1:]:  # the broker sends one at most; never leak more
+                os.close(extra)
+            if len(msg) != _BROKER_REPLY.size:
+                self.stats.inc("tunnel_bad_frames")
+                if sock is not None:
+                    sock.close()
+                continue
+            rid, err = _BROKER_REPLY.unpack(msg)
+            s, _ = self._awaiting.pop(rid, (None, 0.0))
+            if s is None or self._streams.get(s.key) is not s:  # too late (timed out), or the stream closed
+                if sock is not None:
+                    sock.close()
+                continue
+            if sock is None or err or sock.type != socket.SOCK_STREAM:
+                if sock is not None:
+                    sock.close()
+                self._remove(s, reset=False)
+                self._connect_failed(s.peer, s.sid, err or errno.EIO)
+                continue
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # RPC is request/reply: Nagle only adds latency
+            s.sock, s.fd = sock, sock.fileno()
+            self._by_fd[s.fd] = s
+            self._dirty.add(s)  # _update_polling watches it for POLLOUT: _on_connected reads SO_ERROR
 
     def _connect_failed(self, peer: bytes, sid: bytes, err: int) -> None:
         self.stats.inc("tunnel_connect_failed")
@@ -635,6 +729,13 @@ class TunnelExit(_TunnelEnd):
             p.streams.discard(s.key)
 
     def _on_timer(self, now: float) -> None:
+        for rid, (s, asked) in list(self._awaiting.items()):
+            if self._streams.get(s.key) is not s:  # closed while it waited: a late reply is closed at once
+                del self._awaiting[rid]
+            elif now - asked > self.broker_timeout_s:
+                del self._awaiting[rid]
+                self._remove(s, reset=False)
+                self._connect_failed(s.peer, s.sid, errno.ETIMEDOUT)
         for peer, p in list(self._peers.items()):
             if now - p.last_heard > self.peer_timeout_s:
                 if p.streams:
@@ -651,12 +752,21 @@ class TunnelEntry(_TunnelEnd):
     ``remote`` is the exit's endpoint (``tcp://host:port`` or ``host:port``). After :meth:`start`,
     :attr:`local_port` is the port to give llama.cpp (``127.0.0.1:local_port``). A connection
     accepted while no exit is connected is reset at once (:meth:`wait_connected` waits for one).
+
+    Only ``uid`` (default: ours) may use it: a connection whose other end another uid owns, or no
+    live socket at all, is reset before a byte of it is read, and counted
+    (``tunnel_entry_foreign_uid``; ``tunnel_entry_closed_early`` for a client that had closed
+    already, which is not warned about). What that leaves open: a process of the node's own user can
+    still connect and speak RPC to the worker through the tunnel. That user is the node's trust
+    domain already (it can ptrace the node, read its state directory and its token), so this
+    keeps out only the machine's other users. Where /proc cannot say (not Linux), nothing is
+    checked, and that is logged once.
     """
 
     def __init__(self, ctx: zmq.Context, keys: Keys, remote: str, stats: Stats, *, local_port: int = 0,
                  window_bytes: int = DEFAULT_WINDOW_BYTES, chunk_bytes: int = MAX_DATA_BYTES,
                  max_streams: int = DEFAULT_MAX_STREAMS, heartbeat_s: float = HEARTBEAT_S,
-                 peer_timeout_s: float = PEER_TIMEOUT_S):
+                 peer_timeout_s: float = PEER_TIMEOUT_S, uid: int | None = None):
         super().__init__("tunnel-entry", ctx, keys, stats, window_bytes=window_bytes, chunk_bytes=chunk_bytes,
                          max_streams=max_streams, heartbeat_s=heartbeat_s, peer_timeout_s=peer_timeout_s)
         self.remote = tcp(validate_endpoint(remote.removeprefix("tcp://")))
@@ -669,6 +779,8 @@ class TunnelEntry(_TunnelEnd):
         self._last_heard = 0.0
         self._auth_warned = False
         self.local_port = 0
+        self.uid = os.geteuid() if uid is None else uid
+        self._uid_warned = False
 
     @property
     def connected(self) -> bool:
@@ -768,13 +880,15 @@ class TunnelEntry(_TunnelEnd):
             except OSError as e:  # out of file descriptors, say: leave it in the backlog for now
                 log.warning("tunnel entry: accept failed: %s", e)
                 return
+            if not self._own_user(conn):  # counted there; reset before a byte of it is read
+                self._reset(conn)
+                continue
             conn.setblocking(False)
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if len(self._streams) >= self.max_streams:
                 self.stats.inc("tunnel_streams_refused")
                 log.warning("tunnel entry: %d streams open already; refusing another", len(self._streams))
-                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-                conn.close()
+                self._reset(conn)
                 continue
             sid = _U32.pack(self._next_sid)
             self._next_sid = self._next_sid % 0xFFFFFFFF + 1  # 0 is the connection's own stream
@@ -783,6 +897,41 @@ class TunnelEntry(_TunnelEnd):
             self._add_stream(s)
             if not self._send(s, OPEN, _OPEN.pack(PROTOCOL_VERSION, self.window_bytes, self._epoch)):
                 self._abort(s, notify=False)
+
+    def _own_user(self, conn: socket.socket) -> bool:
+        """Whether the node's own user holds the other end of ``conn`` (an /proc lookup, ~0.1 ms
+        for a few hundred sockets; llama.cpp opens a handful of connections per load)."""
+        try:
+            uid = peer_uid(conn)
+        except Unknown as e:  # no /proc (not Linux): nothing to check against; say so once
+            if not self._uid_warned:
+                self._uid_warned = True
+                log.warning("tunnel entry: cannot tell who connects (%s): any local user may use port %d",
+                            e, self.local_port)
+            return True
+        except OSError:  # getpeername: the client has gone already
+            uid = None
+        # What stays open: the node's own user (or root, who can act as it) can still use the entry;
+        # that user can already ptrace the node and read its token.
+        if uid == self.uid:
+            return True
+        if uid is None:  # the client closed before we accepted it: no socket left to ask, so reset it quietly
+            self.stats.inc("tunnel_entry_closed_early")
+            return False
+        self.stats.inc("tunnel_entry_foreign_uid")
+        if not self._uid_warned:
+            self._uid_warned = True
+            log.warning("tunnel entry: refused a connection to port %d from uid %d (only uid %d may connect; "
+                        "counted as tunnel_entry_foreign_uid)", self.local_port, uid, self.uid)
+        return False
+
+    @staticmethod
+    def _reset(conn: socket.socket) -> None:
+        try:
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # RST, not FIN
+        except OSError:
+            pass
+        conn.close()
 
     def _on_frames(self, frames: list[zmq.Frame]) -> None:
         self._last_heard = time.monotonic()

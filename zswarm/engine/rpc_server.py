@@ -11,14 +11,18 @@ server of the same llama.cpp version interoperates with it.
 Security: the RPC protocol has no authentication and a history of remote-code-execution bugs, so
 the server binds 127.0.0.1 (any loopback address) only; the cluster reaches it through a CURVE
 tunnel. Any other ``--host`` is refused unless ``--allow-remote`` is given (static mode on a
-trusted network), and then it is warned about loudly.
+trusted network), and then it is warned about loudly. With ``--broker-fd N`` (a p2p worker) it
+first moves into a network namespace of its own, where no other local user can reach its
+127.0.0.1, and hands the node connections through the socket N (:mod:`.isolation`); where the
+kernel does not allow that, it listens on the host's 127.0.0.1 as before and warns. READY's
+third word says which: ``private`` or ``shared`` (no third word without ``--broker-fd``).
 
 Proof: before it listens, the server computes one small graph on the CPU device it lends
 (:mod:`.selftest`, ``STAGE proving``), so a build that cannot run on this CPU dies by SIGILL
 before READY (its ``FAULT`` line names the library) instead of under a server's first token.
 
 Handshake: once this process holds the listening socket (seen in /proc, not by connecting to
-it), exactly one line ``READY <host:port> <free bytes>`` goes to the original stdout. fd 1 is
+it), exactly one line ``READY <host:port> <free bytes> [private|shared]`` goes to the original stdout. fd 1 is
 pointed at fd 2 before anything else, because ggml prints its banner to stdout. ``--port 0``
 takes a free port; READY names it. A server that cannot bind (or load ggml, or compute) exits
 ``EX_CONFIG`` (78) without READY: a restart would fail the same way. When the node asks for it,
@@ -56,7 +60,7 @@ import threading
 import time
 
 from ..meminfo import memory_bytes
-from . import fault
+from . import fault, isolation
 from .child import EX_CONFIG, StopFlag, parent_pid, stage, start_beat, take_stdout
 from .ggml import GGML_BACKEND_DEVICE_TYPE_CPU, device_memory, ggml
 from .selftest import compute_on
@@ -120,6 +124,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--mem", type=_bytes, default=None, help="cap on the free memory announced, in bytes")
     p.add_argument("--cache-dir", default=None,
                    help="keep received tensors here, so a reload does not send the weights again")
+    p.add_argument("--broker-fd", type=int, default=None,
+                   help="an inherited AF_UNIX socket (SOCK_SEQPACKET) on which the node asks for connections; "
+                        "with it the server listens inside a network namespace of its own")
     p.add_argument("--log-level", default="INFO")
     args = p.parse_args(argv)
     if not 0 <= args.port <= 65535:
@@ -138,6 +145,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.threads = os.cpu_count() or 1
     if args.threads < 1:
         p.error("--threads must be at least 1")
+    if args.broker_fd is not None and not addr.is_loopback:
+        p.error("--broker-fd serves a loopback server only")
     return args
 
 
@@ -147,6 +156,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(stream=sys.stderr, level=args.log_level.upper(),
                         format=f"%(asctime)s rpc-server[{os.getpid()}] %(levelname)s %(message)s")
+    netns = ""  # READY's third word: "private" (a namespace of our own), "shared" (the host's)
+    if args.broker_fd is not None:  # first: no thread may run yet (isolation.py says why)
+        why = isolation.isolate()
+        netns = "shared" if why else "private"
+        if why:
+            log.warning("cannot give the RPC server a network namespace of its own (%s): it listens on the "
+                        "host's 127.0.0.1, where every local user can reach it, and llama.cpp's RPC has no "
+                        "authentication", why)
     stop = StopFlag()
     parent = parent_pid()
     start_beat(handshake)  # no figures: what it serves, the engine on the other end measures
@@ -195,11 +212,18 @@ def main(argv: list[str] | None = None) -> int:
                     "Anyone who can reach that address can use this machine's memory and CPU, and llama.cpp's "
                     "RPC server has had remote-code-execution bugs. Use this only on a network you trust; "
                     "zswarm's p2p mode keeps it on 127.0.0.1 behind an encrypted tunnel. !!!", *bound)
+    if args.broker_fd is not None:
+        try:
+            channel = socket.socket(fileno=args.broker_fd)
+        except OSError as e:
+            log.error("--broker-fd %d: %s", args.broker_fd, e)
+            return _exit(EX_CONFIG)
+        isolation.serve_connects(channel, bound)
     free = min(v for v in (device_memory(cpu)[0], memory_bytes()[1] or None, args.mem) if v is not None)
     log.info("serving llama.cpp RPC on %s:%d with %d thread(s); announcing %d MiB free%s",
              bound[0], bound[1], args.threads, free >> 20,
              f"; tensor cache in {args.cache_dir}" if cache_dir else "")
-    handshake.write(f"READY {bound[0]}:{bound[1]} {free}\n")
+    handshake.write(f"READY {bound[0]}:{bound[1]} {free}{' ' + netns if netns else ''}\n")
     handshake.flush()
 
     while not stop.wait(PARENT_POLL_S):
