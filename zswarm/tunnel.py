@@ -59,6 +59,7 @@ import zmq
 from zmq.utils.monitor import parse_monitor_message
 
 from .engine.isolation import REPLY as _BROKER_REPLY, REQUEST as _BROKER_REQUEST
+from .gate import Gate
 from .sockowner import Unknown, peer_uid
 from .token import Keys, validate_endpoint
 from .transport import Stats, configure, curve_client, curve_server, tcp
@@ -524,6 +525,8 @@ class TunnelExit(_TunnelEnd):
         self.broker_timeout_s = broker_timeout_s
         self._awaiting: dict[int, tuple[_Stream, float]] = {}  # broker request id -> (stream, monotonic s asked)
         self._next_request = 1
+        self._gate: Gate | None = None
+        self._gate_monitor: zmq.Socket | None = None
 
     @property
     def port(self) -> int:
@@ -535,14 +538,22 @@ class TunnelExit(_TunnelEnd):
         sock.sndhwm = sock.rcvhwm = 0  # per-stream credit bounds what is queued; an HWM would drop DATA silently
         sock.router_handover = 1  # a reconnecting entry keeps its routing id, so its epoch is recognised
         curve_server(sock, self.keys)
+        self._gate = Gate("tunnel", self.stats)  # strangers' idle connections are bounded (gate.py)
+        self._gate_monitor = self._gate.install(sock)
         sock.bind(self._listen)
         self.endpoint = sock.last_endpoint.decode()
         self._poller.register(sock, zmq.POLLIN)
+        self._poller.register(self._gate_monitor, zmq.POLLIN)
         if self._broker is not None:
             self._broker.setblocking(False)  # the loop never waits on the broker: replies come through the poller
             self._poller.register(self._broker.fileno(), zmq.POLLIN)
 
     def _close_extra(self) -> None:
+        if self._zsock is not None and self._gate_monitor is not None:
+            self._zsock.disable_monitor()  # before its reader closes, or the socket's close stalls
+        if self._gate_monitor is not None:
+            self._gate_monitor.close(linger=0)
+            self._gate_monitor = None
         if self._broker is not None:
             self._broker.close()
             self._broker = None
@@ -660,6 +671,9 @@ class TunnelExit(_TunnelEnd):
         self._awaiting[rid] = (s, time.monotonic())
 
     def _on_other(self, obj, ev: int) -> None:
+        if obj is self._gate_monitor:
+            self._gate.on_monitor(self._gate_monitor.recv_multipart(), self._gate_monitor)
+            return
         if self._broker is not None and obj == self._broker.fileno():
             self._on_broker()
 
@@ -729,6 +743,8 @@ class TunnelExit(_TunnelEnd):
             p.streams.discard(s.key)
 
     def _on_timer(self, now: float) -> None:
+        if self._gate is not None:
+            self._gate.tick()
         for rid, (s, asked) in list(self._awaiting.items()):
             if self._streams.get(s.key) is not s:  # closed while it waited: a late reply is closed at once
                 del self._awaiting[rid]

@@ -25,6 +25,7 @@ zswarm's own gunicorn never serves) is left to gthread unchanged.
 
 from __future__ import annotations
 
+import errno
 import os
 import selectors
 import socket
@@ -163,6 +164,23 @@ class HeaderFirstWorker(ThreadWorker):
         unreader.unread(head)
         conn.zs_head_ready = True
         self.enqueue_req(conn)
+
+    def accept(self, listener) -> None:
+        """gthread's, except out of descriptors: gthread re-raises EMFILE and the worker exits
+        (the arbiter boots another, which meets the same flood). Here the oldest connection still
+        sending its header block goes instead (the likeliest to be a flood's), and the
+        connection waiting in the backlog is taken at the next turn of the loop."""
+        try:
+            super().accept(listener)
+        except OSError as e:
+            if e.errno not in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                raise
+            if self.heading:
+                conn = self.heading.popleft()
+                self._forget(conn)
+                self._close(conn)
+            else:  # every descriptor is a request being served: wait for one to end
+                time.sleep(0.01)
 
     def murder_pending(self) -> None:
         """gthread's own sweep (connections deferred without data), then slow header blocks."""
