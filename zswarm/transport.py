@@ -272,6 +272,15 @@ class SocketLoop(threading.Thread):
             log.exception("%s: handler failed; the loop goes on", self.name)
 
     def _close_all(self) -> None:
+        # Monitors first: a socket closed while its monitor still gets events, and then that
+        # monitor's reader, left libzmq's reaper stuck sending the socket's last events, and
+        # every other socket of the context with it (a dead ledger's gate monitor made the
+        # admin socket deaf: tests/test_actor_failure.py). disable_monitor stops them at once.
+        for sock in self._sockets:
+            try:
+                sock.disable_monitor()
+            except zmq.ZMQError:
+                pass
         for sock in self._sockets:
             sock.close(linger=self._close_linger_ms)
         self._sockets.clear()
