@@ -104,7 +104,7 @@ def test_errors_are_openai_shaped_and_never_500(fed):
         # a raw socket: the server may answer 413 and close before a huge body is all sent,
         # and the answer must still be read
         with socket.create_connection((host, int(port)), timeout=30) as sk:
-            head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
                     f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
             try:
                 sk.sendall(head + body)
@@ -156,11 +156,13 @@ def test_client_disconnect_cancels_on_the_serving_node(fed):
     body = json.dumps({"model": MODEL, "messages": MESSAGES, "max_tokens": 400, "stream": True,
                        "temperature": 1.0}).encode()
     with socket.create_connection((host, int(port)), timeout=30) as s:
-        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        s.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}:{port}\r\n".encode() + b"Content-Type: application/json\r\n"
                   + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
         got = b""
         while b"data: {" not in got:
-            got += s.recv(4096)
+            chunk = s.recv(4096)
+            assert chunk, got  # closed before the first chunk: the answer says why
+            got += chunk
     wait_for(lambda: sum(s.admin("status")["counters"].get("requests_cancelled", 0) for s in (s1, s2))
              > sum(before.values()), 15, 0.1, what="the serving node to see the cancel")
 

@@ -101,6 +101,11 @@ def secret_cluster(tmp_path_factory):
 def test_no_child_and_no_command_line_holds_the_token_or_a_key(secret_cluster):
     token, keys, nodes = secret_cluster["token"], secret_cluster["keys"], secret_cluster["nodes"]
     needles = [token.encode()] + [k.encode() for k in keys]
+    # the engine must be among the children walked: a re-shard (the worker's memory, re-announced
+    # once its RPC server is up) may be restarting it at this moment
+    wait_for(lambda: any(b"zswarm.engine.proc" in proc_bytes(pid, "cmdline")
+                         for pid in descendants(nodes["s"].proc.pid)), 60, 0.2, what="the server's engine",
+             retry=(FileNotFoundError, ProcessLookupError))
     seen: dict[str, list[bytes]] = {}
     for name, node in nodes.items():
         assert not any(x in proc_bytes(node.proc.pid, "cmdline") for x in needles), f"{name}'s own command line"
