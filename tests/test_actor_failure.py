@@ -349,7 +349,7 @@ class Entry:
 def test_a_failed_reshard_is_tried_again_until_it_succeeds(error, caplog):
     """The hazard of issue 10: one TimeoutError used to stop re-sharding for good."""
     sup, ledger, watch = Supervisor(), FlakyLedger(2, error), Watch()
-    ref = SharderActor.start(PlanBox(), Gateway(), sup, ledger, lambda remote: Entry(),
+    ref = SharderActor.start(PlanBox(), Gateway(), sup, ledger, lambda remote, curve="": Entry(),
                              Device("local", "me", "", 4096 * MIB), 100 * MIB, 0.05, None, None, "s" * 16, 0.05,
                              watch=watch)
     try:
@@ -370,7 +370,7 @@ def test_a_failed_reshard_is_tried_again_until_it_succeeds(error, caplog):
 def test_a_dead_sharder_releases_its_tunnels_and_says_why(monkeypatch):
     entries = []
 
-    def open_tunnel(remote):
+    def open_tunnel(remote, curve=""):
         entries.append(Entry())
         return entries[-1]
     sup, watch = Supervisor(), Watch()

@@ -119,7 +119,7 @@ class FakeEntry:
 def start_sharder(world, me):
     box = PlanBox()
     local = Device("local", me, "", 4096 * MIB)
-    ref = SharderActor.start(box, FakeGateway(), FakeSupervisor(), world.ledger(me), lambda remote: FakeEntry(),
+    ref = SharderActor.start(box, FakeGateway(), FakeSupervisor(), world.ledger(me), lambda remote, curve="": FakeEntry(),
                              local, 100 * MIB, 0.0, None, None, me, 0.3)
     ref.proxy().initial_plan().get(timeout=5)
     world.sharders[me] = ref

@@ -35,6 +35,7 @@ class Route:
     # the ledger has not heard from the node for a moment (a busy or lossy link, or the start of
     # a partition): chosen only when no other node serves the model, and its requests go on
     suspect: bool = False
+    curve: str = ""  # the node's own CURVE key (Z85), from its signed record: its gateway's server key
 
     @property
     def local(self) -> bool:

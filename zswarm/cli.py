@@ -17,6 +17,7 @@ from .config import (HTTP_OPTIONS, NODE_OPTIONS, SERVE_OPTIONS, SERVER_OPTIONS, 
                      ConfigError, add_options, apply_secret_files, default_state_dir, hostname, is_loopback,
                      resolve)
 from .token import Token, TokenError
+from .trust import Limits
 
 ROLES = {
     "server": "run a node that serves a model (and, with --p2p --federated, takes cluster requests)",
@@ -225,7 +226,8 @@ def cmd_node(args: argparse.Namespace) -> int:
         mdns=not cfg["no_mdns"], mdns_interfaces=cfg["mdns_interfaces"], local_only=cfg["local_only"],
         name=cfg["name"] or hostname(), federated=bool(cfg.get("federated")),
         policy=cfg.get("policy") or "p2c", target_node=cfg.get("target_node") or "", serve=serve, http=http,
-        worker=worker, child_hang_s=cfg["child_hang_s"], child_stuck_s=cfg["child_stuck_s"])
+        worker=worker, child_hang_s=cfg["child_hang_s"], child_stuck_s=cfg["child_stuck_s"],
+        limits=Limits(max_nodes=cfg["max_nodes"], per_sender=cfg["max_introduced"]))
     ready = None
     if generated:
         t = token.encode()

@@ -114,6 +114,13 @@ def parse_seconds_or_off(text: str) -> float:
     return value
 
 
+def parse_positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise ConfigError(f"expected a positive number, got {text!r}")
+    return value
+
+
 NODE_OPTIONS: list[Opt] = [
     Opt("token", ("--token",), ("ZSWARM_TOKEN", "LOCALAI_P2P_TOKEN", "P2P_TOKEN", "TOKEN"), None,
         "cluster token (`zswarm token new` makes one); never logged. On the command line every local "
@@ -141,6 +148,14 @@ NODE_OPTIONS: list[Opt] = [
     Opt("local_only", ("--local-only",), ("ZSWARM_LOCAL_ONLY", "LOCALAI_P2P_DISABLE_DHT"), False,
         "local discovery only: find peers by mDNS, ignore bootstrap peers and those in the token",
         parse=None),
+    # What one member can make a node hold (trust.py): forged identities are cheap for a token
+    # holder, descriptors and routing entries are not.
+    Opt("max_nodes", ("--max-nodes",), ("ZSWARM_MAX_NODES",), 256,
+        "nodes this node holds at most; more are refused and counted (members_capped)",
+        parse=parse_positive_int, metavar="N"),
+    Opt("max_introduced", ("--max-introduced",), ("ZSWARM_MAX_INTRODUCED",), 64,
+        "nodes one peer may make this node learn of before they are heard from directly",
+        parse=parse_positive_int, metavar="N"),
     Opt("name", ("--name",), ("ZSWARM_NAME",), None, "a name for this node (default: the host name)",
         metavar="NAME"),
     Opt("log_level", ("--log-level",), ("ZSWARM_LOG_LEVEL", "LOCALAI_P2P_LOGLEVEL"), "info",
@@ -165,13 +180,6 @@ SERVER_OPTIONS: list[Opt] = [
     Opt("federated", ("--federated",), ("ZSWARM_FEDERATED", "LOCALAI_FEDERATED"), False,
         "also serve requests routed from the cluster (federated mode)", parse=None),
 ]
-
-
-def parse_positive_int(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise ConfigError(f"expected a positive number, got {text!r}")
-    return value
 
 
 SERVE_OPTIONS: list[Opt] = [

@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from .wire import Beat, DigestEntry, NodeRecord
+from .wire import Beat, DigestEntry, Leave, NodeRecord, beat_statement, leave_statement, record_statement
 
 ALIVE, SUSPECT, DEAD = "alive", "suspect", "dead"
 
@@ -57,6 +57,9 @@ class Member:
     last_heard: float
     gossip: str = ""
     state: str = ALIVE
+    # the newest heartbeat as its node signed it (wire.beat_statement): relayed in digests as is
+    beat_version: int = 0
+    beat_sig: bytes = b""
 
     def view(self, now: float) -> dict:
         rec = self.record
@@ -76,6 +79,7 @@ class Member:
             "protocol": rec.protocol if rec else 0,
             "started_at": rec.started_at if rec else 0.0,
             "flags": list(rec.flags) if rec else [],
+            "curve": rec.curve if rec else "",
         }
 
 
@@ -101,8 +105,14 @@ class Tombstone:
 
 
 class Membership:
-    def __init__(self, own: NodeRecord, timing: Timing = Timing(), clock: Callable[[], float] = time.monotonic):
+    """``signer`` signs this node's own statements (identity.Identity.sign); without one (unit
+    tests of the rules alone) they go unsigned. What peers say is checked before it gets here
+    (trust.py)."""
+
+    def __init__(self, own: NodeRecord, timing: Timing = Timing(), clock: Callable[[], float] = time.monotonic,
+                 signer: Callable[[bytes], bytes] | None = None):
         self.own = own
+        self.signer = signer
         self.heartbeat = 0
         self.timing = timing
         self.clock = clock
@@ -111,21 +121,48 @@ class Membership:
         self._redial: dict[str, tuple[str, float]] = {}  # node removed for silence -> (gossip endpoint, until)
 
     # --- our own record ---
+    def _sign(self, statement: bytes) -> bytes:
+        return self.signer(statement) if self.signer is not None else b""
+
+    def sign_own(self) -> NodeRecord:
+        """(Re-)sign our record: after every change, before anyone sees it."""
+        self.own.sig = b""
+        self.own.sig = self._sign(record_statement(self.own))
+        return self.own
+
     def beat(self) -> Beat:
         self.heartbeat += 1
-        return Beat(self.own.id, self.own.incarnation, self.own.version, self.heartbeat,
-                    self.own.endpoints.get("gossip", ""))
+        o = self.own
+        return Beat(o.id, o.incarnation, o.version, self.heartbeat, o.endpoints.get("gossip", ""),
+                    self._sign(beat_statement(o.id, o.incarnation, o.version, self.heartbeat)))
+
+    def leave(self) -> Leave:
+        o = self.own
+        return Leave(o.id, o.incarnation, self._sign(leave_statement(o.id, o.incarnation)))
 
     def update_own(self, **fields) -> NodeRecord:
         for k, v in fields.items():
             setattr(self.own, k, v)
         self.own.version += 1
-        return self.own
+        return self.sign_own()
 
     def digest(self) -> list[DigestEntry]:
-        entries = [DigestEntry(self.own.id, self.own.incarnation, self.own.version, self.heartbeat)]
-        entries += [DigestEntry(i, m.incarnation, m.version, m.heartbeat) for i, m in self.members.items()]
+        o = self.own
+        entries = [DigestEntry(o.id, o.incarnation, o.version, self.heartbeat,
+                               self._sign(beat_statement(o.id, o.incarnation, o.version, self.heartbeat)))]
+        # a heartbeat is relayed only as its node signed it (an unsigned one would be refused)
+        entries += [DigestEntry(i, m.incarnation, m.beat_version if m.beat_sig else m.version, m.heartbeat, m.beat_sig)
+                    for i, m in self.members.items() if m.beat_sig or self.signer is None]
         return entries
+
+    def held(self, node_id: str) -> tuple[int, int, int] | None:
+        """(incarnation, version, heartbeat) we hold for ``node_id``; None: not a member."""
+        m = self.members.get(node_id)
+        return None if m is None else (m.incarnation, m.version, m.heartbeat)
+
+    def key_of(self, node_id: str) -> bytes | None:
+        m = self.members.get(node_id)
+        return m.record.key if m is not None and m.record is not None and m.record.key else None
 
     def records(self, ids: list[str]) -> list[NodeRecord]:
         out = []
@@ -166,7 +203,7 @@ class Membership:
         return lost[0]
 
     def _note(self, node_id: str, incarnation: int, version: int, heartbeat: int,
-              gossip: str, source: str, direct: bool, ch: Changes) -> None:
+              gossip: str, source: str, direct: bool, ch: Changes, sig: bytes = b"") -> None:
         if node_id == self.own.id:
             return
         if self._buried(node_id, incarnation):
@@ -181,7 +218,8 @@ class Membership:
             known = gossip or (m.gossip if m else "")
             if m is None:
                 known = self._adopt(node_id, known, ch)
-            m = self.members[node_id] = Member(None, incarnation, version, heartbeat, now, known)
+            m = self.members[node_id] = Member(None, incarnation, version, heartbeat, now, known,
+                                               beat_version=version, beat_sig=sig)
             if known:
                 ch.connect.add(known)
             ch.wants[node_id] = source
@@ -189,6 +227,8 @@ class Membership:
         if incarnation < m.incarnation:
             return
         if direct or heartbeat > m.heartbeat:
+            if heartbeat > m.heartbeat or (heartbeat == m.heartbeat and sig and not m.beat_sig):
+                m.beat_version, m.beat_sig = version, sig
             m.heartbeat = max(m.heartbeat, heartbeat)
             m.last_heard = now
             self._revive(node_id, m, ch)
@@ -205,13 +245,13 @@ class Membership:
 
     def on_beat(self, beat: Beat) -> Changes:
         ch = Changes()
-        self._note(beat.id, beat.incarnation, beat.version, beat.heartbeat, beat.gossip, beat.id, True, ch)
+        self._note(beat.id, beat.incarnation, beat.version, beat.heartbeat, beat.gossip, beat.id, True, ch, beat.sig)
         return ch
 
     def on_digest(self, sender: str, entries: list[DigestEntry]) -> Changes:
         ch = Changes()
         for e in entries:
-            self._note(e.id, e.incarnation, e.version, e.heartbeat, "", sender, e.id == sender, ch)
+            self._note(e.id, e.incarnation, e.version, e.heartbeat, "", sender, e.id == sender, ch, e.sig)
         return ch
 
     def on_records(self, records: list[NodeRecord]) -> Changes:

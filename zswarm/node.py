@@ -52,6 +52,7 @@ from .startup import StartError, check_model, listen_http, raise_nofile
 from .state import StateDir, StateDirError
 from .token import Token
 from .transport import SocketLoop, Stats, ZapHandler
+from .trust import Limits
 from .tunnel import TunnelEntry, TunnelExit
 
 log = logging.getLogger(__name__)
@@ -133,6 +134,7 @@ class NodeSettings:
     http: HttpSettings | None = None
     worker: WorkerSettings | None = None
     timing: Timing = field(default_factory=Timing)
+    limits: Limits = field(default_factory=Limits)  # trust.py: nodes held, nodes one peer may introduce
     child_hang_s: float = 10.0  # config.py's --child-hang: 0 never kills a child for silence
     child_stuck_s: float = 120.0  # config.py's --child-stuck
 
@@ -162,6 +164,7 @@ class Node:
         self.stats = Stats()
         self.watch = Watch(self.stats)  # how actors say they failed; the admin status shows it
         self.state = StateDir(settings.state_dir).claim()  # StateDirError: one line, nothing bound
+        self.identity = self.state.identity()  # StateDirError too (a damaged identity file)
         self.keys = settings.token.derive() if settings.token else None
         self.ctx = zmq.Context()
         self.zap = ZapHandler(self.ctx, self.keys, self.stats) if self.keys else None
@@ -197,19 +200,21 @@ class Node:
             check_model(s.serve.model)
         if s.http is not None:
             self.http_sock = listen_http(s.http.address)
-        node_id = self.state.node_id()
+        node_id = self.identity.node_id
         total, avail = memory_bytes()
         flags = ["federated"] if s.federated else []
         own = wire.NodeRecord(
             id=node_id, name=s.name, role=s.role, incarnation=time.time_ns() // 1000,
-            software=__version__, started_at=time.time(), mem_total=total, mem_free=avail, flags=flags)
+            software=__version__, started_at=time.time(), mem_total=total, mem_free=avail, flags=flags,
+            key=self.identity.public, curve=self.identity.curve_public.decode())
         host = advertise_host(s.p2p_listen, s.advertise)
         ledger = discovery = None
         if s.p2p:
             # ZAP first: a CURVE socket bound before a handler runs would let anyone in.
             self.zap.start()
-            ledger = self._start(LedgerActor, self.ctx, self.keys, own, s.p2p_listen, host, self.stats, s.timing,
-                                 self.state.path / "peers.json")
+            ledger = self._start(LedgerActor, self.ctx, self.keys, self.identity, own, s.p2p_listen, host,
+                                 self.stats, s.timing, self.state.path / "peers.json", limits=s.limits,
+                                 on_change=self._ledger_changed)
             own = ledger.proxy().open().get(timeout=START_TIMEOUT_S)
         self.record = own
         routes_peers = s.p2p and (s.federated or s.role == "federated")
@@ -219,7 +224,8 @@ class Node:
         if s.role in ("server", "federated"):
             gateway = self._start(GatewayActor, self.ctx, node_id, self.state.endpoint("gateway"), self.stats,
                                   self.keys, next_port(s.p2p_listen, 1) if s.p2p else None, host,
-                                  s.p2p and s.federated and s.serve is not None, s.policy, s.target_node)
+                                  s.p2p and s.federated and s.serve is not None, s.policy, s.target_node,
+                                  own=self._own_keys())
             endpoint = gateway.proxy().open().get(timeout=START_TIMEOUT_S)
             if endpoint and ledger is not None:
                 ledger.proxy().update_own(endpoints={**own.endpoints, "gateway": endpoint}).get(timeout=START_TIMEOUT_S)
@@ -245,6 +251,21 @@ class Node:
         if s.worker is not None:
             self._start_worker(admin, ledger, total, avail)
         return self.record
+
+    def _ledger_changed(self, records: list[wire.NodeRecord], states: dict[str, str]) -> None:
+        """In the ledger's thread, after every change: who may reach this node's own-key sockets."""
+        self.zap.set_members(frozenset(r.curve.encode() for r in records if r.curve))
+        exit_ = self.tunnel_exit
+        if exit_ is not None:  # a worker: only the server whose split it serves opens streams
+            from .sharding import Claim, holders
+            claims = [Claim(r.id, c.worker, c.since, c.held) for r in records for c in r.claims]
+            held = holders(claims, states).get(self.identity.node_id)
+            server = next((r for r in records if held is not None and r.id == held.server), None)
+            exit_.admit(frozenset([server.curve.encode()]) if server is not None and server.curve else frozenset())
+
+    def _own_keys(self) -> tuple[bytes, bytes]:
+        """This node's CURVE key pair (public, secret), derived from its identity."""
+        return self.identity.curve_public, self.identity.curve_secret
 
     def _start_balancer(self, node_id: str, gateway: pykka.ActorRef, ledger: pykka.ActorRef | None,
                         route_to_peers: bool) -> None:
@@ -326,8 +347,10 @@ class Node:
         if serve.local_layers:
             local = Device("local", self.s.name, "", min(avail, serve.mem) if serve.mem else avail)
 
-        def open_tunnel(remote: str) -> TunnelEntry:
-            entry = TunnelEntry(self.ctx, self.keys, remote, self.stats)
+        def open_tunnel(remote: str, curve: str = "") -> TunnelEntry:
+            # the worker's own key (its signed record): only that worker can be at the other end
+            entry = TunnelEntry(self.ctx, self.keys, remote, self.stats, own=self._own_keys(),
+                                server_key=curve.encode() or None)
             entry.start()
             return entry
         try:
@@ -375,7 +398,7 @@ class Node:
                 broker, self.rpc_channel = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
                 broker_fd = self.rpc_channel.fileno()
             self.tunnel_exit = TunnelExit(self.ctx, self.keys, next_port(s.p2p_listen, 1), ("127.0.0.1", int(port)),
-                                          self.stats, broker=broker)
+                                          self.stats, broker=broker, own=self._own_keys())
             self.tunnel_exit.start()
             tunnel = f"tcp://{advertise_host(s.p2p_listen, s.advertise)}:{self.tunnel_exit.port}"
             own = ledger.proxy().own().get(timeout=START_TIMEOUT_S)
@@ -423,11 +446,11 @@ class Node:
         """A child can never start (the supervisor's thread): run() stops the node and exits."""
         self.fatal.append(line)
 
-    def _start(self, cls: type, *args: Any) -> pykka.ActorRef:
+    def _start(self, cls: type, *args: Any, **kwargs: Any) -> pykka.ActorRef:
         with self._lock:  # stop() either sees this actor or start() sees the node closed
             if self._closed:
                 raise StartCancelled(f"the node is stopping; {cls.__name__} not started")
-            ref = cls.start(*args, watch=self.watch)
+            ref = cls.start(*args, watch=self.watch, **kwargs)
             self.actors.append(ref)
         return ref
 

@@ -13,10 +13,10 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
-import secrets
 from pathlib import Path
 
-ID_FILE = "node_id"
+from .identity import Identity, IdentityError
+
 ADMIN_SOCKET = "admin.sock"
 LOCK_FILE = "lock"
 
@@ -79,20 +79,16 @@ class StateDir:
                 f"{f' ({e.filename})' if e.filename and str(e.filename) != str(self.path) else ''}; "
                 f"give --state-dir a directory this user can write")
 
-    def node_id(self) -> str:
-        """The id kept across restarts, so peers see a restarted node as the same node."""
-        f = self.path / ID_FILE
+    def identity(self) -> Identity:
+        """The node's key pair (identity.py), made on first start and kept across restarts, so
+        peers see a restarted node as the same node; the node id is derived from it."""
         try:
-            text = f.read_text().strip()
-            if len(text) == 16 and all(c in "0123456789abcdef" for c in text):
-                return text
-        except FileNotFoundError:
-            pass
-        node_id = secrets.token_hex(8)
-        tmp = f.with_suffix(".tmp")
-        tmp.write_text(node_id + "\n")
-        os.replace(tmp, f)
-        return node_id
+            return Identity.load_or_create(self.path)
+        except IdentityError as e:
+            raise StateDirError(str(e)) from None
+
+    def node_id(self) -> str:
+        return self.identity().node_id
 
     def endpoint(self, name: str) -> str:
         """An ipc endpoint in the state directory (``gateway``, ``engine``...)."""

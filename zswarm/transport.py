@@ -58,20 +58,35 @@ def configure(sock: zmq.Socket) -> zmq.Socket:
     return sock
 
 
-def curve_server(sock: zmq.Socket, keys: Keys) -> zmq.Socket:
-    """Make ``sock`` a CURVE server; call before bind (ZeroMQ reads it at bind time)."""
-    sock.curve_secretkey = keys.curve_secret
-    sock.curve_publickey = keys.curve_public
+MEMBERS = b"member"  # the ZAP domain of sockets only known members may reach
+
+
+def curve_server(sock: zmq.Socket, keys: Keys, own: tuple[bytes, bytes] | None = None) -> zmq.Socket:
+    """Make ``sock`` a CURVE server; call before bind (ZeroMQ reads it at bind time).
+
+    Without ``own``: the token's key pair, which every member (and a newcomer) knows; the ZAP
+    handler admits any client key. With ``own`` (public, secret: the node's, identity.py): a key
+    only the members that read this node's signed record know, and the ZAP handler admits only
+    the client keys of members' records (:data:`MEMBERS`): nobody can pose as this node, and
+    the node knows which member each connection is."""
+    public, secret = own if own is not None else (keys.curve_public, keys.curve_secret)
+    sock.curve_secretkey = secret
+    sock.curve_publickey = public
     sock.curve_server = True
-    sock.zap_domain = b"zswarm"
+    sock.zap_domain = MEMBERS if own is not None else b"zswarm"
     return sock
 
 
-def curve_client(sock: zmq.Socket, keys: Keys) -> zmq.Socket:
-    """Every node uses the token's one keypair as client key too, so ZAP can check it."""
-    sock.curve_secretkey = keys.curve_secret
-    sock.curve_publickey = keys.curve_public
-    sock.curve_serverkey = keys.curve_public
+def curve_client(sock: zmq.Socket, keys: Keys, own: tuple[bytes, bytes] | None = None,
+                 server: bytes | None = None) -> zmq.Socket:
+    """A CURVE client of the cluster. The server key is ``server`` (a peer's own, from its signed
+    record) or the token's (knowing it is what proves membership); the client key pair is
+    ``own`` (public, secret: the node's own, identity.py), so peers' ZAP handlers can tell which
+    node a connection is, or the token's. The server key may be set again per connect."""
+    public, secret = own if own is not None else (keys.curve_public, keys.curve_secret)
+    sock.curve_secretkey = secret
+    sock.curve_publickey = public
+    sock.curve_serverkey = server or keys.curve_public
     return sock
 
 
@@ -148,6 +163,7 @@ class SocketLoop(threading.Thread):
         self._on_tick = on_tick
         self._tickers: list[Callable[[], None]] = []
         self._handlers: dict[zmq.Socket, Callable[[list[bytes]], None]] = {}
+        self._frames: set[zmq.Socket] = set()  # handlers that get zmq.Frame objects
         self._poller = zmq.Poller()
         self._sockets: list[zmq.Socket] = []
         self._calls: collections.deque[Callable[[], None]] = collections.deque()
@@ -192,12 +208,17 @@ class SocketLoop(threading.Thread):
         return not alive
 
     # --- loop thread only ---
-    def add(self, sock: zmq.Socket, handler: Callable[[list[bytes]], None] | None = None) -> zmq.Socket:
+    def add(self, sock: zmq.Socket, handler: Callable[[list[bytes]], None] | None = None,
+            frames: bool = False) -> zmq.Socket:
+        """Own ``sock``; ``handler`` gets what it receives: bytes, or with ``frames`` zmq.Frame
+        objects (their metadata: ``frame.get("User-Id")`` is what the ZAP handler said of the peer)."""
         configure(sock)
         self._sockets.append(sock)
         if handler is not None:
             self._handlers[sock] = handler
             self._poller.register(sock, zmq.POLLIN)
+            if frames:
+                self._frames.add(sock)
         return sock
 
     def remove(self, sock: zmq.Socket) -> None:
@@ -247,7 +268,7 @@ class SocketLoop(threading.Thread):
                     handler = self._handlers.get(sock_or_fd)
                     for _ in range(100 if handler else 0):  # bounded batch so ticks and calls are never starved
                         try:
-                            frames = sock_or_fd.recv_multipart(zmq.NOBLOCK)
+                            frames = sock_or_fd.recv_multipart(zmq.NOBLOCK, copy=sock_or_fd not in self._frames)
                         except zmq.Again:
                             break
                         self._guard(handler, frames)
@@ -287,15 +308,19 @@ class SocketLoop(threading.Thread):
 
 
 class ZapHandler:
-    """Answers ZAP requests for the context: CURVE clients with the cluster key only.
+    """Answers ZAP requests for the context: CURVE clients only.
 
-    A refused handshake is counted (``auth_denied``) and logged at debug level only, so a
-    stranger knocking cannot flood the log.
+    Every CURVE server socket of a node uses the token's key, and a client can only complete a
+    handshake with a server whose public key it knows: knowing it is holding the token. So any
+    CURVE client key is admitted (each node connects with its own, identity.py), and its Z85
+    form is handed up as the connection's ``User-Id``, which tells the ledger which node is
+    talking. A refused handshake (NULL, PLAIN, a malformed request) is counted (``auth_denied``)
+    and logged at debug level only, so a stranger knocking cannot flood the log.
     """
 
     def __init__(self, ctx: zmq.Context, keys: Keys, stats: Stats):
-        self._allowed = keys.curve_public
         self._stats = stats
+        self._members: frozenset[bytes] = frozenset()  # Z85 client keys of members' records
         self.loop = SocketLoop("zap", ctx, self._setup)
 
     def _setup(self, loop: SocketLoop) -> None:
@@ -305,6 +330,11 @@ class ZapHandler:
     def start(self) -> None:
         self.loop.start_and_wait()
 
+    def set_members(self, keys: frozenset[bytes]) -> None:
+        """The members' own keys (any thread: one reference swapped); :data:`MEMBERS` sockets
+        admit only these."""
+        self._members = keys
+
     def stop(self, timeout_s: float = 5.0) -> bool:
         return self.loop.stop(timeout_s)
 
@@ -313,12 +343,11 @@ class ZapHandler:
             self._sock.send_multipart([b"1.0", b"", b"400", b"bad ZAP request", b"", b""])
             return
         version, request_id, domain, address, _identity, mechanism = frames[:6]
-        ok = False
-        if mechanism == b"CURVE" and len(frames) >= 7:
-            ok = zmq.utils.z85.encode(frames[6]) == self._allowed
-        if ok:
+        user = zmq.utils.z85.encode(frames[6]) if mechanism == b"CURVE" and len(frames) >= 7 \
+            and len(frames[6]) == 32 else b""
+        if user and (domain != MEMBERS or user in self._members):
             self._stats.inc("auth_ok")
-            self._sock.send_multipart([version, request_id, b"200", b"OK", b"zswarm", b""])
+            self._sock.send_multipart([version, request_id, b"200", b"OK", user, b""])
         else:
             self._stats.inc("auth_denied")
             log.debug("refused %s handshake from %s", mechanism.decode(errors="replace"), address.decode(errors="replace"))

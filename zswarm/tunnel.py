@@ -512,7 +512,7 @@ class TunnelExit(_TunnelEnd):
                  window_bytes: int = DEFAULT_WINDOW_BYTES, chunk_bytes: int = MAX_DATA_BYTES,
                  max_streams: int = DEFAULT_MAX_STREAMS, heartbeat_s: float = HEARTBEAT_S,
                  peer_timeout_s: float = PEER_TIMEOUT_S, broker: socket.socket | None = None,
-                 broker_timeout_s: float = BROKER_TIMEOUT_S):
+                 broker_timeout_s: float = BROKER_TIMEOUT_S, own: tuple[bytes, bytes] | None = None):
         super().__init__("tunnel-exit", ctx, keys, stats, window_bytes=window_bytes, chunk_bytes=chunk_bytes,
                          max_streams=max_streams, heartbeat_s=heartbeat_s, peer_timeout_s=peer_timeout_s)
         self._listen = tcp(validate_endpoint(listen.removeprefix("tcp://"), allow_port_zero=True))
@@ -527,17 +527,26 @@ class TunnelExit(_TunnelEnd):
         self._next_request = 1
         self._gate: Gate | None = None
         self._gate_monitor: zmq.Socket | None = None
+        # ``own``: this worker's CURVE key pair; then only member keys get through ZAP, and a stream
+        # opens only for a key :meth:`admit` names (the server whose split this worker serves)
+        self._own = own
+        self._admitted: frozenset[bytes] | None = frozenset() if own is not None else None
 
     @property
     def port(self) -> int:
         return int(self.endpoint.rsplit(":", 1)[1])
+
+    def admit(self, keys: frozenset[bytes]) -> None:
+        """The client keys (Z85) whose streams may open from now on (any thread: one reference
+        swapped). Streams already open go on: a server losing its claim stops using them itself."""
+        self._admitted = frozenset(keys)
 
     def _setup(self) -> None:
         sock = configure(self.ctx.socket(zmq.ROUTER))
         self._zsock = sock
         sock.sndhwm = sock.rcvhwm = 0  # per-stream credit bounds what is queued; an HWM would drop DATA silently
         sock.router_handover = 1  # a reconnecting entry keeps its routing id, so its epoch is recognised
-        curve_server(sock, self.keys)
+        curve_server(sock, self.keys, self._own)
         self._gate = Gate("tunnel", self.stats)  # strangers' idle connections are bounded (gate.py)
         self._gate_monitor = self._gate.install(sock)
         sock.bind(self._listen)
@@ -590,6 +599,11 @@ class TunnelExit(_TunnelEnd):
             return
         s = self._streams.get((peer, sid))
         if kind == OPEN:
+            admitted = self._admitted
+            if admitted is not None and frames[2].get("User-Id").encode() not in admitted:
+                self.stats.inc("tunnel_exit_refused")  # a member, but not the server this worker serves
+                self._zsock.send_multipart([peer, sid, CLOSE, b""])
+                return
             self._open(peer, p, sid, frames[3].bytes, s)
         elif s is None:
             self.stats.inc("tunnel_unknown_stream")  # usually a frame that crossed a CLOSE; harmless
@@ -782,9 +796,11 @@ class TunnelEntry(_TunnelEnd):
     def __init__(self, ctx: zmq.Context, keys: Keys, remote: str, stats: Stats, *, local_port: int = 0,
                  window_bytes: int = DEFAULT_WINDOW_BYTES, chunk_bytes: int = MAX_DATA_BYTES,
                  max_streams: int = DEFAULT_MAX_STREAMS, heartbeat_s: float = HEARTBEAT_S,
-                 peer_timeout_s: float = PEER_TIMEOUT_S, uid: int | None = None):
+                 peer_timeout_s: float = PEER_TIMEOUT_S, uid: int | None = None,
+                 own: tuple[bytes, bytes] | None = None, server_key: bytes | None = None):
         super().__init__("tunnel-entry", ctx, keys, stats, window_bytes=window_bytes, chunk_bytes=chunk_bytes,
                          max_streams=max_streams, heartbeat_s=heartbeat_s, peer_timeout_s=peer_timeout_s)
+        self._own, self._server_key = own, server_key  # ours, and the worker's (from its signed record)
         self.remote = tcp(validate_endpoint(remote.removeprefix("tcp://")))
         self._want_port = local_port
         self._listener: socket.socket | None = None
@@ -819,7 +835,7 @@ class TunnelEntry(_TunnelEnd):
         sock.sndhwm = sock.rcvhwm = 0  # per-stream credit bounds what is queued
         sock.immediate = 1  # queue nothing while no exit is connected: a stream either goes through or is reset
         sock.routing_id = b"T" + os.urandom(15)  # fixed across reconnects, so the exit can match our epoch
-        curve_client(sock, self.keys)
+        curve_client(sock, self.keys, self._own, self._server_key)
         self._monitor = sock.get_monitor_socket(
             zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_FAILED_AUTH
             | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)

@@ -14,7 +14,7 @@ from typing import Any, Union
 
 import msgspec
 
-PROTOCOL = 1
+PROTOCOL = 2  # 2: every record, beat and leave is signed by the node it is about (identity.py)
 TOPIC_ALL = b"*"  # every node subscribes to this topic and to its own id
 
 
@@ -55,6 +55,9 @@ class NodeRecord(msgspec.Struct, kw_only=True):
     started_at: float = 0.0  # unix seconds
     flags: list[str] = []  # e.g. "federated", "draining"
     claims: list[Claim] = []  # a server's claims on workers; see Claim
+    key: bytes = b""  # the node's Ed25519 public key: its id is derived from it (identity.node_id_of)
+    curve: str = ""  # the node's own CURVE public key (Z85): what its connections present
+    sig: bytes = b""  # the node's signature over record_statement(self)
 
 
 class Beat(msgspec.Struct, tag=1):
@@ -65,6 +68,7 @@ class Beat(msgspec.Struct, tag=1):
     version: int
     heartbeat: int
     gossip: str  # the sender's gossip endpoint
+    sig: bytes = b""  # the node's signature over beat_statement(id, incarnation, version, heartbeat)
 
 
 class DigestEntry(msgspec.Struct, array_like=True):
@@ -72,6 +76,7 @@ class DigestEntry(msgspec.Struct, array_like=True):
     incarnation: int
     version: int
     heartbeat: int
+    sig: bytes = b""  # the node's own signature of this heartbeat (its Beat's), relayed as it came
 
 
 class Digest(msgspec.Struct, tag=2):
@@ -93,6 +98,7 @@ class Records(msgspec.Struct, tag=4):
 class Leave(msgspec.Struct, tag=5):
     id: str
     incarnation: int
+    sig: bytes = b""  # the node's signature over leave_statement(id, incarnation)
 
 
 Body = Union[Beat, Digest, Want, Records, Leave]
@@ -110,6 +116,22 @@ class Message(msgspec.Struct):
 
     sender: str
     body: Any
+
+
+# --- what a node signs (identity.py): one statement per kind, so no signature means two things ---
+_stmt_encoder = msgspec.msgpack.Encoder()
+
+
+def record_statement(rec: NodeRecord) -> bytes:
+    return b"zswarm record|" + _stmt_encoder.encode(msgspec.structs.replace(rec, sig=b""))
+
+
+def beat_statement(node_id: str, incarnation: int, version: int, heartbeat: int) -> bytes:
+    return b"zswarm beat|" + _stmt_encoder.encode([node_id, incarnation, version, heartbeat])
+
+
+def leave_statement(node_id: str, incarnation: int) -> bytes:
+    return b"zswarm leave|" + _stmt_encoder.encode([node_id, incarnation])
 
 
 _env_encoder = msgspec.msgpack.Encoder()

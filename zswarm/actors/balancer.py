@@ -63,7 +63,7 @@ class BalancerActor(GuardedActor):
                 if (p["state"] in ("alive", "suspect") and "federated" in p["flags"] and p["models"]
                         and gateway and peer_gateway(gateway)):
                     routes.append(Route(p["id"], gateway, tuple(p["models"]), p["name"],
-                                        suspect=p["state"] == "suspect"))
+                                        suspect=p["state"] == "suspect", curve=p.get("curve", "")))
         table = RouteTable(tuple(routes))
         if table != self._table:
             log.info("routes: %s", ", ".join(f"{r.name or r.node}={'/'.join(r.models)}" for r in routes) or "none")

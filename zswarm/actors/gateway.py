@@ -54,8 +54,9 @@ class GatewayActor(GuardedActor):
     def __init__(self, ctx: zmq.Context, node_id: str, local_endpoint: str, stats: Stats,
                  keys: Keys | None = None, listen: str | None = None, advertise_host: str = "127.0.0.1",
                  accept_routed: bool = False, policy: str = "p2c", target_node: str = "",
-                 watch: Watch | None = None):
+                 watch: Watch | None = None, own: tuple[bytes, bytes] | None = None):
         super().__init__(watch)
+        self._own = own  # this node's CURVE key pair (public, secret): what peers know it by
         self._ctx = ctx
         self._node_id = node_id
         self._local_endpoint = local_endpoint
@@ -148,7 +149,7 @@ class GatewayActor(GuardedActor):
         bind_private_ipc(self._local, self._local_endpoint)
         self._out = link_options(loop.socket(zmq.ROUTER, self._on_peer_reply))  # a dead link drops in seconds
         if self._keys is not None:  # without a token there is no cluster, so no peer to reach
-            curve_client(self._out, self._keys)
+            curve_client(self._out, self._keys, self._own)
         self._out.router_mandatory = True  # a send to no connection raises instead of vanishing
         # a dropped connection loses the peer's replies for good (its ROUTER forgets us), so
         # requests on it are retried at once instead of waiting for the ledger's verdict
@@ -157,7 +158,7 @@ class GatewayActor(GuardedActor):
         if self._accept_routed:
             self._peers = link_options(loop.socket(zmq.ROUTER, self._on_peer))
             self._peers.setsockopt(zmq.MAXMSGSIZE, MAX_REQUEST_BYTES)
-            curve_server(self._peers, self._keys)
+            curve_server(self._peers, self._keys, self._own)  # only members, and each known by its key
             loop.guard_socket(self._peers, Gate("gateway", self._stats))
             self._peers.bind(tcp(self._listen))
             port = self._peers.last_endpoint.decode().rsplit(":", 1)[1]
@@ -172,8 +173,11 @@ class GatewayActor(GuardedActor):
                 self._out.disconnect(endpoint)
             except zmq.ZMQError:
                 pass
+        curves = {r.endpoint: r.curve for r in table.routes if not r.local}
         for endpoint in wanted - self._links:  # connect now, so the first request finds the link up
             try:
+                # the peer's own key, from its signed record: nobody else can answer for it
+                self._out.curve_serverkey = (curves.get(endpoint) or "").encode() or self._keys.curve_public
                 self._out.setsockopt(zmq.CONNECT_ROUTING_ID, endpoint.encode())
                 self._out.connect(endpoint)
             except zmq.ZMQError as e:  # a malformed endpoint in someone's record: that route stays down

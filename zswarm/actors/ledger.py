@@ -29,15 +29,17 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import zmq
 from zmq.utils.monitor import parse_monitor_message
 
 from .. import wire
 from ..membership import Changes, Membership, Timing
-from ..token import Keys
 from ..gate import Gate
+from ..identity import Identity
+from ..token import Keys
+from ..trust import FORGED, Limits, Trust
 from ..transport import SocketLoop, Stats, curve_client, curve_server, link_options, tcp
 from .base import GuardedActor, Watch
 from .listener import notify, tell, tell_later
@@ -47,6 +49,7 @@ log = logging.getLogger(__name__)
 WANT_RETRY_S = 1.0  # ask again for a record that has not come; PUB drops sends to a pipe not yet up
 MAX_REMEMBERED = 64  # peers dialed again after a restart
 REMEMBER_EVERY_S = 5.0  # how often the list of alive peers is written to the state directory
+MAX_WANTED = 256  # records sent for one Want at most (a cluster holds trust.MAX_NODES)
 HELLO_AGAIN_S = 0.15  # a subscription crosses a fresh connection in well under this
 # How long the Leave may take to flush when the node stops (the context's term waits this long
 # for a peer that is not reading). A LAN takes milliseconds; a peer that misses it notices the
@@ -57,6 +60,7 @@ LEAVE_LINGER_MS = 300
 @dataclass
 class _Inbound:
     msg: wire.Message
+    key: str  # the CURVE key the sender's connection presented (Z85): who really sent it
 
 
 @dataclass
@@ -82,9 +86,10 @@ class BindError(RuntimeError):
 class LedgerActor(GuardedActor):
     name = "ledger"
 
-    def __init__(self, ctx: zmq.Context, keys: Keys, own: wire.NodeRecord, listen: str,
+    def __init__(self, ctx: zmq.Context, keys: Keys, identity: Identity, own: wire.NodeRecord, listen: str,
                  advertise_host: str, stats: Stats, timing: Timing = Timing(), peers_file: Path | None = None,
-                 watch: Watch | None = None):
+                 watch: Watch | None = None, limits: Limits = Limits(),
+                 on_change: Callable[[list[wire.NodeRecord], dict[str, str]], None] | None = None):
         super().__init__(watch)
         self._peers_file = peers_file
         self._peers_saved: list[str] = []
@@ -95,7 +100,13 @@ class LedgerActor(GuardedActor):
         self._advertise_host = advertise_host
         self._stats = stats
         self._timing = timing
-        self.m = Membership(own, timing)
+        self._identity = identity
+        self.m = Membership(own, timing, signer=identity.sign)
+        self.trust = Trust(own.id, self.m.key_of, stats.inc, limits)
+        self._wrong_protocol: set[str] = set()  # senders already told of in the log
+        # told every record and state after each change, in this thread (it must not block): the
+        # ZAP handler learns the members' own keys, a worker's tunnel exit whom it serves
+        self._on_change = on_change
         self._loop: SocketLoop | None = None
         self._dialed: dict[str, set[str]] = {}  # endpoint -> reasons ("bootstrap", "mdns", "peer")
         self._links_up: set[str] = set()  # endpoints our PUB has a live connection to
@@ -115,6 +126,7 @@ class LedgerActor(GuardedActor):
         except zmq.ZMQError as e:
             raise BindError(f"cannot listen on {self._listen}: {e.strerror}") from None
         self._loop = loop
+        self.m.sign_own()  # the gossip endpoint is in it now
         for endpoint in self._remembered():
             self._dial(endpoint, "remembered")
         self._send(wire.TOPIC_ALL, self.m.beat())
@@ -153,7 +165,7 @@ class LedgerActor(GuardedActor):
 
     # --- the socket thread (runs in ledger-io, never in the actor) ---
     def _setup(self, loop: SocketLoop) -> None:
-        sub = loop.socket(zmq.SUB, self._on_frames)
+        sub = loop.add(self._ctx.socket(zmq.SUB), self._on_frames, frames=True)
         curve_server(sub, self._keys)
         link_options(sub)  # heartbeats close what a partition left of a peer's link
         sub.subscribe(wire.TOPIC_ALL)
@@ -162,7 +174,7 @@ class LedgerActor(GuardedActor):
         sub.bind(tcp(self._listen))
         port = sub.last_endpoint.decode().rsplit(":", 1)[1]
         pub = loop.socket(zmq.PUB)
-        curve_client(pub, self._keys)
+        curve_client(pub, self._keys, (self._identity.curve_public, self._identity.curve_secret))
         link_options(pub)  # a broken link is closed by heartbeats and redialed about once a second
         loop.add(pub.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED),
                  self._on_pub_event)
@@ -172,14 +184,26 @@ class LedgerActor(GuardedActor):
         self.m.own.endpoints = {**self.m.own.endpoints, "gossip": gossip}
         self._self_endpoints = {gossip, f"tcp://127.0.0.1:{port}", tcp(self._listen)}
 
-    def _on_frames(self, frames: list[bytes]) -> None:
+    def _on_frames(self, frames: list[zmq.Frame]) -> None:
         self._stats.inc("gossip_in")
         self._stats.inc("gossip_in_bytes", sum(len(f) for f in frames))
         if len(frames) != 2:
             self._drop(f"{len(frames)} frames")
             return
         try:
-            msg = wire.decode(frames[1], self._net)
+            key = frames[1].get("User-Id")
+        except zmq.ZMQError:
+            key = ""
+        try:
+            msg = wire.decode(frames[1].bytes, self._net)
+        except wire.WrongProtocol as e:
+            self._drop(str(e))
+            sender = str(e).split("from ", 1)[-1].split(";", 1)[0]
+            if sender not in self._wrong_protocol and len(self._wrong_protocol) < 1000:
+                self._wrong_protocol.add(sender)
+                log.warning("refused gossip from node %s: %s (upgrade every node of the cluster; see the README)",
+                            sender, e)
+            return
         except wire.BadFrame as e:
             self._drop(str(e))
             return
@@ -188,7 +212,7 @@ class LedgerActor(GuardedActor):
         if isinstance(msg.body, wire.Beat) and msg.body.id != msg.sender:
             self._drop("beat for another node")
             return
-        tell(self.actor_ref, _Inbound(msg))
+        tell(self.actor_ref, _Inbound(msg, key or ""))
 
     def _drop(self, why: str) -> None:
         self._stats.inc("gossip_bad_frames")
@@ -202,7 +226,7 @@ class LedgerActor(GuardedActor):
     # --- actor thread ---
     def handle(self, message: Any) -> None:
         if isinstance(message, _Inbound):
-            self._handle(message.msg)
+            self._handle(message.msg, message.key)
         elif isinstance(message, _Tick):
             self._tick()
         elif isinstance(message, _Link) and not message.up:
@@ -218,27 +242,39 @@ class LedgerActor(GuardedActor):
 
     def _hello(self) -> None:
         """Tell a new connection (and everyone) who we are and what we know, and ask what we lack."""
-        self._send(wire.TOPIC_ALL, wire.Beat(self.m.own.id, self.m.own.incarnation, self.m.own.version,
-                                             self.m.heartbeat, self.m.own.endpoints.get("gossip", "")))
+        self._send(wire.TOPIC_ALL, self.m.beat())
+        self._send(wire.TOPIC_ALL, wire.Records([self.m.own]))  # who we are, signed: our key binds here
         self._send(wire.TOPIC_ALL, wire.Digest(self.m.digest()))
         self._ask(force=True)
 
-    def _handle(self, msg: wire.Message) -> None:
+    def _handle(self, msg: wire.Message, key: str) -> None:
+        # A sender we know must speak over a connection with its own key: anything else is
+        # someone using its name (a relay keeps its own name and signs nothing of others').
+        if (sender := self.m.members.get(msg.sender)) is not None and sender.record is not None \
+                and sender.record.curve != key:
+            self._stats.inc(FORGED)
+            log.debug("dropped gossip in the name of %s from another key", msg.sender)
+            return
         match msg.body:
             case wire.Beat() as beat:
-                self._apply(self.m.on_beat(beat))
+                if self.trust.beat(beat, key):
+                    self._apply(self.m.on_beat(beat))
+                    if self.m.key_of(beat.id) is not None:  # verified, over the node's own connection
+                        self.trust.heard_directly(beat.id)
             case wire.Digest(entries=entries):
-                self._apply(self.m.on_digest(msg.sender, entries))
+                self._apply(self.m.on_digest(msg.sender, self.trust.entries(entries, key, self.m.held)))
             case wire.Want(ids=ids):
-                records = self.m.records(ids)
+                records = self.m.records(ids[:MAX_WANTED])
                 if records:
                     self._send(msg.sender.encode(), wire.Records(records))
             case wire.Records(records=records):
-                for r in records:
+                good = [r for r in records if self.trust.record(r, key)]
+                for r in good:
                     self._wants.pop(r.id, None)
-                self._apply(self.m.on_records(records))
-            case wire.Leave(id=node_id, incarnation=inc):
-                self._apply(self.m.on_leave(node_id, inc))
+                self._apply(self.m.on_records(good))
+            case wire.Leave() as leave:
+                if self.trust.leave(leave):
+                    self._apply(self.m.on_leave(leave.id, leave.incarnation))
 
     def _tick(self) -> None:
         self._send(wire.TOPIC_ALL, self.m.beat())
@@ -294,11 +330,16 @@ class LedgerActor(GuardedActor):
             log.log(level, "peer %s: %s -> %s", node_id, old, new)
             if new in ("left", "removed"):
                 self._wants.pop(node_id, None)
+                self.trust.forget(node_id)
             elif new == "alive" and old in ("dead", "removed"):
                 self._redial_now(node_id)
         for node_id in ch.updated:
             if node_id in self._wants:
                 del self._wants[node_id]
+        if self._on_change is not None:
+            members = self.m.members.values()
+            self._on_change([m.record for m in members if m.record is not None],
+                            {i: m.state for i, m in self.m.members.items()})
         self._ask(now=now)
         notify(self._listeners, "ledger_changed")
 
@@ -374,7 +415,7 @@ class LedgerActor(GuardedActor):
         if self._loop is None:
             return
         self._remember()
-        self._send(wire.TOPIC_ALL, wire.Leave(self.m.own.id, self.m.own.incarnation))
+        self._send(wire.TOPIC_ALL, self.m.leave())
 
         def _quiet() -> None:
             for sock in (self._pub, self._sub):

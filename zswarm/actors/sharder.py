@@ -87,7 +87,8 @@ class SharderActor(GuardedActor):
         self._gateway = gateway
         self._supervisor = supervisor
         self._ledger = ledger
-        self._open_tunnel = open_tunnel  # remote tunnel endpoint -> started TunnelEntry
+        self._open_tunnel = open_tunnel  # (remote tunnel endpoint, its CURVE key) -> started TunnelEntry
+        self._curves: dict[str, str] = {}  # worker id -> its own CURVE key (Z85), from its record
         self._local = local
         self._needed = needed
         self._settle_s = settle_s
@@ -194,6 +195,7 @@ class SharderActor(GuardedActor):
             if p["state"] in HOLDING_STATES:
                 known.add(p["id"])
             tunnel = p["endpoints"].get("tunnel")
+            self._curves[p["id"]] = p.get("curve", "")
             if p["state"] == "alive" and tunnel and "rpc" in p["flags"]:
                 usable[p["id"]] = Device(p["id"], p["name"], tunnel, p["mem_free"])
         others = [Claim(r.id, c.worker, c.since, c.held) for r in records if r.id != self._me for c in r.claims]
@@ -315,7 +317,7 @@ class SharderActor(GuardedActor):
             if have is None or have[0] != d.endpoint:
                 if have is not None:
                     have[1].stop()
-                entry = self._open_tunnel(d.endpoint)
+                entry = self._open_tunnel(d.endpoint, self._curves.get(d.id, ""))
                 have = self._tunnels[d.id] = (d.endpoint, entry)
             devices.append(Device(d.id, d.name, f"127.0.0.1:{have[1].local_port}", d.mem))
         return Plan(tuple(devices), plan.weights)
