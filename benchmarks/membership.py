@@ -85,8 +85,9 @@ class Node:
 
 
 class Cluster:
-    def __init__(self, tmp: str, deadline_s: float, role: str):
-        self.tmp, self.deadline_s, self.role = tmp, deadline_s, role
+    def __init__(self, tmp: str, deadline_s: float, role: str, root: Path = ROOT):
+        """``root``: the source tree the nodes run (signing.py runs an older checkout beside this one)."""
+        self.tmp, self.deadline_s, self.role, self.root = tmp, deadline_s, role, Path(root)
         self.token = subprocess.run([sys.executable, "-m", "zswarm", "token", "new"], cwd=ROOT, check=True,
                                     capture_output=True, text=True, timeout=30).stdout.strip()
         self.nodes: list[Node] = []
@@ -105,7 +106,8 @@ class Cluster:
         if self.nodes:
             cmd += ["--bootstrap", f"127.0.0.1:{random.choice(self.nodes).port}"]
         with open(self.log_path(name), "wb") as log:
-            proc = subprocess.Popen(cmd, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+            proc = subprocess.Popen(cmd, cwd=self.root, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                    env={**os.environ, "PYTHONPATH": str(self.root)})
         self.nodes.append(Node(name, state_dir, port, proc, time.monotonic()))
         return self.nodes[-1]
 
@@ -232,7 +234,14 @@ def measure(size: int, deadline_s: float, role: str) -> dict:
 
 
 def run(cluster: Cluster, size: int, row: dict) -> None:
-    # 1. convergence and join
+    nodes = converge(cluster, size, row)
+    at_start = sum(map(len, cluster.suspects()))  # every suspect so far was false
+    quiet_window(nodes, row)
+    detect(cluster, nodes, row, at_start)
+
+
+def converge(cluster: Cluster, size: int, row: dict) -> list[Node]:
+    """1. Convergence and join: fills ``row``'s up, join_*, conv_* and poll_ms; returns the nodes."""
     for _ in range(size - 1):
         cluster.spawn()
     cluster.wait_up(cluster.nodes)
@@ -249,9 +258,13 @@ def run(cluster: Cluster, size: int, row: dict) -> None:
     if t["conv"] is None:
         raise Timeout("the cluster never converged")
     row["conv_first"], row["conv_last"] = t["conv"] - nodes[0].spawned, t["conv"] - last.spawned
-    at_start = sum(map(len, cluster.suspects()))  # every suspect so far was false
+    return nodes
 
-    # 3. gossip traffic and CPU in a quiet window (before the kill, with all N nodes)
+
+def quiet_window(nodes: list[Node], row: dict) -> None:
+    """3. Gossip traffic and CPU in a quiet window (before the kill, with all N nodes)."""
+    size = len(nodes)
+
     def sample() -> tuple[list[tuple[float, dict]], float, float, float]:
         counters = [(time.monotonic(), (n.ask("status") or {}).get("counters", {})) for n in nodes]
         return counters, time.monotonic(), tree_cpu_s([n.proc.pid for n in nodes]), host_cpu_s()
@@ -262,7 +275,9 @@ def run(cluster: Cluster, size: int, row: dict) -> None:
         row[col] = sum((a[1].get(key, 0) - b[1].get(key, 0)) / (a[0] - b[0]) for b, a in zip(before, after)) / size
     row["cpu"], row["host_cpu"] = 100 * (cpu1 - cpu0) / (t1 - t0), 100 * (host1 - host0) / (t1 - t0)
 
-    # 2. failure detection
+
+def detect(cluster: Cluster, nodes: list[Node], row: dict, at_start: int) -> None:
+    """2. Failure detection, and the false suspects until convergence (``at_start``) / after it."""
     victim = random.choice(nodes[1:])
     before_kill = cluster.suspects()  # so was every one until the kill
     cluster.note_children()

@@ -25,6 +25,7 @@ import pytest
 import zmq
 
 from cluster import Cluster, wait_for
+from forger import Forger
 from test_federated import MODEL, SERVER_ARGS, api_url, client, routes_ready, start_federation
 from zswarm import wire
 from zswarm.actors.gateway import GatewayActor
@@ -131,13 +132,19 @@ def test_a_gateway_with_a_thousand_routes_still_routes(tmp_path):
     token = Token.generate()
     c = Cluster(tmp_path, token.encode())
     listeners: list[socket.socket] = []
-    gateway = None
+    gateway = member = None
     ctx = zmq.Context()
     try:
         s = c.node("s", "server", extra=SERVER_ARGS)
         wait_for(lambda: s.admin("status")["gateway"]["routes"], 60, 0.2, what="the server's engine")
         status = s.admin("status")
-        real = Route(status["id"], status["endpoints"]["gateway"], (MODEL,), "s")
+        # the entry is a member (its signed record in the server's ledger), and it knows the
+        # server's own key: only then does the server's gateway let it in (issue 13)
+        member = Forger(token.encode(), [f"tcp://{s.endpoint}"]).open()
+        member.barrage(member.announce(), rounds=3, over_s=0.6)
+        wait_for(lambda: member.node_id in {p["id"] for p in s.peers()}, 10, what="the server to list the entry")
+        curve = s.admin("ledger")[0]["curve"]
+        real = Route(status["id"], status["endpoints"]["gateway"], (MODEL,), "s", curve=curve)
         routes = []
         for i in range(999):
             ls = socket.socket()
@@ -147,7 +154,8 @@ def test_a_gateway_with_a_thousand_routes_still_routes(tmp_path):
             routes.append(Route(f"phantom-{i}", f"tcp://127.0.0.1:{ls.getsockname()[1]}", ("phantom",), f"p{i}"))
         routes.append(real)  # last: a socket per route would have run out long before it
         endpoint = f"ipc://{tmp_path}/gw.sock"
-        gateway = GatewayActor.start(ctx, "entry", endpoint, Stats(), token.derive())
+        gateway = GatewayActor.start(ctx, "entry", endpoint, Stats(), token.derive(),
+                                     own=(member.ident.curve_public, member.ident.curve_secret))
         gateway.proxy().open().get(timeout=10)
         gateway.proxy().set_routes(RouteTable(tuple(routes))).get(timeout=10)
         assert gateway.proxy().status().get(timeout=10)["links"]["wanted"] == 1000
@@ -174,4 +182,6 @@ def test_a_gateway_with_a_thousand_routes_still_routes(tmp_path):
         ctx.destroy(linger=0)
         for ls in listeners:
             ls.close()
+        if member is not None:
+            member.close()
         c.close()

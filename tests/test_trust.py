@@ -30,7 +30,7 @@ class World:
         own = node(self.me)
         self.m = Membership(own, signer=self.me.sign)
         self.counts: Counter = Counter()
-        self.t = Trust(own.id, self.m.key_of, lambda n: self.counts.update([n]), limits)
+        self.t = Trust(own.id, self.m.key_of, lambda n: self.counts.update([n]), limits, self.m.held_record)
 
     def learn(self, rec: wire.NodeRecord, sender: str = "k") -> bool:
         ok = self.t.record(rec, sender)
@@ -114,3 +114,29 @@ def test_hints_of_unknown_nodes_count_against_the_sender_too():
     assert [w.t.beat(beat(i), "liar") for i in ids] == [True, True, False, False]
     entries = [wire.DigestEntry(i.node_id, 1, 0, 1, b"") for i in ids]
     assert len(w.t.entries(entries, "liar", w.m.held)) == 2  # the two already admitted
+
+
+def test_an_unsigned_hint_cannot_pin_a_node_its_numbers_before_its_record_arrives():
+    w, x = World(), Identity.generate()
+    lie = wire.DigestEntry(x.node_id, 2 ** 62, 0, 10 ** 12, b"")  # X unknown here: only a hint
+    w.m.on_digest("liar", w.t.entries([lie], "liar", w.m.held))
+    assert w.m.members[x.node_id].record is None
+    assert w.learn(node(x))  # X's own record: it replaces what the hint said
+    m = w.m.members[x.node_id]
+    assert m.record is not None and m.incarnation == 1
+    b = beat(x, hb=1)
+    assert w.t.beat(b, "k") and w.m.on_beat(b) is not None and w.m.members[x.node_id].heartbeat == 1
+
+
+def test_copies_of_a_held_record_and_relays_of_a_node_heard_directly_are_not_checked():
+    w, v = World(), Identity.generate()
+    rec = node(v)
+    assert w.learn(rec)
+    w.m.on_beat(beat(v, hb=1))
+    checked = []
+    w.t.key_of = lambda node_id: checked.append(node_id) or w.m.key_of(node_id)
+    assert not w.t.record(rec, "k")  # the same record again: nothing to do
+    w.t.fresh = lambda node_id: True
+    forged = wire.DigestEntry(v.node_id, 1, 0, 99, b"")
+    assert w.t.entries([forged], "k", w.m.held) == []  # skipped: we hear v ourselves
+    assert w.counts[FORGED] == 0

@@ -60,6 +60,7 @@ class Member:
     # the newest heartbeat as its node signed it (wire.beat_statement): relayed in digests as is
     beat_version: int = 0
     beat_sig: bytes = b""
+    direct_at: float = float("-inf")  # when its own beat last came to us (not a relay)
 
     def view(self, now: float) -> dict:
         rec = self.record
@@ -160,6 +161,15 @@ class Membership:
         m = self.members.get(node_id)
         return None if m is None else (m.incarnation, m.version, m.heartbeat)
 
+    def held_record(self, node_id: str) -> tuple[int, int] | None:
+        """(incarnation, version) of the record we hold for ``node_id``; None: no record yet."""
+        m = self.members.get(node_id)
+        return None if m is None or m.record is None else (m.record.incarnation, m.record.version)
+
+    def heard_directly_within(self, node_id: str, seconds: float) -> bool:
+        m = self.members.get(node_id)
+        return m is not None and self.clock() - m.direct_at < seconds
+
     def key_of(self, node_id: str) -> bytes | None:
         m = self.members.get(node_id)
         return m.record.key if m is not None and m.record is not None and m.record.key else None
@@ -226,6 +236,8 @@ class Membership:
             return
         if incarnation < m.incarnation:
             return
+        if direct:
+            m.direct_at = now
         if direct or heartbeat > m.heartbeat:
             if heartbeat > m.heartbeat or (heartbeat == m.heartbeat and sig and not m.beat_sig):
                 m.beat_version, m.beat_sig = version, sig
@@ -266,8 +278,12 @@ class Membership:
                                                 self._adopt(r.id, "", ch))
             if m.record is not None and (r.incarnation, r.version) <= (m.record.incarnation, m.record.version):
                 continue
-            if (r.incarnation, r.version) < (m.incarnation, m.version):
-                continue  # older than what beats already told us; a newer one is on its way
+            if m.record is not None and (r.incarnation, r.version) < (m.incarnation, m.version):
+                continue  # older than what its own beats already told us; a newer one is on its way
+            if m.record is None and self.signer is not None and m.incarnation != r.incarnation:
+                # A placeholder's numbers came from hints nobody signed (a beat or digest entry of
+                # a node whose key we lacked): the node's own signed record overrides them.
+                m.incarnation, m.version, m.heartbeat, m.beat_sig = r.incarnation, r.version, 0, b""
             gossip = r.endpoints.get("gossip", "")
             if gossip and gossip != m.gossip:
                 if m.gossip:
@@ -302,6 +318,8 @@ class Membership:
             self._redial[node_id] = (m.gossip, now + self.timing.redial_s)
         elif m.gossip:
             ch.disconnect.add(m.gossip)
+        if m.record is None and self.signer is not None:
+            return  # nothing it said was ever verified: no tombstone (its numbers may be a liar's)
         self._tombstones[node_id] = Tombstone(m.incarnation, now + self.timing.tombstone_s, m if silent else None)
 
     # --- time passing ---

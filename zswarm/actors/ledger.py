@@ -102,7 +102,9 @@ class LedgerActor(GuardedActor):
         self._timing = timing
         self._identity = identity
         self.m = Membership(own, timing, signer=identity.sign)
-        self.trust = Trust(own.id, self.m.key_of, stats.inc, limits)
+        fresh_s = timing.suspect_after_s / 2
+        self.trust = Trust(own.id, self.m.key_of, stats.inc, limits, self.m.held_record,
+                           lambda node_id: self.m.heard_directly_within(node_id, fresh_s))
         self._wrong_protocol: set[str] = set()  # senders already told of in the log
         # told every record and state after each change, in this thread (it must not block): the
         # ZAP handler learns the members' own keys, a worker's tunnel exit whom it serves
