@@ -4,6 +4,9 @@ Gossip frames are ``[topic, payload]``. The payload is an :class:`Envelope` whos
 until the protocol version and network id have been checked, so a peer speaking a newer protocol
 is refused with a clear reason instead of a decode error. Body tags are part of the protocol:
 ONLY APPEND new message types; new fields get defaults so older peers can still read them.
+Signatures (protocol 2) cover a record as re-encoded by the receiver (``record_statement``):
+a field an older peer does not know would be dropped in its decoding and fail its check, so
+adding a field to NodeRecord is a protocol change (bump ``PROTOCOL``).
 
 Nothing here touches a socket; ``decode_*`` raise :class:`BadFrame` and never anything else.
 """
