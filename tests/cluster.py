@@ -180,3 +180,23 @@ class Cluster:
                 n.proc.kill()
                 n.proc.wait(5)
         assert not leaked, f"nodes did not stop on SIGTERM within 10 s: {leaked}"
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process under ``pid`` (children, their children...), from /proc/*/stat's ppid."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue  # gone meanwhile
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])  # after "pid (comm) state"
+        children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out

@@ -19,7 +19,7 @@ import time
 import openai
 import pytest
 
-from cluster import Cluster, wait_for
+from cluster import Cluster, descendants, wait_for
 from test_worker_mode import MODEL, SERVER, ask, client, split_is
 from zswarm.token import Token
 
@@ -57,7 +57,7 @@ def test_worker_sigstopped_mid_generation(tmp_path):
         assert first_chunk.wait(60), "the stream never started"
         t_stop = time.monotonic()
         w2.signal(signal.SIGSTOP)
-        for child in _children(w2.proc.pid):  # its RPC server too: the whole machine "freezes"
+        for child in descendants(w2.proc.pid):  # its RPC server too: the whole machine "freezes"
             os.kill(child, signal.SIGSTOP)
         t.join(120)
         assert not t.is_alive(), "the stream hung"
@@ -66,7 +66,7 @@ def test_worker_sigstopped_mid_generation(tmp_path):
         wait_for(lambda: split_is(s, ["w1"]), 90, 0.2, what="the engine re-sharded onto w1")
         t_resharded = time.monotonic()
         assert ask(s)  # served by the re-sharded engine
-        for child in _children(w2.proc.pid):
+        for child in descendants(w2.proc.pid):
             os.kill(child, signal.SIGCONT)
         w2.signal(signal.SIGCONT)
         t_cont = time.monotonic()
@@ -79,7 +79,7 @@ def test_worker_sigstopped_mid_generation(tmp_path):
     finally:
         for n in c.nodes:
             if n.running():
-                for child in _children(n.proc.pid):
+                for child in descendants(n.proc.pid):
                     try:
                         os.kill(child, signal.SIGCONT)
                     except ProcessLookupError:
@@ -88,21 +88,3 @@ def test_worker_sigstopped_mid_generation(tmp_path):
         c.close()
 
 
-def _children(pid: int) -> list[int]:
-    """Every descendant of ``pid`` (from /proc)."""
-    kids: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        kids.setdefault(ppid, []).append(int(entry))
-    out, todo = [], [pid]
-    while todo:
-        for k in kids.get(todo.pop(), []):
-            out.append(k)
-            todo.append(k)
-    return out

@@ -19,7 +19,7 @@ from pathlib import Path
 import openai
 import pytest
 
-from cluster import Cluster, wait_for
+from cluster import Cluster, descendants, wait_for
 from netns import NetnsLab, netns_available
 from swarm_fakes import FakeBackend, FakeCluster, browser, new_page, serve_wsgi  # noqa: F401 (fixture)
 from zswarm.http.app import create_app
@@ -229,23 +229,6 @@ def test_forty_slow_header_clients_do_not_stall_healthz_and_are_dropped(nodes):
 
 
 # --- no API key (nor the token) in the HTTP child ------------------------------------------------
-
-def descendants(pid: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry.name))
-    out, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
-    return out
-
 
 def test_http_child_has_no_api_key_in_environ_or_cmdline(nodes):
     c, _, node, token = nodes

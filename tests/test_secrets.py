@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster import REPO, Cluster, free_port, wait_for
+from cluster import REPO, Cluster, descendants, free_port, wait_for
 from zswarm.config import SECRET_ENVS
 from zswarm.token import Token
 
@@ -32,26 +32,6 @@ def write_secret(path: Path, text: str, mode: int = 0o600) -> str:
     path.write_text(text)
     path.chmod(mode)
     return str(path)
-
-
-def descendants(pid: int) -> list[int]:
-    """Every process under ``pid`` (children, their children...), from /proc/*/stat's ppid."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue  # gone meanwhile
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])  # after "pid (comm) state"
-        children.setdefault(ppid, []).append(int(entry))
-    out, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
-    return out
 
 
 def proc_bytes(pid: int, what: str) -> bytes:
