@@ -4,6 +4,7 @@ the worker's own key cannot reach the worker's RPC server."""
 
 from __future__ import annotations
 
+import signal
 import socket
 import time
 
@@ -67,3 +68,17 @@ def test_only_the_planning_server_opens_streams_through_a_workers_exit(cluster, 
     time.sleep(0.5)
     assert api.chat.completions.create(model=MODEL, max_tokens=2,  # the server's own streams go on
                                        messages=[{"role": "user", "content": "Hi"}]).choices
+
+    # A worker restarted while its server runs hears the server's claim before its exit exists;
+    # the exit must still admit the server (the Ansible rolling restart found it refusing).
+    w.signal(signal.SIGTERM)
+    assert w.wait(10) == 0
+    w.start()
+    wait_for(lambda: w.admin("status")["children"]["rpc"]["state"] == "ready", 60, 0.2, what="the worker back")
+    wait_for(split, 120, 0.2, what="the split over the restarted worker")
+    answer = wait_for(lambda: api.chat.completions.create(model=MODEL, max_tokens=2,
+                                                          messages=[{"role": "user", "content": "Hi"}]).choices,
+                      60, 0.5, what="an answer through the restarted worker",
+                      retry=(openai.APIStatusError, openai.APIConnectionError))
+    assert answer
+    assert w.admin("status")["counters"].get("tunnel_exit_refused", 0) == 0  # a fresh process: none refused

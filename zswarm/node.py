@@ -253,8 +253,7 @@ class Node:
         return self.record
 
     def _ledger_changed(self, records: list[wire.NodeRecord], states: dict[str, str]) -> None:
-        """In the ledger's thread, after every change: who may reach this node's own-key sockets."""
-        self.zap.set_members(frozenset(r.curve.encode() for r in records if r.curve))
+        """After every change of the ledger (in its thread): whom a worker's tunnel exit serves."""
         exit_ = self.tunnel_exit
         if exit_ is not None:  # a worker: only the server whose split it serves opens streams
             from .sharding import Claim, holders
@@ -404,6 +403,10 @@ class Node:
             own = ledger.proxy().own().get(timeout=START_TIMEOUT_S)
             ledger.proxy().update_own(endpoints={**own.endpoints, "tunnel": tunnel}, mem_total=mem_total,
                                       mem_free=mem_free).get(timeout=START_TIMEOUT_S)
+            # The exit admits no one until told whom this worker serves: the ledger tells it at every
+            # change, but a restarted worker may have heard everything before its exit existed.
+            self._ledger_changed(ledger.proxy().records().get(timeout=START_TIMEOUT_S)[1:],
+                                 {p["id"]: p["state"] for p in ledger.proxy().peers().get(timeout=START_TIMEOUT_S)})
 
         # "private": a namespace of its own; "shared": the host's, as READY says; "host": static mode
         netns = {"state": "host" if broker_fd is None else "starting"}

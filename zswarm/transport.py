@@ -58,17 +58,21 @@ def configure(sock: zmq.Socket) -> zmq.Socket:
     return sock
 
 
-MEMBERS = b"member"  # the ZAP domain of sockets only known members may reach
+MEMBERS = b"member"  # the ZAP domain of sockets whose server key is a node's own
 
 
 def curve_server(sock: zmq.Socket, keys: Keys, own: tuple[bytes, bytes] | None = None) -> zmq.Socket:
     """Make ``sock`` a CURVE server; call before bind (ZeroMQ reads it at bind time).
 
-    Without ``own``: the token's key pair, which every member (and a newcomer) knows; the ZAP
-    handler admits any client key. With ``own`` (public, secret: the node's, identity.py): a key
-    only the members that read this node's signed record know, and the ZAP handler admits only
-    the client keys of members' records (:data:`MEMBERS`): nobody can pose as this node, and
-    the node knows which member each connection is."""
+    Without ``own``: the token's key pair, which every member (and a newcomer) knows. With
+    ``own`` (public, secret: the node's, identity.py): a key only members know (it is in the
+    node's signed record, which travels encrypted between members), so nobody can pose as this
+    node, and only a member can complete a handshake. Either way the ZAP handler admits the
+    client's key and hands it up as ``User-Id``, so the socket knows which key (which member)
+    each connection is. The ZAP handler does not check client keys against the ledger: libzmq
+    never redials a connection whose handshake was refused (a ZAP refusal is a protocol error,
+    ``session_base.cpp``), so a peer that dialled before this node had its record would have
+    stayed cut off for good."""
     public, secret = own if own is not None else (keys.curve_public, keys.curve_secret)
     sock.curve_secretkey = secret
     sock.curve_publickey = public
@@ -320,7 +324,6 @@ class ZapHandler:
 
     def __init__(self, ctx: zmq.Context, keys: Keys, stats: Stats):
         self._stats = stats
-        self._members: frozenset[bytes] = frozenset()  # Z85 client keys of members' records
         self.loop = SocketLoop("zap", ctx, self._setup)
 
     def _setup(self, loop: SocketLoop) -> None:
@@ -329,11 +332,6 @@ class ZapHandler:
 
     def start(self) -> None:
         self.loop.start_and_wait()
-
-    def set_members(self, keys: frozenset[bytes]) -> None:
-        """The members' own keys (any thread: one reference swapped); :data:`MEMBERS` sockets
-        admit only these."""
-        self._members = keys
 
     def stop(self, timeout_s: float = 5.0) -> bool:
         return self.loop.stop(timeout_s)
@@ -345,7 +343,7 @@ class ZapHandler:
         version, request_id, domain, address, _identity, mechanism = frames[:6]
         user = zmq.utils.z85.encode(frames[6]) if mechanism == b"CURVE" and len(frames) >= 7 \
             and len(frames[6]) == 32 else b""
-        if user and (domain != MEMBERS or user in self._members):
+        if user:
             self._stats.inc("auth_ok")
             self._sock.send_multipart([version, request_id, b"200", b"OK", user, b""])
         else:

@@ -527,7 +527,7 @@ class TunnelExit(_TunnelEnd):
         self._next_request = 1
         self._gate: Gate | None = None
         self._gate_monitor: zmq.Socket | None = None
-        # ``own``: this worker's CURVE key pair; then only member keys get through ZAP, and a stream
+        # ``own``: this worker's CURVE key pair (only members know its public half), and a stream
         # opens only for a key :meth:`admit` names (the server whose split this worker serves)
         self._own = own
         self._admitted: frozenset[bytes] | None = frozenset() if own is not None else None
