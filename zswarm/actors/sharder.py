@@ -198,6 +198,9 @@ class SharderActor(GuardedActor):
             self._curves[p["id"]] = p.get("curve", "")
             if p["state"] == "alive" and tunnel and "rpc" in p["flags"]:
                 usable[p["id"]] = Device(p["id"], p["name"], tunnel, p["mem_free"])
+        for r in records:  # a claim's server is named even if the peers' snapshot (asked first) lacked it
+            if r.name:
+                self._names.setdefault(r.id, r.name)
         others = [Claim(r.id, c.worker, c.since, c.held) for r in records if r.id != self._me for c in r.claims]
         step = claim_step(self._me, usable, known, others + list(self._mine), states, time.time(),
                           self._claim_settle_s)
