@@ -58,9 +58,6 @@ def configure(sock: zmq.Socket) -> zmq.Socket:
     return sock
 
 
-MEMBERS = b"member"  # the ZAP domain of sockets whose server key is a node's own
-
-
 def curve_server(sock: zmq.Socket, keys: Keys, own: tuple[bytes, bytes] | None = None) -> zmq.Socket:
     """Make ``sock`` a CURVE server; call before bind (ZeroMQ reads it at bind time).
 
@@ -77,7 +74,7 @@ def curve_server(sock: zmq.Socket, keys: Keys, own: tuple[bytes, bytes] | None =
     sock.curve_secretkey = secret
     sock.curve_publickey = public
     sock.curve_server = True
-    sock.zap_domain = MEMBERS if own is not None else b"zswarm"
+    sock.zap_domain = b"zswarm"
     return sock
 
 
