@@ -32,6 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
 from cluster import free_port, wait_for  # noqa: E402
+from slowclient import SlowHeaders  # noqa: E402
 
 
 def start_gunicorn(port: int, worker_class: str | None, threads: int | None,
@@ -66,45 +67,12 @@ def healthz(port: int, timeout_s: float = 5.0) -> float | None:
         return None
 
 
-class SlowClient(threading.Thread):
-    """Sends a partial request, then one header byte per ``trickle_s``; notes when it was cut off."""
-
-    def __init__(self, port: int, trickle_s: float, stop: threading.Event):
-        super().__init__(daemon=True)
-        self.port, self.trickle_s, self.stop = port, trickle_s, stop
-        self.started = self.dropped = None
-
-    def run(self) -> None:
-        try:
-            s = socket.create_connection(("127.0.0.1", self.port), timeout=5)
-        except OSError:
-            return
-        self.started = time.monotonic()
-        try:
-            s.sendall(f"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1:{self.port}\r\n".encode())
-            s.settimeout(self.trickle_s)
-            while not self.stop.is_set():
-                try:
-                    if s.recv(1) == b"":
-                        break  # the server closed it
-                except socket.timeout:
-                    pass
-                s.send(b"x")
-            else:
-                return
-        except OSError:
-            pass
-        finally:
-            s.close()
-        self.dropped = time.monotonic()
-
-
 def measure(port: int, clients: int, seconds: float, trickle_s: float) -> dict:
     stop = threading.Event()
-    slow = [SlowClient(port, trickle_s, stop) for _ in range(clients)]
+    slow = [SlowHeaders(port, stop, trickle_s) for _ in range(clients)]
     for c in slow:
         c.start()
-    wait_for(lambda: all(c.started for c in slow), 10, what="the slow clients to connect", retry=())
+    wait_for(lambda: all(c.connected for c in slow), 10, what="the slow clients to connect", retry=())
     t0 = time.monotonic()
     lat: list[float] = []
     failed = 0
@@ -120,7 +88,8 @@ def measure(port: int, clients: int, seconds: float, trickle_s: float) -> dict:
     stop.set()
     for c in slow:
         c.join(trickle_s + 6)
-    drops = sorted(c.dropped - c.started for c in slow if c.dropped is not None and c.dropped - t0 < seconds)
+    drops = sorted(c.cut_after_s for c in slow
+                   if c.cut_after_s is not None and c.connected + c.cut_after_s - t0 < seconds)
     lat.sort()
     return {"probes": len(lat) + failed, "failed": failed,
             "median_ms": round(1000 * statistics.median(lat), 1) if lat else None,

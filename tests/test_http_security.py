@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import http.client
 import signal
-import socket
 import sys
 import threading
 import time
@@ -20,6 +19,7 @@ import openai
 import pytest
 
 from cluster import Cluster, descendants, wait_for
+from slowclient import SlowHeaders
 from netns import NetnsLab, netns_available
 from swarm_fakes import FakeBackend, FakeCluster, browser, new_page, serve_wsgi  # noqa: F401 (fixture)
 from zswarm.http.app import create_app
@@ -167,37 +167,6 @@ print(r.status, r.read().decode(), end="")
 
 
 # --- slow clients --------------------------------------------------------------------------------
-
-class SlowHeaders(threading.Thread):
-    """Sends half a request, then one more header byte a second; notes when the server cuts it off."""
-
-    def __init__(self, port: int, stop: threading.Event):
-        super().__init__(daemon=True)
-        self.port, self.stop = port, stop
-        self.connected: float | None = None
-        self.cut_after_s: float | None = None
-
-    def run(self) -> None:
-        s = socket.create_connection(("127.0.0.1", self.port), timeout=5)
-        self.connected = time.monotonic()
-        try:
-            s.sendall(f"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1:{self.port}\r\nX-Slow: ".encode())
-            s.settimeout(1.0)
-            while not self.stop.is_set():
-                try:
-                    if s.recv(1) == b"":
-                        break  # the server closed it
-                except socket.timeout:
-                    pass
-                s.send(b"a")
-            else:
-                return
-        except OSError:
-            pass  # reset by the server
-        finally:
-            s.close()
-        self.cut_after_s = time.monotonic() - self.connected
-
 
 def test_forty_slow_header_clients_do_not_stall_healthz_and_are_dropped(nodes):
     c, node, _, _ = nodes
