@@ -53,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     tn = tsub.add_parser("new", help="print a new token")
     tn.add_argument("--bootstrap", action="append", default=[], metavar="HOST:PORT",
                     help="an endpoint the token carries, so a node can join with the token alone (repeatable)")
+    tn.add_argument("--operator-key", metavar="FILE", default=None,
+                    help="write the operator key (it revokes machines and rotates the token; keep it) here "
+                         "[default: ~/.config/zswarm/operator-FINGERPRINT.key, where `zswarm admin revoke` looks]")
     ti = tsub.add_parser("inspect", help="show what a token holds (never its secret)")
     ti.add_argument("token", metavar="TOKEN")
     ti.add_argument("--json", action="store_true", help="print JSON")
@@ -73,9 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--role", choices=sorted(ROLES), default="server",
                     help="which default state directory to use when --state-dir is not given [default: server]")
     ap.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for an answer [default: 5]")
-    ap.add_argument("admin_command", metavar="COMMAND", help="status, peers, ledger, help, log-level ...")
+    ap.add_argument("admin_command", metavar="COMMAND",
+                    help="status, peers, ledger, help, log-level, token, revoke NODE_ID, rotate-token ...")
     ap.add_argument("admin_args", nargs="*", metavar="KEY=VALUE", help="arguments of the command")
     ap.add_argument("--json", action="store_true", help="print JSON")
+    ap.add_argument("--operator-key", metavar="FILE", default=None,
+                    help="revoke, rotate-token: the operator key [default: the one `zswarm token new` wrote]")
     return p
 
 
@@ -102,18 +108,38 @@ def main(argv: list[str] | None = None) -> int:
 def cmd_token(args: argparse.Namespace) -> int:
     try:
         if args.token_command == "new":
-            print(Token.generate(args.bootstrap).encode())
+            token = new_token(args.bootstrap, args.operator_key)
+            print(token.encode())
             return 0
         token = Token.parse(args.token)
     except TokenError as e:
         raise UserError(str(e)) from None
-    info = {"network_id": token.derive().network_id, "bootstrap": list(token.bootstrap)}
+    from .operator import fingerprint
+
+    info = {"network_id": token.derive().network_id, "bootstrap": list(token.bootstrap),
+            "operator": fingerprint(token.operator) if token.operator else None}
     if args.json:
         print(json.dumps(info))
     else:
         print(f"network id: {info['network_id']}")
         print(f"bootstrap:  {', '.join(info['bootstrap']) or '(none)'}")
+        print(f"operator:   {info['operator'] or '(none: this cluster cannot revoke)'}")
     return 0
+
+
+def new_token(bootstrap: list[str], key_path: Any) -> Token:
+    """A new token and its operator key, written (0600) where ``zswarm admin revoke`` finds it;
+    the path goes to stderr (stdout is the token alone, for scripts)."""
+    from .operator import OperatorKey, OperatorKeyError
+
+    key = OperatorKey.generate()
+    token = Token.generate(bootstrap, key.public)  # TokenError for a bad endpoint, before any file
+    try:
+        path = key.save(key_path(key.public) if callable(key_path) else key_path)
+    except OperatorKeyError as e:
+        raise UserError(str(e), 1) from None
+    print(f"zswarm: the operator key (it revokes machines: keep it safe) is in {path}", file=sys.stderr)
+    return token
 
 
 def _resolve(args: argparse.Namespace, role: str) -> tuple[dict[str, Any], list[str]]:
@@ -147,6 +173,8 @@ def cmd_admin(args: argparse.Namespace) -> int:
 
     state_dir = args.state_dir or os.environ.get("ZSWARM_STATE_DIR") or default_state_dir(args.role)
     kwargs: dict[str, Any] = {}
+    if args.admin_command in ("revoke", "rotate-token"):
+        return cmd_rotate(args, state_dir)
     for item in args.admin_args:
         key, sep, value = item.partition("=")
         if not sep:
@@ -162,6 +190,33 @@ def cmd_admin(args: argparse.Namespace) -> int:
         print(json.dumps(result, indent=None, sort_keys=True))
     else:
         print(render(args.admin_command, result))
+    return 0
+
+
+def cmd_rotate(args: argparse.Namespace, state_dir: str) -> int:
+    """``revoke NODE_ID...`` and ``rotate-token``: made here with the operator key (revoke.py)."""
+    from .admin_client import AdminFailed, AdminUnavailable
+    from .revoke import RevokeError, rotate
+
+    ids = list(args.admin_args)
+    if args.admin_command == "revoke" and not ids:
+        raise UserError("zswarm admin revoke NODE_ID: name the node (its id or name; see `zswarm admin peers`)")
+    if args.admin_command == "rotate-token" and ids:
+        raise UserError("zswarm admin rotate-token takes no arguments (revoke NODE_ID rotates too)")
+    try:
+        result = rotate(state_dir, ids, args.operator_key, args.timeout)
+    except (AdminUnavailable, AdminFailed, RevokeError) as e:
+        raise UserError(str(e), 1) from None
+    if args.json:
+        print(json.dumps(result, sort_keys=True))
+        return 0
+    for node_id in result["revoked_now"]:
+        print(f"revoked {node_id}")
+    print(f"the cluster moves to a new token (network {result['network']}, rotation {result['epoch']}), "
+          f"sealed to {result['delivered']} member(s); `zswarm admin token` prints it")
+    if result["left_out"]:
+        print(f"not sealed to (no CURVE key in their record): {', '.join(result['left_out'])}; give them the new "
+              "token by hand")
     return 0
 
 
@@ -194,7 +249,9 @@ def cmd_node(args: argparse.Namespace) -> int:
         except TokenError as e:
             raise UserError(f"{cfg['token_source']}: {e}") from None
     elif role == "server" and cfg["p2p"]:
-        token, generated = Token.generate(), True
+        # its operator key goes in the state directory, where `zswarm admin revoke` looks too
+        from .operator import generated_key_path
+        token, generated = new_token([], generated_key_path(cfg["state_dir"] or default_state_dir(role))), True
     elif role == "worker" and cfg["no_p2p"]:
         pass  # static mode: no cluster
     elif role != "server":

@@ -307,9 +307,21 @@ class Membership:
             ch.disconnect.add(lost[0])
         return ch
 
+    def revoke(self, node_id: str) -> Changes:
+        """The operator revoked ``node_id``: forget it now and stop dialing it (trust.py keeps it out)."""
+        ch = Changes()
+        if node_id in self.members:
+            self._remove(node_id, ch, "revoked")
+        lost = self._redial.pop(node_id, None)
+        if lost is not None:
+            ch.disconnect.add(lost[0])
+        self._tombstones.pop(node_id, None)
+        return ch
+
     def _remove(self, node_id: str, ch: Changes, why: str) -> None:
-        """``why``: "left" (it said so: forget it) or "removed" (silent too long: maybe a
-        partition, so keep dialing it, and keep its record for the day it beats to us again)."""
+        """``why``: "left" (it said so: forget it), "revoked" (the operator said so) or "removed"
+        (silent too long: maybe a partition, so keep dialing it, and keep its record for the day
+        it beats to us again)."""
         m = self.members.pop(node_id)
         ch.transitions.append((node_id, m.state, why))
         now = self.clock()

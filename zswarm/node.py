@@ -50,7 +50,9 @@ from .membership import Timing
 from .meminfo import memory_bytes
 from .startup import StartError, check_model, listen_http, raise_nofile
 from .state import StateDir, StateDirError
+from . import tokenstore
 from .token import Token
+from .tokenstore import ClusterState
 from .transport import SocketLoop, Stats, ZapHandler
 from .trust import Limits
 from .tunnel import TunnelEntry, TunnelExit
@@ -165,9 +167,18 @@ class Node:
         self.watch = Watch(self.stats)  # how actors say they failed; the admin status shows it
         self.state = StateDir(settings.state_dir).claim()  # StateDirError: one line, nothing bound
         self.identity = self.state.identity()  # StateDirError too (a damaged identity file)
-        self.keys = settings.token.derive() if settings.token else None
+        self.cluster: ClusterState | None = None  # the token now (a rotation changes it) and who is revoked
+        if settings.token is not None:
+            self.cluster, note = tokenstore.resolve(self.state.path, settings.token)
+            if note:
+                log.warning("%s", note)
+        self.keys = self.cluster.token.derive() if self.cluster else None
         self.ctx = zmq.Context()
         self.zap = ZapHandler(self.ctx, self.keys, self.stats) if self.keys else None
+        if self.zap is not None:
+            self.zap.deny(frozenset(r.curve.encode() for r in self.cluster.revoked))
+        self._admin_ref: pykka.ActorRef | None = None
+        self._discovery_ref: pykka.ActorRef | None = None
         self.actors: list[pykka.ActorRef] = []
         self.record: wire.NodeRecord | None = None
         self.http_url = ""
@@ -214,7 +225,7 @@ class Node:
             self.zap.start()
             ledger = self._start(LedgerActor, self.ctx, self.keys, self.identity, own, s.p2p_listen, host,
                                  self.stats, s.timing, self.state.path / "peers.json", limits=s.limits,
-                                 on_change=self._ledger_changed)
+                                 on_change=self._ledger_changed, cluster=self.cluster, on_rotation=self._rotated)
             own = ledger.proxy().open().get(timeout=START_TIMEOUT_S)
         self.record = own
         routes_peers = s.p2p and (s.federated or s.role == "federated")
@@ -234,18 +245,20 @@ class Node:
             supervisor = self._start(SupervisorActor, self.stats, s.child_hang_s, s.child_stuck_s)
         if ledger is not None:
             port = int(own.endpoints["gossip"].rsplit(":", 1)[1])
-            bootstrap = [] if s.local_only else list(dict.fromkeys(list(s.token.bootstrap) + s.bootstrap))
+            bootstrap = [] if s.local_only else list(dict.fromkeys(list(self.cluster.token.bootstrap) + s.bootstrap))
             discovery = self._start(DiscoveryActor, ledger.proxy(), self.keys, node_id, s.role, bootstrap,
                                     s.mdns, s.mdns_interfaces, port, self.stats)
             discovery.proxy().status().get(timeout=START_TIMEOUT_S)  # answers once on_start has run
+            self._discovery_ref = discovery
         facts = {"id": node_id, "role": s.role, "network_id": self.keys.network_id if self.keys else None,
                  "state_dir": str(self.state.path), "flags": flags}
         admin = self._start(AdminActor, self.ctx, self.state.admin_endpoint, str(self.state.admin_socket),
                             facts, own, ledger.proxy() if ledger else None,
                             discovery.proxy() if discovery else None, self.stats,
                             gateway.proxy() if gateway else None, supervisor.proxy() if supervisor else None,
-                            s.token.encode() if s.token else "")
+                            self.cluster.token.encode() if self.cluster else "")
         admin.proxy().open().get(timeout=START_TIMEOUT_S)
+        self._admin_ref = admin
         if gateway is not None:
             self._start_children(node_id, supervisor, gateway, ledger, admin)
         if s.worker is not None:
@@ -261,6 +274,21 @@ class Node:
             held = holders(claims, states).get(self.identity.node_id)
             server = next((r for r in records if held is not None and r.id == held.server), None)
             exit_.admit(frozenset([server.curve.encode()]) if server is not None and server.curve else frozenset())
+
+    def _rotated(self, cluster: ClusterState, newly_revoked: list[wire.Revoked]) -> None:
+        """The operator revoked nodes and/or moved the cluster to a new token (the ledger believed
+        the statement; its thread: nothing here blocks). Kept in the state directory, so that a
+        restart with the old token resumes with this one and the revoked stay out."""
+        old = self.cluster
+        self.cluster = cluster
+        tokenstore.save(self.state.path, cluster)
+        self.zap.deny(frozenset(r.curve.encode() for r in cluster.revoked))
+        if old is not None and cluster.token != old.token:
+            self.keys = cluster.token.derive()
+            for ref, method, arg in ((self._admin_ref, "set_token", cluster.token.encode()),
+                                     (self._discovery_ref, "set_keys", self.keys)):
+                if ref is not None and ref.is_alive():
+                    getattr(ref.proxy(), method)(arg)  # a tell in effect: the future is not waited for
 
     def _own_keys(self) -> tuple[bytes, bytes]:
         """This node's CURVE key pair (public, secret), derived from its identity."""

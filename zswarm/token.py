@@ -2,7 +2,11 @@
 
 A token is ``zs1`` followed by base64url (no padding) of::
 
-    version (1 byte) | secret (32 bytes) | msgpack list of bootstrap "host:port" | checksum (4 bytes)
+    version (1 byte) | secret (32 bytes) | [operator key (32 bytes), version 2] | msgpack list of bootstrap "host:port" | checksum (4 bytes)
+
+Version 2 carries the operator's Ed25519 public key (operator.py): only the holder of its
+private half can revoke a machine or move the cluster to a new token (rotation.py). Version 1
+tokens (no operator) still work; such a cluster cannot revoke.
 
 The checksum (first 4 bytes of SHA-256 over everything before it) turns a truncated or
 mistyped token into a clear error instead of a node that silently joins nothing.
@@ -26,7 +30,9 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 PREFIX = "zs1"
-VERSION = 1
+VERSION = 2  # what new tokens are; 1 (no operator key) is still read
+READS = (1, 2)
+OPERATOR_BYTES = 32
 SECRET_BYTES = 32
 CHECKSUM_BYTES = 4
 _SALT = b"zswarm token v1"
@@ -50,10 +56,15 @@ class Keys:
 class Token:
     secret: bytes
     bootstrap: tuple[str, ...] = ()
+    operator: bytes = b""  # the operator's Ed25519 public key; b"": nobody may revoke (a version 1 token)
 
     @classmethod
-    def generate(cls, bootstrap: tuple[str, ...] | list[str] = ()) -> "Token":
-        return cls(os.urandom(SECRET_BYTES), tuple(validate_endpoint(b) for b in bootstrap))
+    def generate(cls, bootstrap: tuple[str, ...] | list[str] = (), operator: bytes = b"") -> "Token":
+        return cls(os.urandom(SECRET_BYTES), tuple(validate_endpoint(b) for b in bootstrap), operator)
+
+    def successor(self) -> "Token":
+        """A new token for the same cluster: a new secret, the same operator and bootstrap."""
+        return Token(os.urandom(SECRET_BYTES), self.bootstrap, self.operator)
 
     @classmethod
     def parse(cls, text: str) -> "Token":
@@ -73,18 +84,25 @@ class Token:
         payload, checksum = raw[:-CHECKSUM_BYTES], raw[-CHECKSUM_BYTES:]
         if hashlib.sha256(payload).digest()[:CHECKSUM_BYTES] != checksum:
             raise TokenError("the token's checksum does not match: it is truncated or mistyped")
-        if payload[0] != VERSION:
-            raise TokenError(f"token version {payload[0]} is not supported (this zswarm reads {VERSION})")
+        if payload[0] not in READS:
+            raise TokenError(f"token version {payload[0]} is not supported (this zswarm reads 1 and 2)")
         secret = payload[1:1 + SECRET_BYTES]
+        rest = 1 + SECRET_BYTES
+        operator = b""
+        if payload[0] == 2:
+            operator, rest = payload[rest:rest + OPERATOR_BYTES], rest + OPERATOR_BYTES
+            if len(operator) != OPERATOR_BYTES:
+                raise TokenError("the token is too short: was it copied whole?")
         try:
-            bootstrap = msgspec.msgpack.decode(payload[1 + SECRET_BYTES:], type=list[str])
+            bootstrap = msgspec.msgpack.decode(payload[rest:], type=list[str])
             bootstrap = tuple(validate_endpoint(b) for b in bootstrap)
         except (msgspec.MsgspecError, ValueError, RecursionError):
             raise TokenError("the token's bootstrap list is unreadable") from None
-        return cls(secret, bootstrap)
+        return cls(secret, bootstrap, operator)
 
     def encode(self) -> str:
-        payload = bytes([VERSION]) + self.secret + msgspec.msgpack.encode(list(self.bootstrap))
+        head = bytes([2]) + self.secret + self.operator if self.operator else bytes([1]) + self.secret
+        payload = head + msgspec.msgpack.encode(list(self.bootstrap))
         raw = payload + hashlib.sha256(payload).digest()[:CHECKSUM_BYTES]
         return PREFIX + base64.urlsafe_b64encode(raw).decode().rstrip("=")
 

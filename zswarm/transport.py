@@ -163,6 +163,7 @@ class SocketLoop(threading.Thread):
         self._tick_s = tick_s
         self._on_tick = on_tick
         self._tickers: list[Callable[[], None]] = []
+        self._guards: dict[zmq.Socket, tuple[zmq.Socket, Callable[[], None]]] = {}  # guarded -> monitor, tick
         self._handlers: dict[zmq.Socket, Callable[[list[bytes]], None]] = {}
         self._frames: set[zmq.Socket] = set()  # handlers that get zmq.Frame objects
         self._poller = zmq.Poller()
@@ -243,7 +244,19 @@ class SocketLoop(threading.Thread):
         monitor = gate.install(sock)
         self.add(monitor, lambda frames: gate.on_monitor(frames, monitor))
         self.add_ticker(gate.tick)
+        self._guards[sock] = (monitor, gate.tick)
         return sock
+
+    def remove_guarded(self, sock: zmq.Socket) -> None:
+        """Close a socket that :meth:`guard_socket` guards, its monitor and gate with it."""
+        monitor, tick = self._guards.pop(sock)
+        try:
+            sock.disable_monitor()  # before the monitor's reader closes (see _close_all)
+        except zmq.ZMQError:
+            pass
+        self.remove(monitor)
+        self._tickers.remove(tick)
+        self.remove(sock)
 
     def run(self) -> None:
         try:
@@ -315,13 +328,20 @@ class ZapHandler:
     handshake with a server whose public key it knows: knowing it is holding the token. So any
     CURVE client key is admitted (each node connects with its own, identity.py), and its Z85
     form is handed up as the connection's ``User-Id``, which tells the ledger which node is
-    talking. A refused handshake (NULL, PLAIN, a malformed request) is counted (``auth_denied``)
+    talking. Keys of nodes the operator revoked (rotation.py) are refused (``auth_revoked``).
+    A refused handshake (NULL, PLAIN, a malformed request) is counted (``auth_denied``)
     and logged at debug level only, so a stranger knocking cannot flood the log.
     """
 
     def __init__(self, ctx: zmq.Context, keys: Keys, stats: Stats):
         self._stats = stats
+        self._denied: frozenset[bytes] = frozenset()  # revoked nodes' keys (Z85): refused for good
         self.loop = SocketLoop("zap", ctx, self._setup)
+
+    def deny(self, keys: frozenset[bytes]) -> None:
+        """Refuse these client keys (Z85) from now on (any thread: one reference swapped). A ZAP
+        refusal is final for the connecting side: libzmq does not dial that address again."""
+        self._denied = frozenset(keys)
 
     def _setup(self, loop: SocketLoop) -> None:
         self._sock = loop.socket(zmq.REP, self._handle)
@@ -340,7 +360,10 @@ class ZapHandler:
         version, request_id, domain, address, _identity, mechanism = frames[:6]
         user = zmq.utils.z85.encode(frames[6]) if mechanism == b"CURVE" and len(frames) >= 7 \
             and len(frames[6]) == 32 else b""
-        if user:
+        if user and user in self._denied:
+            self._stats.inc("auth_revoked")
+            self._sock.send_multipart([version, request_id, b"400", b"revoked", b"", b""])
+        elif user:
             self._stats.inc("auth_ok")
             self._sock.send_multipart([version, request_id, b"200", b"OK", user, b""])
         else:

@@ -17,6 +17,9 @@ beat, digest entry and leave before :mod:`zswarm.membership` sees it.
   (its own signed beat over a connection with its own key) no longer counts against whoever
   introduced it. Refusals are counted (``members_capped``).
 
+- **A revoked node is out for good.** Its id (the operator's statement, rotation.py) passes
+  nothing here again, whoever relays it (``gossip_revoked``).
+
 Relays (digests, records passed on) stay verifiable because each statement is signed by its
 subject, not by whoever passes it on.
 """
@@ -32,7 +35,7 @@ from .identity import PUBLIC_BYTES, node_id_of, verify
 MAX_NODES = 256  # nodes a cluster holds (ZSWARM_MAX_NODES); each is a dialled link and a routing entry
 PER_SENDER = 64  # nodes one sender may introduce before they are heard directly (ZSWARM_MAX_INTRODUCED)
 
-FORGED, CAPPED = "gossip_forged", "members_capped"
+FORGED, CAPPED, REVOKED = "gossip_forged", "members_capped", "gossip_revoked"
 
 
 @dataclass(frozen=True)
@@ -73,12 +76,21 @@ class Trust:
     # sender key -> ids it introduced that have not been heard directly yet
     introduced: dict[str, set[str]] = field(default_factory=dict)
     known: set[str] = field(default_factory=set)  # ids admitted (a member, or a placeholder awaiting its record)
+    revoked: set[str] = field(default_factory=set)  # ids the operator revoked (rotation.py): nothing of theirs passes
+
+    def _revoked(self, node_id: str) -> bool:
+        if node_id in self.revoked:
+            self.count(REVOKED)
+            return True
+        return False
 
     # --- admission ---
     def admit(self, node_id: str, sender: str) -> bool:
         """May ``sender`` make us learn of ``node_id``? Known ids always pass."""
         if node_id == self.own_id or node_id in self.known:
             return True
+        if self._revoked(node_id):
+            return False
         intro = self.introduced.setdefault(sender, set())
         if len(self.known) >= self.limits.max_nodes or len(intro) >= self.limits.per_sender:
             self.count(CAPPED)
@@ -99,7 +111,7 @@ class Trust:
 
     # --- statements ---
     def record(self, rec: wire.NodeRecord, sender: str) -> bool:
-        if rec.id == self.own_id:
+        if rec.id == self.own_id or self._revoked(rec.id):
             return False
         held = self.record_held(rec.id)
         if held is not None and (rec.incarnation, rec.version) <= held:
@@ -112,6 +124,8 @@ class Trust:
     def beat(self, beat: wire.Beat, sender: str) -> bool:
         """A beat of a node whose record we hold must be its own; one of a node we do not know
         yet is only a hint (its record is asked for, and must verify), within the sender's cap."""
+        if self._revoked(beat.id):
+            return False
         key = self.key_of(beat.id)
         if key is None:
             return self.admit(beat.id, sender)
@@ -128,7 +142,7 @@ class Trust:
         unknown nodes are hints, within the sender's cap."""
         out = []
         for e in entries:
-            if e.id == self.own_id:
+            if e.id == self.own_id or self._revoked(e.id):
                 continue
             key = self.key_of(e.id)
             if key is None:
@@ -148,6 +162,8 @@ class Trust:
         return out
 
     def leave(self, leave: wire.Leave) -> bool:
+        if leave.id in self.revoked:
+            return False  # gone already
         key = self.key_of(leave.id)
         if key is None or not leave_ok(key, leave):
             self.count(FORGED)

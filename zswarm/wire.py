@@ -17,7 +17,9 @@ from typing import Any, Union
 
 import msgspec
 
-PROTOCOL = 2  # 2: every record, beat and leave is signed by the node it is about (identity.py)
+# 2: every record, beat and leave is signed by the node it is about (identity.py)
+# 3: Rotation (the operator revokes nodes and moves the cluster to a new token, rotation.py)
+PROTOCOL = 3
 TOPIC_ALL = b"*"  # every node subscribes to this topic and to its own id
 
 
@@ -104,7 +106,42 @@ class Leave(msgspec.Struct, tag=5):
     sig: bytes = b""  # the node's signature over leave_statement(id, incarnation)
 
 
-Body = Union[Beat, Digest, Want, Records, Leave]
+class Revoked(msgspec.Struct, array_like=True):
+    """A node the operator removed for good: its id, its identity key and its CURVE key."""
+
+    id: str
+    key: bytes
+    curve: str
+    name: str = ""
+    at: float = 0.0  # unix seconds of the revocation
+
+
+class SealedToken(msgspec.Struct, array_like=True):
+    """The new token, sealed to one member's CURVE key (rotation.py): only that member opens it."""
+
+    id: str
+    box: bytes
+
+
+class Rotation(msgspec.Struct, tag=6, kw_only=True):
+    """The operator's statement: the token whose network is ``replaces`` gives way to the one
+    whose network is ``network``; ``revoked`` (everything revoked so far) are out for good.
+    Signed by the operator key the token carries (``rotation_statement``); the boxes are covered
+    by their hash, so the statement can travel without them (to a newcomer, it is the revoked list)."""
+
+    operator: bytes
+    epoch: int  # 1 for the first rotation, one more for each after it
+    replaces: str  # network id of the token it replaces
+    network: str  # network id of the new token
+    revoked: list[Revoked] = []
+    issued: float = 0.0
+    eph: bytes = b""  # the X25519 public key the boxes were sealed with
+    boxes_hash: bytes = b""  # SHA-256 of the msgpack encoding of ``boxes``
+    boxes: list[SealedToken] = []
+    sig: bytes = b""
+
+
+Body = Union[Beat, Digest, Want, Records, Leave, Rotation]
 
 
 class Envelope(msgspec.Struct, array_like=True):
@@ -135,6 +172,16 @@ def beat_statement(node_id: str, incarnation: int, version: int, heartbeat: int)
 
 def leave_statement(node_id: str, incarnation: int) -> bytes:
     return b"zswarm leave|" + _stmt_encoder.encode([node_id, incarnation])
+
+
+def rotation_statement(rot: Rotation) -> bytes:
+    return b"zswarm rotation|" + _stmt_encoder.encode(msgspec.structs.replace(rot, boxes=[], sig=b""))
+
+
+def boxes_hash(boxes: list[SealedToken]) -> bytes:
+    import hashlib
+
+    return hashlib.sha256(_stmt_encoder.encode(boxes)).digest()
 
 
 _env_encoder = msgspec.msgpack.Encoder()

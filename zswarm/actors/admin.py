@@ -158,6 +158,7 @@ class AdminActor(GuardedActor):
             "discovery": self._ask(self._discovery, "status"),
             "gateway": self._ask(self._gateway, "status"),
             "children": self._ask(self._supervisor, "status"),
+            "revoked": self._ask(self._ledger, "revoked") or [],
             **{key: _unless_dead(fn) for key, fn in self._status_parts.items()},
             **self._watch.status(),  # actors: name -> running or failed; failed_actors: what the node did
             "counters": self._stats.snapshot(),
@@ -171,6 +172,39 @@ class AdminActor(GuardedActor):
     def cmd_token(self) -> str:
         """The cluster token ("" when the node is in no cluster); the Swarm page shows it."""
         return self._token
+
+    def set_token(self, token: str) -> None:
+        """The node: the cluster moved to a new token (rotation.py)."""
+        from ..token import Token
+
+        self._token = token
+        self._node = {**self._node, "network_id": Token.parse(token).derive().network_id}
+
+    def cmd_rotation_info(self) -> dict[str, Any]:
+        """What `zswarm admin revoke` and `rotate-token` need: the token, the members' keys, the revoked."""
+        if self._ledger is None:
+            raise AdminCommandError(3, "this node is in no cluster")
+        return self._ledger.rotation_info().get(timeout=ASK_TIMEOUT_S)
+
+    def cmd_rotate(self, statement: str = "") -> dict[str, Any]:
+        """Apply the operator's signed rotation (made by `zswarm admin revoke` / `rotate-token`)."""
+        import base64
+        import binascii
+
+        if self._ledger is None:
+            raise AdminCommandError(3, "this node is in no cluster")
+        try:
+            raw = base64.b64decode(statement, validate=True)
+        except (binascii.Error, ValueError):
+            raise AdminCommandError(3, "statement: not base64") from None
+        try:
+            return self._ledger.rotate(raw).get(timeout=ASK_TIMEOUT_S)
+        except ValueError as e:
+            raise AdminCommandError(3, str(e)) from None
+
+    def cmd_revoked(self) -> list[dict]:
+        """The nodes the operator revoked: id, name, when."""
+        return self._ledger.revoked().get(timeout=ASK_TIMEOUT_S) if self._ledger else []
 
     def set_api_keys(self, keys: tuple[str, ...]) -> None:
         """The node, before it starts its HTTP server: the keys that server must ask for."""

@@ -98,6 +98,10 @@ class DiscoveryActor(GuardedActor):
             self._found[message.node_id] = message.endpoint
             self._ledger.dial(message.endpoint, "mdns")
 
+    def set_keys(self, keys: Keys) -> None:
+        """The cluster moved to a new token (rotation.py): announce and listen with its keys."""
+        self._keys = keys
+
     def status(self) -> dict:
         return {"bootstrap": list(self._bootstrap), "mdns": self._mdns,
                 "mdns_interfaces": list(self._interfaces), "mdns_found": dict(self._found),

@@ -31,14 +31,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+import msgspec
 import zmq
 from zmq.utils.monitor import parse_monitor_message
 
-from .. import wire
+from .. import rotation, wire
 from ..membership import Changes, Membership, Timing
 from ..gate import Gate
 from ..identity import Identity
-from ..token import Keys
+from ..token import Keys, Token
+from ..tokenstore import ClusterState
 from ..trust import FORGED, Limits, Trust
 from ..transport import SocketLoop, Stats, curve_client, curve_server, link_options, tcp
 from .base import GuardedActor, Watch
@@ -55,6 +57,9 @@ HELLO_AGAIN_S = 0.15  # a subscription crosses a fresh connection in well under 
 # for a peer that is not reading). A LAN takes milliseconds; a peer that misses it notices the
 # silence anyway; and the whole node has STOP_BUDGET_S (node.py) to stop.
 LEAVE_LINGER_MS = 300
+# After a rotation the node relays the statement, then waits this long before it moves its
+# gossip sockets to the new token's key: the relays reach the peers over the old links first.
+SWITCH_DELAY_S = 1.0
 
 
 @dataclass
@@ -79,6 +84,11 @@ class _HelloAgain:
     pass
 
 
+@dataclass
+class _Switch:
+    token: Token
+
+
 class BindError(RuntimeError):
     pass
 
@@ -89,7 +99,9 @@ class LedgerActor(GuardedActor):
     def __init__(self, ctx: zmq.Context, keys: Keys, identity: Identity, own: wire.NodeRecord, listen: str,
                  advertise_host: str, stats: Stats, timing: Timing = Timing(), peers_file: Path | None = None,
                  watch: Watch | None = None, limits: Limits = Limits(),
-                 on_change: Callable[[list[wire.NodeRecord], dict[str, str]], None] | None = None):
+                 on_change: Callable[[list[wire.NodeRecord], dict[str, str]], None] | None = None,
+                 cluster: ClusterState | None = None,
+                 on_rotation: Callable[[ClusterState, list[wire.Revoked]], None] | None = None):
         super().__init__(watch)
         self._peers_file = peers_file
         self._peers_saved: list[str] = []
@@ -106,6 +118,11 @@ class LedgerActor(GuardedActor):
         self.trust = Trust(own.id, self.m.key_of, stats.inc, limits, self.m.held_record,
                            lambda node_id: self.m.heard_directly_within(node_id, fresh_s))
         self._wrong_protocol: set[str] = set()  # senders already told of in the log
+        # the token (rotation.py): the node is told every change (ZAP's deny list, the state
+        # file, the admin's token, discovery's keys), in this thread, without blocking
+        self.cluster = cluster
+        self._on_rotation = on_rotation
+        self._revoked_keys: set[str] = set()  # CURVE keys (Z85) of revoked nodes: nothing they send is read
         # told every record and state after each change, in this thread (it must not block): the
         # ZAP handler learns the members' own keys, a worker's tunnel exit whom it serves
         self._on_change = on_change
@@ -117,6 +134,8 @@ class LedgerActor(GuardedActor):
         self._last_sync = 0.0
         self._last_remember = 0.0
         self._self_endpoints: set[str] = set()
+        if cluster is not None:
+            self._adopt_revoked(cluster.revoked)
 
     # --- API (asked by the node and other actors) ---
     def open(self) -> wire.NodeRecord:
@@ -165,15 +184,50 @@ class LedgerActor(GuardedActor):
     def records(self) -> list[wire.NodeRecord]:
         return [self.m.own] + [m.record for m in self.m.members.values() if m.record is not None]
 
+    def rotation_info(self) -> dict[str, Any]:
+        """What the operator's client needs to make a rotation (the token included: admin only)."""
+        cs = self.cluster
+        return {"token": cs.token.encode() if cs else "", "epoch": cs.epoch if cs else 0,
+                "revoked": [{"id": r.id, "name": r.name, "at": r.at, "key": r.key.hex(), "curve": r.curve}
+                            for r in (cs.revoked if cs else [])],
+                "members": [{"id": r.id, "name": r.name, "role": r.role, "key": r.key.hex(), "curve": r.curve,
+                             "state": "self" if r.id == self.m.own.id else self.m.members[r.id].state}
+                            for r in self.records()]}
+
+    def revoked(self) -> list[dict[str, Any]]:
+        """The nodes the operator revoked: id, name, when (unix seconds)."""
+        return [{"id": r.id, "name": r.name, "at": r.at} for r in (self.cluster.revoked if self.cluster else [])]
+
+    def rotate(self, statement: bytes) -> dict[str, Any]:
+        """The operator's rotation, from the admin socket: checked, then applied and flooded."""
+        try:
+            rot = msgspec.msgpack.decode(statement, type=wire.Rotation)
+        except wire.DECODE_ERRORS as e:
+            raise ValueError(f"unreadable rotation: {e}") from None
+        verdict = self._judge(rot)
+        if verdict != rotation.SWITCH:
+            raise ValueError({rotation.STALE: "the cluster has moved on since this rotation was made: try again",
+                              rotation.FORGED: "the rotation is not signed by the cluster's operator key",
+                              rotation.FOREIGN: "the rotation is not for this node's token",
+                              rotation.OVERSIZED: "the rotation is too large",
+                              rotation.LEARN: "the rotation is in force already"}[verdict])
+        self._rotation(rot, rotation.SWITCH)
+        return {"epoch": rot.epoch, "network": rot.network, "revoked": [r.id for r in rot.revoked],
+                "delivered": len(rot.boxes)}
+
     # --- the socket thread (runs in ledger-io, never in the actor) ---
-    def _setup(self, loop: SocketLoop) -> None:
+    def _make_sub(self, loop: SocketLoop, listen: str) -> zmq.Socket:
         sub = loop.add(self._ctx.socket(zmq.SUB), self._on_frames, frames=True)
         curve_server(sub, self._keys)
         link_options(sub)  # heartbeats close what a partition left of a peer's link
         sub.subscribe(wire.TOPIC_ALL)
         sub.subscribe(self.m.own.id.encode())
         loop.guard_socket(sub, Gate("gossip", self._stats))  # strangers' idle connections are bounded
-        sub.bind(tcp(self._listen))
+        sub.bind(tcp(listen))
+        return sub
+
+    def _setup(self, loop: SocketLoop) -> None:
+        sub = self._make_sub(loop, self._listen)
         port = sub.last_endpoint.decode().rsplit(":", 1)[1]
         pub = loop.socket(zmq.PUB)
         curve_client(pub, self._keys, (self._identity.curve_public, self._identity.curve_secret))
@@ -196,6 +250,9 @@ class LedgerActor(GuardedActor):
             key = frames[1].get("User-Id")
         except zmq.ZMQError:
             key = ""
+        if key and key in self._revoked_keys:
+            self._stats.inc("gossip_revoked")
+            return
         try:
             msg = wire.decode(frames[1].bytes, self._net)
         except wire.WrongProtocol as e:
@@ -241,12 +298,16 @@ class LedgerActor(GuardedActor):
             tell_later(self.actor_ref, _HelloAgain(), HELLO_AGAIN_S)
         elif isinstance(message, _HelloAgain):
             self._hello()
+        elif isinstance(message, _Switch):
+            self._switch(message.token)
 
     def _hello(self) -> None:
         """Tell a new connection (and everyone) who we are and what we know, and ask what we lack."""
         self._send(wire.TOPIC_ALL, self.m.beat())
         self._send(wire.TOPIC_ALL, wire.Records([self.m.own]))  # who we are, signed: our key binds here
         self._send(wire.TOPIC_ALL, wire.Digest(self.m.digest()))
+        if self.cluster is not None and self.cluster.rotation is not None:
+            self._send(wire.TOPIC_ALL, self.cluster.rotation)  # newcomers learn who is revoked
         self._ask(force=True)
 
     def _handle(self, msg: wire.Message, key: str) -> None:
@@ -277,6 +338,94 @@ class LedgerActor(GuardedActor):
             case wire.Leave() as leave:
                 if self.trust.leave(leave):
                     self._apply(self.m.on_leave(leave.id, leave.incarnation))
+            case wire.Rotation() as rot:
+                verdict = self._judge(rot)
+                if verdict in (rotation.SWITCH, rotation.LEARN):
+                    self._rotation(rot, verdict)
+                elif verdict in (rotation.FORGED, rotation.OVERSIZED):
+                    self._stats.inc("rotation_refused")
+                    log.debug("refused a rotation from %s: %s", msg.sender, verdict)
+
+    # --- rotation (rotation.py) ---
+    def _judge(self, rot: wire.Rotation) -> str:
+        cs = self.cluster
+        if cs is None:
+            return rotation.FOREIGN
+        return rotation.judge(rot, cs.token.operator, self._net, cs.epoch)
+
+    def _rotation(self, rot: wire.Rotation, verdict: str) -> None:
+        """Believe ``rot``: revoke whom it names; on SWITCH pass it on, and move to the new token."""
+        cs = self.cluster
+        # passed on first (flooded: each node passes it on once, the epoch moves on), so that a
+        # node being revoked hears it too, and says so, before its links are cut
+        self._send(wire.TOPIC_ALL, rot)
+        me = self.m.own.id
+        if any(r.id == me for r in rot.revoked):
+            log.error("the cluster's operator revoked this node: it is out of the cluster for good "
+                      "(a new identity and the current token are needed to join again)")
+            self._stats.inc("rotation_revoked_me")
+            self.cluster = ClusterState(cs.token, rot.epoch, cs.superseded, rotation.without_boxes(rot))
+            return
+        newly = [r for r in rot.revoked if r.id not in self.trust.revoked]
+        self._adopt_revoked(rot.revoked)
+        for r in newly:
+            log.warning("node %s (%s) was revoked by the operator", r.id, r.name or "?")
+        token = None
+        if verdict == rotation.SWITCH:
+            token = rotation.open_box(rot, me, self._identity.curve_secret)
+            if token is None:
+                log.error("the cluster moved to a new token without this node (it was not a member when the "
+                          "operator rotated the token): it is cut off; give it the current token "
+                          "(`zswarm admin token` on a member) to join again")
+                self._stats.inc("rotation_left_out")
+        superseded = cs.superseded + [self._net] if token is not None else cs.superseded
+        self.cluster = ClusterState(token or cs.token, rot.epoch, superseded, rotation.without_boxes(rot))
+        self._stats.inc("rotations")
+        if token is not None:
+            log.info("the operator rotated the cluster token (epoch %d): moving to network %s in %.0f s",
+                     rot.epoch, rot.network, SWITCH_DELAY_S)
+            tell_later(self.actor_ref, _Switch(token), SWITCH_DELAY_S)
+        if self._on_rotation is not None:
+            self._on_rotation(self.cluster, newly)
+
+    def _adopt_revoked(self, revoked: list[wire.Revoked]) -> None:
+        for r in revoked:
+            self.trust.revoked.add(r.id)
+            if r.curve:
+                self._revoked_keys.add(r.curve)
+            self._wants.pop(r.id, None)
+        for r in revoked:
+            if r.id in self.m.members or r.id in self.m.redialing():
+                self._apply(self.m.revoke(r.id))
+
+    def _switch(self, token: Token) -> None:
+        """Move the gossip sockets to ``token``'s keys: a new SUB on the same port (a CURVE server
+        key is read at bind), and every link of the PUB dialed again with the new server key."""
+        self._keys = token.derive()
+        self._net = self._keys.network_id
+        keys, dialed = self._keys, list(self._dialed)
+        port = self.m.own.endpoints["gossip"].rsplit(":", 1)[1]
+        listen = f"{self._listen.rsplit(':', 1)[0]}:{port}"
+
+        def _rekey(loop: SocketLoop = self._loop) -> None:
+            loop.remove_guarded(self._sub)
+            for attempt in range(100):  # libzmq closes the old listener in its own thread
+                try:
+                    self._sub = self._make_sub(loop, listen)
+                    break
+                except zmq.ZMQError as e:
+                    if e.errno != zmq.EADDRINUSE or attempt == 99:
+                        log.error("cannot listen on %s with the new token: %s", listen, e.strerror)
+                        return
+                    time.sleep(0.02)
+            self._pub.curve_serverkey = keys.curve_public
+            for endpoint in dialed:
+                self._disconnect(endpoint)
+                self._pub.connect(endpoint)
+        if self._loop is not None:
+            self._loop.submit(_rekey)
+        self._links_up.clear()
+        log.info("gossip moved to the new token (network %s)", self._net)
 
     def _tick(self) -> None:
         self._send(wire.TOPIC_ALL, self.m.beat())
@@ -330,7 +479,7 @@ class LedgerActor(GuardedActor):
         for node_id, old, new in ch.transitions:
             level = logging.INFO if new != "alive" or old != "alive" else logging.DEBUG
             log.log(level, "peer %s: %s -> %s", node_id, old, new)
-            if new in ("left", "removed"):
+            if new in ("left", "removed", "revoked"):
                 self._wants.pop(node_id, None)
                 self.trust.forget(node_id)
             elif new == "alive" and old in ("dead", "removed"):

@@ -1,0 +1,101 @@
+"""The operator's key: an Ed25519 key pair made with the token, whose public half the token carries.
+
+Only its holder can revoke a machine or move the cluster to a new token (rotation.py): a member
+knows the token, not this key. ``zswarm token new`` and a first server that generates its token
+write it to a file of mode 0600: ``~/.config/zswarm/operator-<fingerprint>.key`` by default
+(``--operator-key FILE`` names another), the server's state directory for a generated token;
+``zswarm admin revoke`` looks in both.
+
+Nothing here logs or prints the key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+SEED_BYTES = 32
+_MAGIC = b"zswarm operator key v1\n"
+
+
+class OperatorKeyError(ValueError):
+    """The operator key cannot be used; one line, fit to show a user."""
+
+
+def fingerprint(public: bytes) -> str:
+    """A short name for an operator public key: 16 hex chars, safe to show."""
+    return hashlib.sha256(b"zswarm operator|" + public).hexdigest()[:16]
+
+
+def default_path(public: bytes) -> Path:
+    base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+    return Path(base) / "zswarm" / f"operator-{fingerprint(public)}.key"
+
+
+def generated_key_path(state_dir: str | os.PathLike):
+    """Where a first server that generates its token keeps the key: its state directory."""
+    return lambda public: Path(state_dir).expanduser() / f"operator-{fingerprint(public)}.key"
+
+
+def candidate_paths(public: bytes, state_dir: str | os.PathLike) -> list[Path]:
+    """Where ``zswarm admin revoke`` looks for the key, without ``--operator-key``."""
+    return [default_path(public), generated_key_path(state_dir)(public)]
+
+
+@dataclass(frozen=True, eq=False)
+class OperatorKey:
+    seed: bytes
+
+    @cached_property
+    def _key(self) -> Ed25519PrivateKey:
+        return Ed25519PrivateKey.from_private_bytes(self.seed)
+
+    @cached_property
+    def public(self) -> bytes:
+        return self._key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+
+    def sign(self, message: bytes) -> bytes:
+        return self._key.sign(message)
+
+    @classmethod
+    def generate(cls) -> "OperatorKey":
+        return cls(os.urandom(SEED_BYTES))
+
+    def save(self, path: str | os.PathLike | None = None) -> Path:
+        """Write the key (mode 0600, its directory 0700 if made here); never over another file."""
+        path = Path(path) if path else default_path(self.public)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            raise OperatorKeyError(f"{path} exists already: give --operator-key another file") from None
+        except OSError as e:
+            raise OperatorKeyError(f"cannot write the operator key to {path}: {e.strerror}") from None
+        with os.fdopen(fd, "wb") as f:
+            f.write(_MAGIC + self.seed.hex().encode() + b"\n")
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "OperatorKey":
+        path = Path(path).expanduser()
+        try:
+            data = path.read_bytes()[:4096]
+        except FileNotFoundError:
+            raise OperatorKeyError(f"no operator key at {path} (give the file with --operator-key)") from None
+        except OSError as e:
+            raise OperatorKeyError(f"cannot read the operator key {path}: {e.strerror}") from None
+        if not data.startswith(_MAGIC):
+            raise OperatorKeyError(f"{path} is not a zswarm operator key")
+        try:
+            seed = bytes.fromhex(data[len(_MAGIC):].decode().strip())
+        except (UnicodeDecodeError, ValueError):
+            seed = b""
+        if len(seed) != SEED_BYTES:
+            raise OperatorKeyError(f"{path} is damaged")
+        return cls(seed)
