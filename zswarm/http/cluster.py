@@ -79,7 +79,6 @@ class AdminCluster:
         self._lock = threading.Lock()
         self._snap: Snapshot | None = None
         self._snap_mono = 0.0
-        self._token: str | None = None
 
     def _call(self, command: str) -> Any:
         from ..admin_client import AdminFailed, AdminUnavailable, call
@@ -103,11 +102,9 @@ class AdminCluster:
             return self._snap
 
     def token(self) -> str:
-        # The token of a running node never changes; ask once per process.
-        if self._token is None:
-            token = self._call("token")
-            self._token = token if isinstance(token, str) else ""
-        return self._token
+        # Asked each time: a rotation (zswarm admin rotate-token) changes it under a running node.
+        token = self._call("token")
+        return token if isinstance(token, str) else ""
 
     def api_keys(self) -> list[str]:
         """The node's API keys (the app factory asks once): they reach the HTTP server over this
@@ -210,6 +207,7 @@ def cluster_view(snap: Snapshot) -> dict[str, Any]:
         **out,
         "split": _split(shard, own, self_id, status, out["workers"]) if split else None,
         "taken": _taken(shard),
+        "revoked": _revoked(status),
         "shard_note": shard.get("note") if shard and isinstance(shard.get("note"), str) and shard["note"] else None,
         "updated_at": snap.taken_at,
     }
@@ -234,6 +232,16 @@ def _taken(shard: dict | None) -> list[dict[str, str]]:
         if isinstance(t, dict) and isinstance(t.get("id"), str) and isinstance(t.get("by"), str):
             out.append({k: t.get(k) if isinstance(t.get(k), str) else "" for k in ("id", "name", "by", "by_name")})
     return out
+
+
+def _revoked(status: dict) -> list[dict[str, Any]]:
+    """Nodes the cluster's operator revoked (zswarm admin revoke), newest first."""
+    out = []
+    for r in status.get("revoked") or []:
+        if isinstance(r, dict) and isinstance(r.get("id"), str):
+            out.append({"id": r["id"], "name": r.get("name") if isinstance(r.get("name"), str) else "",
+                        "at": float(r["at"]) if isinstance(r.get("at"), (int, float)) else 0.0})
+    return sorted(out, key=lambda r: -r["at"])
 
 
 def _split(shard: dict, own: dict, self_id: str, status: dict, workers: list[dict]) -> dict[str, Any]:

@@ -246,6 +246,18 @@
       ". A worker serves one server's split at a time.";
   }
 
+  function drawRevoked(d) {
+    const revoked = d.revoked || [];
+    $("revoked-card").hidden = revoked.length === 0;
+    const ul = $("revoked");
+    ul.textContent = "";
+    for (const r of revoked) {
+      const li = document.createElement("li");
+      li.textContent = (r.name || "?") + " · " + r.id + (r.at ? " · " + new Date(r.at * 1000).toLocaleString() : "");
+      ul.appendChild(li);
+    }
+  }
+
   function drawSplit(d) {
     drawTaken(d);
     const s = d.split;
@@ -310,6 +322,9 @@
       drawStats(d);
       drawRows();
       drawSplit(d);
+      drawRevoked(d);
+      // a rotation (zswarm admin revoke / rotate-token) changes the token: fetch it again
+      if (d.node.network_id !== state.network) { state.network = d.node.network_id; needToken = true; }
       if (needToken) { needToken = false; await loadToken(); } else { drawJoin(); }
     } catch (e) {
       if (e instanceof NeedKey) {
