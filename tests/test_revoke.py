@@ -219,3 +219,31 @@ def test_revoking_a_worker_under_load(tmp_path, operator, browser):
         page.context.close()
     finally:
         c.close()
+
+
+def test_a_revoked_entry_point_is_refused_on_the_link_it_already_had(tmp_path, operator):
+    """ZAP refuses a revoked key at its next handshake; a link made before the revocation stays
+    up, so the gateway checks every request's key too."""
+    from zswarm.identity import Identity
+
+    _, key_path, token = operator
+    c = Cluster(tmp_path, token)
+    try:
+        (c.tmp / "s").mkdir(mode=0o700)
+        s_id = Identity.load_or_create(c.tmp / "s").node_id  # made before the node starts, to target it
+        s = c.node("s", "server", extra=["--p2p", "--federated", "--threads", "1"])
+        m = c.node("m", "federated", bootstrap=[s], extra=["--target-node", s_id])
+        wait_for(lambda: any(MODEL in r["models"] for r in m.admin("status")["gateway"]["routes"]), 90, 0.2,
+                 what="m to route to s")
+        assert client(m).chat.completions.create(model=MODEL, messages=PROMPT, max_tokens=4).choices
+        refused = counter(s, "gateway_revoked")
+        r = admin_cli(s, "revoke", "m", key_path=key_path)
+        assert r.returncode == 0, r.stderr
+        with pytest.raises(openai.APIStatusError) as e:  # m still has its link to s's gateway
+            openai.OpenAI(base_url=client(m).base_url, api_key="x", max_retries=0, timeout=60).chat.completions.create(
+                model=MODEL, messages=PROMPT, max_tokens=4)
+        assert 500 <= e.value.status_code < 600
+        assert counter(s, "gateway_revoked") > refused
+        assert s.running() and "m" not in listed(s)
+    finally:
+        c.close()

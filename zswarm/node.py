@@ -236,7 +236,7 @@ class Node:
             gateway = self._start(GatewayActor, self.ctx, node_id, self.state.endpoint("gateway"), self.stats,
                                   self.keys, next_port(s.p2p_listen, 1) if s.p2p else None, host,
                                   s.p2p and s.federated and s.serve is not None, s.policy, s.target_node,
-                                  own=self._own_keys())
+                                  own=self._own_keys(), denied=self.zap.denied if self.zap else (lambda key: False))
             endpoint = gateway.proxy().open().get(timeout=START_TIMEOUT_S)
             if endpoint and ledger is not None:
                 ledger.proxy().update_own(endpoints={**own.endpoints, "gateway": endpoint}).get(timeout=START_TIMEOUT_S)

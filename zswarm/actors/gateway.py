@@ -25,7 +25,7 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 import os
-from typing import Any
+from typing import Any, Callable
 
 import zmq
 from zmq.utils.monitor import parse_monitor_message
@@ -54,8 +54,12 @@ class GatewayActor(GuardedActor):
     def __init__(self, ctx: zmq.Context, node_id: str, local_endpoint: str, stats: Stats,
                  keys: Keys | None = None, listen: str | None = None, advertise_host: str = "127.0.0.1",
                  accept_routed: bool = False, policy: str = "p2c", target_node: str = "",
-                 watch: Watch | None = None, own: tuple[bytes, bytes] | None = None):
+                 watch: Watch | None = None, own: tuple[bytes, bytes] | None = None,
+                 denied: Callable[[bytes], bool] = lambda key: False):
         super().__init__(watch)
+        # is this client key (Z85) a revoked node's (ZAP's list)? A connection made before the
+        # revocation stays open, so each request on it is checked
+        self._denied = denied
         self._own = own  # this node's CURVE key pair (public, secret): what peers know it by
         self._ctx = ctx
         self._node_id = node_id
@@ -156,7 +160,7 @@ class GatewayActor(GuardedActor):
         loop.add(self._out.get_monitor_socket(_LINK_EVENTS), self._on_link_event)
         self._peers = None
         if self._accept_routed:
-            self._peers = link_options(loop.socket(zmq.ROUTER, self._on_peer))
+            self._peers = link_options(loop.add(self._ctx.socket(zmq.ROUTER), self._on_peer, frames=True))
             self._peers.setsockopt(zmq.MAXMSGSIZE, MAX_REQUEST_BYTES)
             curve_server(self._peers, self._keys, self._own)  # only members, and each known by its key
             loop.guard_socket(self._peers, Gate("gateway", self._stats))
@@ -254,8 +258,15 @@ class GatewayActor(GuardedActor):
     def _on_local(self, frames: list[bytes]) -> None:
         self._on_request(frames, "local")
 
-    def _on_peer(self, frames: list[bytes]) -> None:
-        self._on_request(frames, "peer")
+    def _on_peer(self, frames: list[zmq.Frame]) -> None:
+        try:
+            key = frames[-1].get("User-Id").encode()
+        except (zmq.ZMQError, IndexError):
+            key = b""
+        if key and self._denied(key):
+            self._stats.inc("gateway_revoked")
+            return
+        self._on_request([f.bytes for f in frames], "peer")
 
     def _on_request(self, frames: list[bytes], kind: str) -> None:
         if len(frames) != 2:
