@@ -58,10 +58,16 @@ class SplitEngine(EngineProc):
         import json
 
         lines = read_lines(self.proc, timeout_s, self.read_log)
-        assert len(lines) == 4 and lines[:2] == ["STAGE loading", "STAGE proving"], lines
-        assert lines[2].startswith("LAYERS "), lines
-        self.layers = json.loads(lines[2][len("LAYERS "):])
-        return lines[3].split(" ", 1)[1]
+        assert len(lines) == 5 and lines[0] == "STAGE loading" and lines[2] == "STAGE proving", lines
+        # before loading, what each RPC server says it has: [free, total] bytes (the server
+        # clamps each worker's claim to it)
+        assert lines[1].startswith("RPCMEM "), lines
+        self.rpc_memory = json.loads(lines[1][len("RPCMEM "):])
+        assert all(0 < free <= total for free, total in self.rpc_memory.values()), lines
+        assert lines[3].startswith("LAYERS "), lines
+        self.layers = json.loads(lines[3][len("LAYERS "):])
+        assert set(self.rpc_memory) == set(self.layers) - {"local"}, lines
+        return lines[4].split(" ", 1)[1]
 
 
 def completion(client: Client, prompt: str, max_tokens: int = 16) -> tuple[str, object]:

@@ -164,3 +164,17 @@ def test_many_servers_with_delayed_gossip_converge_to_one_holder_per_worker():
         assert set(view.use) == {w for w, c in owners.items() if c.server == s}
         assert view.taken == {w: c.server for w, c in owners.items() if c.server != s}
     assert all(sum(c.worker == w for c in everyone) == 1 for w in workers)  # the losers let go
+
+
+def test_a_claim_counts_for_no_more_than_the_cap_and_what_the_rpc_server_reported():
+    from zswarm.sharding import counted_memory
+
+    GiB = 1 << 30
+    assert counted_memory(2 * GiB, 1 << 40, None) == 2 * GiB  # an honest claim, not reported yet
+    assert counted_memory(1 << 60, 1 << 40, None) == 1 << 40  # 2^60 bytes "free": the cap
+    assert counted_memory(8 * GiB, 1 << 40, 3 * GiB) == 3 * GiB  # more than its RPC server has
+    assert counted_memory(2 * GiB, 1 << 40, 3 * GiB) == 2 * GiB  # lends less than it has: its claim
+    # the capped liar no longer takes every layer from an honest 8 GiB worker
+    plan = make_plan([Device("liar", "liar", "a:1", counted_memory(1 << 60, 16 * GiB, None)),
+                      Device("honest", "honest", "b:1", 8 * GiB)], None, GiB)
+    assert {d.id: round(w, 2) for d, w in zip(plan.devices, plan.weights)} == {"liar": 0.67, "honest": 0.33}

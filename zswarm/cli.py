@@ -264,7 +264,7 @@ def cmd_node(args: argparse.Namespace) -> int:
         serve = ServeSettings(model=cfg["model"], ctx_size=cfg["ctx_size"], threads=cfg["threads"],
                               parallel=cfg["parallel"], rpc_servers=cfg["rpc_servers"],
                               local_layers=not cfg["no_local_layers"], mem=cfg["mem"],
-                              reshard_settle_s=cfg["reshard_settle_s"])
+                              reshard_settle_s=cfg["reshard_settle_s"], max_worker_mem=cfg["max_worker_mem"])
     worker = None
     if role == "worker":
         worker = WorkerSettings(mem=cfg["mem"], threads=cfg["threads"], cache_dir=cfg["cache_dir"],

@@ -73,6 +73,7 @@ class Opt:
     # The value, or the file it names, gives access to the cluster or the API: no child process
     # inherits any of its variables (SECRET_ENVS; apply_secret_files warns of one in argv).
     secret: bool = False
+    shown_default: str = ""  # how --help shows the default, when not as the value itself (1TiB)
 
     @property
     def is_switch(self) -> bool:
@@ -241,6 +242,11 @@ SHARD_OPTIONS: list[Opt] = [
     Opt("reshard_settle_s", ("--reshard-settle",), ("ZSWARM_RESHARD_SETTLE_S",), 5.0,
         "worker mode: seconds between re-shards at most (joins and leaves come in bursts)",
         parse=float, metavar="SECONDS"),
+    # A worker's memory claim decides how many layers it gets: a liar or a typo (--mem 2TiB)
+    # would take every layer. Claims are also clamped to what the worker's RPC server reports.
+    Opt("max_worker_mem", ("--max-worker-mem",), ("ZSWARM_MAX_WORKER_MEM",), 1 << 40,
+        "worker mode: the most memory one worker's claim counts for in the split", parse=parse_size_opt,
+        metavar="SIZE", shown_default="1TiB"),
 ]
 
 WORKER_OPTIONS: list[Opt] = [
@@ -290,7 +296,7 @@ SECRET_ENVS: frozenset[str] = frozenset(e for o in ALL_OPTIONS if o.secret for e
 def add_options(parser: argparse.ArgumentParser, opts: list[Opt]) -> None:
     for o in opts:
         envs = ", ".join(o.envs)
-        shown = "off" if o.is_switch else (o.default if o.default not in (None, []) else "none")
+        shown = "off" if o.is_switch else (o.shown_default or (o.default if o.default not in (None, []) else "none"))
         help_text = f"{o.help} [default: {shown}; env: {envs}]".replace("%", "%%")
         if o.is_switch:
             parser.add_argument(*o.flags, dest=o.dest, action="store_true", default=None, help=help_text)

@@ -43,7 +43,7 @@ from .actors.discovery import DiscoveryActor
 from .actors.gateway import GatewayActor
 from .actors.ledger import BindError, LedgerActor
 from .actors.listener import notify
-from .actors.sharder import PlanBox
+from .actors.sharder import ENGINE_REPORTS, PlanBox
 from .actors.supervisor import RESTARTING, ChildSpec, SupervisorActor
 from .config import is_loopback
 from .membership import Timing
@@ -97,6 +97,7 @@ class ServeSettings:
     local_layers: bool = True  # the server's own memory takes a share of the layers
     mem: int = 0  # bytes the server offers for its own share (0: what is available)
     reshard_settle_s: float = 5.0  # at most one re-shard per this period: joins come in bursts
+    max_worker_mem: int = 1 << 40  # the most one worker's memory claim counts for
 
 
 @dataclass
@@ -345,8 +346,8 @@ class Node:
 
             box = self.plan_box
             argv = lambda: engine_argv(s.serve, engine_endpoint, node_id, box.plan)  # noqa: E731
-            sup.start_child(ChildSpec("engine", argv, on_ready=up, on_down=down, report_prefix="LAYERS",
-                                      on_report=sharder.proxy().engine_layers, on_failed=failed,
+            sup.start_child(ChildSpec("engine", argv, on_ready=up, on_down=down, report_prefix=ENGINE_REPORTS,
+                                      on_report=sharder.proxy().engine_report, on_failed=failed,
                                       on_fatal=self._on_fatal, beats=True)
                             ).get(timeout=START_TIMEOUT_S)
         if s.http is not None:
@@ -386,7 +387,8 @@ class Node:
             needed = 0  # the engine will say what is wrong with the model file
         sharder = self._start(SharderActor, self.plan_box, gateway.proxy(), supervisor.proxy(),
                               ledger.proxy() if ledger else None, open_tunnel if self.keys else None, local, needed,
-                              serve.reshard_settle_s, serve.rpc_servers, self.stats, self.record.id)
+                              serve.reshard_settle_s, serve.rpc_servers, self.stats, self.record.id,
+                              max_worker_mem=serve.max_worker_mem)
         sharder.proxy().initial_plan().get(timeout=START_TIMEOUT_S)
         if ledger is not None and not serve.rpc_servers:
             ledger.proxy().add_listener(sharder).get(timeout=START_TIMEOUT_S)

@@ -54,6 +54,13 @@ class Plan:
         return tuple(sorted(d.id for d in self.devices))
 
 
+def counted_memory(claimed: int, cap: int, reported: int | None) -> int:
+    """What a worker's memory claim counts for in a split: at most ``cap`` (--max-worker-mem),
+    and at most what its RPC server reported free (None: not reported yet). A claim decides the
+    worker's share of the layers, so a liar or a typo must not take them all."""
+    return max(0, min(claimed, cap, reported if reported is not None else claimed))
+
+
 KV_BYTES_PER_TOKEN = 32 * 1024  # generous for small models (SmolLM2-135M needs ~23 KiB in f16)
 
 

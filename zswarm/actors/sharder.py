@@ -34,7 +34,8 @@ from typing import Any, Callable
 import pykka
 
 from .. import wire
-from ..sharding import HOLDING_STATES, Claim, ClaimStep, Device, Plan, ShortOfMemory, claim_step, holders, make_plan
+from ..sharding import (HOLDING_STATES, Claim, ClaimStep, Device, Plan, ShortOfMemory, claim_step, counted_memory,
+                        holders, make_plan)
 from .base import GuardedActor, Watch
 from .listener import tell, tell_later
 
@@ -47,6 +48,8 @@ ASK_TIMEOUT_S = 2.0
 # just joined has every record. A rival claim that still comes later is settled by the same
 # rules, at the cost of one more engine restart on the losing server.
 CLAIM_SETTLE_S = 2.0
+CLAMP_MARGIN = 1.1  # a claim re-plans when over 110% of what the worker's RPC server reports free
+ENGINE_REPORTS = ("LAYERS", "RPCMEM", "RPCFAIL")  # the engine's lines the Sharder reads (engine/proc.py)
 
 
 class PlanBox:
@@ -62,6 +65,7 @@ class PlanBox:
 @dataclass
 class _Reshard:
     reason: str
+    force: bool = False  # even if the same workers: their memory changed (a claim clamped)
 
 
 class _Idle:
@@ -74,8 +78,16 @@ class SharderActor(GuardedActor):
     def __init__(self, box: PlanBox, gateway: Any, supervisor: Any, ledger: Any | None,
                  open_tunnel: Callable[[str], Any] | None, local: Device | None, needed: int,
                  settle_s: float, static: list[str] | None = None, stats: Any = None, node_id: str = "",
-                 claim_settle_s: float = CLAIM_SETTLE_S, watch: Watch | None = None):
+                 claim_settle_s: float = CLAIM_SETTLE_S, watch: Watch | None = None,
+                 max_worker_mem: int = 1 << 40):
         super().__init__(watch)
+        # What a worker's claim counts for: at most max_worker_mem, and at most what its RPC server
+        # said it has free (RPCMEM); a worker whose RPC server could not allocate its share
+        # (RPCFAIL) is left out until it restarts (a new incarnation). Worker id -> (incarnation, ...).
+        self._max_worker_mem = max_worker_mem
+        self._reported: dict[str, tuple[int, int]] = {}  # -> (incarnation, free bytes reported)
+        self._failed: dict[str, int] = {}  # -> incarnation that failed to allocate
+        self._incarnations: dict[str, int] = {}
         self._me = node_id
         self._claim_settle_s = claim_settle_s
         self._mine: tuple[Claim, ...] = ()  # our claims, as our ledger record announces them
@@ -111,7 +123,7 @@ class SharderActor(GuardedActor):
     def handle(self, message: Any) -> None:
         if isinstance(message, _Reshard):
             try:
-                self._reshard(message.reason)
+                self._reshard(message.reason, force=message.force)
             except Exception as e:
                 self._postpone(message.reason, e)
         elif isinstance(message, _Idle):
@@ -149,12 +161,50 @@ class SharderActor(GuardedActor):
         self._reshard("asked by the operator", force=True)
         return self._error or "re-sharding"
 
-    def engine_layers(self, line: str) -> None:
-        """The engine's ``LAYERS {json}`` report: layers per device endpoint."""
+    def engine_report(self, line: str) -> None:
+        """One of the engine's ENGINE_REPORTS lines (engine/proc.py)."""
+        kind, _, rest = line.partition(" ")
+        plan = self._box.plan
+        by_endpoint = {d.endpoint: d for d in plan.remote} if plan is not None else {}
         try:
-            self._layers = {str(k): int(v) for k, v in json.loads(line).items()}
-        except (ValueError, TypeError, AttributeError):
-            log.warning("unreadable LAYERS report: %r", line[:200])
+            data = json.loads(rest)
+            if kind == "LAYERS":
+                self._layers = {str(k): int(v) for k, v in data.items()}
+            elif kind == "RPCMEM":
+                self._rpc_memory({str(k): int(v[0]) for k, v in data.items()}, by_endpoint)
+            elif kind == "RPCFAIL":
+                self._rpc_failed([by_endpoint[e] for e in data if e in by_endpoint])
+        except (ValueError, TypeError, AttributeError, IndexError, KeyError):
+            log.warning("unreadable engine report: %r", line[:200])
+
+    def _rpc_memory(self, free: dict[str, int], by_endpoint: dict[str, Device]) -> None:
+        for endpoint, bytes_free in free.items():
+            d = by_endpoint.get(endpoint)
+            if d is None or d.id not in self._incarnations:
+                continue
+            self._reported[d.id] = (self._incarnations[d.id], bytes_free)
+            # a margin: free memory moves a little between two loads, and each re-plan is a reload
+            if d.mem > bytes_free * CLAMP_MARGIN:
+                log.warning("worker %s claims %s but its RPC server has %s free: the split counts %s",
+                            self._who(d.id), _size(d.mem), _size(bytes_free), _size(bytes_free))
+                self._schedule("a worker has less memory than it claims", force=True)
+
+    def _rpc_failed(self, devices: list[Device]) -> None:
+        for d in devices:
+            if d.id in self._incarnations and d.id not in self._failed:
+                self._failed[d.id] = self._incarnations[d.id]
+                log.warning("worker %s could not allocate its share of the model: the split leaves it out "
+                            "until it restarts", self._who(d.id))
+                if self._stats is not None:
+                    self._stats.inc("workers_failed_to_allocate")
+        if devices:
+            self._schedule("a worker could not allocate its share", urgent=True)
+
+    def _counted(self, worker_id: str, incarnation: int, claimed: int) -> int:
+        """The memory a worker's claim counts for in the split (its report is this incarnation's only)."""
+        reported = self._reported.get(worker_id)
+        return counted_memory(claimed, self._max_worker_mem,
+                              reported[1] if reported is not None and reported[0] == incarnation else None)
 
     def status(self) -> dict[str, Any]:
         """The plan and its layers; ``taken``: workers skipped because another server holds them;
@@ -172,6 +222,8 @@ class SharderActor(GuardedActor):
                 "n_layers": sum(self._layers.values()), "reshards": self._reshards,
                 "error": self._error, "pending": self._pending is not None,
                 "taken": taken, "settling": list(self._settling), "note": self._note(plan),
+                "left_out": [{"id": w, "name": self._names.get(w, ""), "why": "could not allocate its share"}
+                             for w in sorted(self._failed)],
                 "claims": [{"worker": c.worker, "since": c.since, "held": c.held} for c in self._mine]}
 
     # --- the work ---
@@ -196,8 +248,12 @@ class SharderActor(GuardedActor):
                 known.add(p["id"])
             tunnel = p["endpoints"].get("tunnel")
             self._curves[p["id"]] = p.get("curve", "")
-            if p["state"] == "alive" and tunnel and "rpc" in p["flags"]:
-                usable[p["id"]] = Device(p["id"], p["name"], tunnel, p["mem_free"])
+            incarnation = p.get("incarnation", 0)
+            self._incarnations[p["id"]] = incarnation
+            if self._failed.get(p["id"], incarnation) != incarnation:
+                del self._failed[p["id"]]  # restarted: given another chance
+            if p["state"] == "alive" and tunnel and "rpc" in p["flags"] and p["id"] not in self._failed:
+                usable[p["id"]] = Device(p["id"], p["name"], tunnel, self._counted(p["id"], incarnation, p["mem_free"]))
         for r in records:  # a claim's server is named even if the peers' snapshot (asked first) lacked it
             if r.name:
                 self._names.setdefault(r.id, r.name)
@@ -269,17 +325,17 @@ class SharderActor(GuardedActor):
             self._error = error
             return None
 
-    def _schedule(self, reason: str, at_least_s: float = 0.0, urgent: bool = False) -> None:
+    def _schedule(self, reason: str, at_least_s: float = 0.0, urgent: bool = False, force: bool = False) -> None:
         """One re-shard at a time, at most one per ``settle_s`` unless ``urgent``; it reads the
         ledger afresh when it runs. A sooner request replaces a later one."""
         now = time.monotonic()
         delay = 0.0 if urgent else max(0.0, self._last + self._settle_s - now, at_least_s)
         if self._timer is not None:
-            if self._due <= now + delay + 0.01:
+            if self._due <= now + delay + 0.01 and not force:
                 return  # one re-shard is already coming, no later than this one would
             self._timer.cancel()  # if it fired meanwhile, the second re-shard finds nothing to do
         self._due = now + delay
-        self._timer = tell_later(self.actor_ref, _Reshard(reason), delay)
+        self._timer = tell_later(self.actor_ref, _Reshard(reason, force), delay)
 
     def _reshard(self, reason: str, force: bool = False) -> None:
         self._timer = None
@@ -348,6 +404,10 @@ class SharderActor(GuardedActor):
         for _, entry in self._tunnels.values():
             entry.stop()
         self._tunnels.clear()
+
+
+def _size(n: int) -> str:
+    return f"{n / (1 << 30):.1f} GiB" if n >= 1 << 30 else f"{n / (1 << 20):.0f} MiB"
 
 
 def holder_status(ledger: Any, worker_id: str) -> dict[str, Any] | None:

@@ -95,7 +95,8 @@ class ChildSpec:
     ready_prefix: str | None = "READY"  # None: up as soon as it is started
     on_ready: Callable[[str], None] | None = None  # called (in the actor) with the READY line's rest
     on_down: Callable[[str], None] | None = None  # called (in the actor) with why it went down
-    report_prefix: str | None = None  # lines starting with this go to on_report (e.g. "LAYERS")
+    # lines starting with one of these go to on_report, whole (e.g. "LAYERS {...}")
+    report_prefix: tuple[str, ...] = ()
     on_report: Callable[[str], None] | None = None
     on_failed: Callable[[str], None] | None = None  # called (in the actor) when restarting stops
     # called (in the actor) with one line when the child can never start (never ready, and
@@ -506,7 +507,7 @@ def _watch(ref: pykka.ActorRef, spec: ChildSpec, proc: subprocess.Popen, generat
         elif spec.ready_prefix and line.startswith(spec.ready_prefix):
             tell(ref, _Ready(spec.name, generation, line[len(spec.ready_prefix):].strip()))
         elif spec.report_prefix and line.startswith(spec.report_prefix):
-            tell(ref, _Report(spec.name, generation, line[len(spec.report_prefix):].strip()))
+            tell(ref, _Report(spec.name, generation, line))
         elif line.startswith("STAGE "):
             tell(ref, _Report(spec.name, generation, line[len("STAGE "):].strip(), "stage"))
         elif line.startswith("FAULT "):

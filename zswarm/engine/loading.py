@@ -123,7 +123,20 @@ class LoadSpec:
 
 
 class LoadError(RuntimeError):
-    pass
+    def __init__(self, message: str, failed: Sequence[str] = ()):
+        super().__init__(message)
+        self.failed = tuple(failed)  # RPC servers that could not allocate their share (the RPCFAIL report)
+
+
+def rpc_memory(endpoints: Sequence[str]) -> dict[str, list[int]]:
+    """What each RPC server says it has: endpoint -> [free, total] bytes (the ``RPCMEM`` report).
+    The server clamps each worker's memory claim to it (sharder.py)."""
+    return {e: list(device_memory(rpc_device(e))) for e in endpoints}
+
+
+# llama.cpp's words for an RPC server that could not allocate a buffer (weights: "unable to
+# allocate RPC0[host:port] buffer"; compute buffers: "failed to allocate RPC0[host:port] buffer of size N")
+_ALLOC_FAILED = re.compile(r"(?:unable|failed) to allocate RPC\d*\[([^\]]+)\] buffer")
 
 
 def load_model(spec: LoadSpec) -> _Model:
@@ -190,8 +203,11 @@ def load_model(spec: LoadSpec) -> _Model:
             model = _Model(**kwargs, devices=devices, n_gpu_layers=-1)
         except (ValueError, OSError) as e:
             why = llama_log.errors()
+            named = {m for _, text in llama_log.lines for m in _ALLOC_FAILED.findall(text)}
+            failed = [e for e in spec.rpc_servers if e in named]
             raise LoadError(f"cannot load the model across {', '.join(spec.rpc_servers)}: {e}"
-                            + (f" (llama.cpp: {why})" if why else "")) from None
+                            + (f" (llama.cpp: {why})" if why else "")
+                            + (f"; could not allocate on {', '.join(failed)}" if failed else ""), failed) from None
     names = [ggml().dev_name(d).decode() for d in devices]
     n_layer = llama_cpp.llama_model_n_layer(model.model)
     counts = llama_log.layers(n_layer)

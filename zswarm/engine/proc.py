@@ -34,7 +34,10 @@ floats, 192 KiB), and the RPC servers hold no copy of the output weights.
 Just before READY the engine writes one line ``LAYERS {json}``: the repeating layers each device
 holds, read back from llama.cpp, keyed by RPC endpoint and ``"local"``, e.g.
 ``LAYERS {"127.0.0.1:5001": 8, "127.0.0.1:5002": 22, "local": 0}``. Worker mode runs one slot
-whatever ``--parallel`` says (see parse_args).
+whatever ``--parallel`` says (see parse_args). Before loading it writes ``RPCMEM {json}``, what
+each RPC server says it has (endpoint -> [free, total] bytes), and after a load that an RPC
+server could not allocate its share of, ``RPCFAIL [endpoints]``: the server's Sharder clamps
+claims to the first and leaves the second out of its next split.
 
 An RPC server that goes away makes llama.cpp abort this process (SIGABRT, at the next message
 to it; ``GGML_NO_BACKTRACE`` is set so that takes milliseconds, not a debugger attach). One that
@@ -81,7 +84,7 @@ from ..transport import SocketLoop, Stats
 from . import fault
 from .child import EX_CONFIG, StopFlag, parent_pid, stage, start_beat, take_stdout
 from .gguf import NotAModel, check_model_file
-from .loading import LoadError, LoadSpec, load_model, prove
+from .loading import LoadError, LoadSpec, load_model, prove, rpc_memory
 from .model import ModelMissing, default_model_path, model_name
 from .scheduler import _STOP_MESSAGES, Job, Scheduler
 from .slots import Slot
@@ -318,6 +321,9 @@ def main(argv: list[str] | None = None) -> int:
     layers: dict[str, int] | None = None
     try:
         stage(handshake, "loading")
+        if spec.rpc_servers:  # what each worker's RPC server says it has, before it is asked to hold anything
+            handshake.write(f"RPCMEM {json.dumps(rpc_memory(spec.rpc_servers))}\n")
+            handshake.flush()
         for i in range(args.parallel):
             if stop.is_set():
                 return _shutdown(ctx, engine, sched, slots, stats)
@@ -328,6 +334,9 @@ def main(argv: list[str] | None = None) -> int:
         prove(llm)  # every slot runs the same build and devices: one pass proves them all
     except LoadError as e:
         log.error("%s", e)
+        if e.failed:  # the server leaves these out of its next split
+            handshake.write(f"RPCFAIL {json.dumps(list(e.failed))}\n")
+            handshake.flush()
         engine.stop()
         engine.remove_ipc_file()
         # A local model that llama.cpp refuses stays refused; across RPC servers, the next plan
