@@ -194,7 +194,18 @@ def encode(net: str, sender: str, body: Body) -> bytes:
 
 
 class WrongProtocol(BadFrame):
-    pass
+    gossip: str = ""  # the sender's gossip endpoint, when its message was a Beat: the ledger dials
+    # it back, so that the other node hears this one too and says so in its own log
+
+
+def _gossip_of(body: bytes) -> str:
+    """The ``gossip`` of a Beat of any protocol (every protocol so far encodes one as a map)."""
+    try:
+        obj = msgspec.msgpack.decode(body)
+    except DECODE_ERRORS:
+        return ""
+    gossip = obj.get("gossip") if isinstance(obj, dict) else None
+    return gossip if isinstance(gossip, str) and gossip.startswith("tcp://") and len(gossip) < 300 else ""
 
 
 class WrongNetwork(BadFrame):
@@ -212,7 +223,9 @@ def _decode(payload: bytes, decoder: msgspec.msgpack.Decoder, net: str | None) -
     except DECODE_ERRORS as e:
         raise BadFrame(f"unreadable envelope: {e}") from None
     if env.proto != PROTOCOL:
-        raise WrongProtocol(f"protocol {env.proto} from {env.sender!r}; this node speaks {PROTOCOL}")
+        err = WrongProtocol(f"protocol {env.proto} from {env.sender!r}; this node speaks {PROTOCOL}")
+        err.gossip = _gossip_of(env.body)
+        raise err
     if net is not None and env.net != net:
         raise WrongNetwork(f"network {env.net!r} is not ours")
     try:

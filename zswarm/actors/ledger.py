@@ -60,6 +60,7 @@ LEAVE_LINGER_MS = 300
 # After a rotation the node relays the statement, then waits this long before it moves its
 # gossip sockets to the new token's key: the relays reach the peers over the old links first.
 SWITCH_DELAY_S = 1.0
+MAX_OTHER_PROTOCOL_DIALS = 64  # nodes of another protocol dialed back (each logs our refusal once)
 
 
 @dataclass
@@ -82,6 +83,11 @@ class _Tick:
 
 class _HelloAgain:
     pass
+
+
+@dataclass
+class _DialBack:
+    endpoint: str
 
 
 @dataclass
@@ -118,6 +124,7 @@ class LedgerActor(GuardedActor):
         self.trust = Trust(own.id, self.m.key_of, stats.inc, limits, self.m.held_record,
                            lambda node_id: self.m.heard_directly_within(node_id, fresh_s))
         self._wrong_protocol: set[str] = set()  # senders already told of in the log
+        self._dialed_back: set[str] = set()  # ... and those of them dialed back (io thread)
         # the token (rotation.py): the node is told every change (ZAP's deny list, the state
         # file, the admin's token, discovery's keys), in this thread, without blocking
         self.cluster = cluster
@@ -262,6 +269,11 @@ class LedgerActor(GuardedActor):
                 self._wrong_protocol.add(sender)
                 log.warning("refused gossip from node %s: %s (upgrade every node of the cluster; see the README)",
                             sender, e)
+            if e.gossip and sender not in self._dialed_back and len(self._dialed_back) < MAX_OTHER_PROTOCOL_DIALS:
+                # dialed back once (its first Beat says where), so that the other side hears us,
+                # refuses us too and says so in its own log
+                self._dialed_back.add(sender)
+                tell(self.actor_ref, _DialBack(e.gossip))
             return
         except wire.BadFrame as e:
             self._drop(str(e))
@@ -298,6 +310,8 @@ class LedgerActor(GuardedActor):
             tell_later(self.actor_ref, _HelloAgain(), HELLO_AGAIN_S)
         elif isinstance(message, _HelloAgain):
             self._hello()
+        elif isinstance(message, _DialBack):
+            self._dial(message.endpoint, "other protocol")
         elif isinstance(message, _Switch):
             self._switch(message.token)
 
