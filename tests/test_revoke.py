@@ -13,6 +13,7 @@ import time
 import msgspec
 import openai
 import pytest
+import zmq
 
 from cluster import REPO, Cluster, wait_for
 from forger import Forger
@@ -143,6 +144,38 @@ def test_revoked_node_stays_out_and_the_rest_move_to_the_new_token(tmp_path, ope
         c.close()
 
 
+def test_a_member_cut_off_during_the_rotation_gets_the_new_token_when_it_is_back(tmp_path, operator):
+    """The statement is flooded once; a member whose links were down just then gets it from the
+    old token's links, which every node keeps for a grace period (ledger.ROTATION_GRACE_S). The
+    machine revoked is off: that works too."""
+    _, key_path, token = operator
+    c = Cluster(tmp_path, token)
+    try:
+        v = c.node("v", "worker")
+        w = c.node("w", "worker", bootstrap=[v])
+        e = c.node("e", "worker", bootstrap=[v])
+        wait_for(lambda: listed(v) == {"w", "e"} and listed(e) == {"v", "w"}, 30, what="three workers")
+        wid = w.node_id()
+        w.signal(signal.SIGKILL)  # a lost laptop that is off (it would pass the statement on to e)
+        w.wait(5)
+        e.signal(signal.SIGSTOP)  # frozen past the links' heartbeat timeout (4.5 s): they drop
+        try:
+            time.sleep(6)
+            r = admin_cli(v, "revoke", wid, key_path=key_path)  # flooded while e has no link
+            assert r.returncode == 0, r.stderr
+            time.sleep(3)  # v has moved to the new token meanwhile
+        finally:
+            e.signal(signal.SIGCONT)
+        new = v.admin("token")
+        assert new != token
+        wait_for(lambda: e.admin("token") == new, 20, what="e to get the new token after it was back")
+        wait_for(lambda: {p["name"]: p["state"] for p in e.peers()} == {"v": "alive"}
+                 and {p["name"]: p["state"] for p in v.peers()}.get("e") == "alive", 20,
+                 what="e and v together on the new token")
+    finally:
+        c.close()
+
+
 def client(node):
     url = node.args[node.args.index("--address") + 1]
     return openai.OpenAI(base_url=f"http://{url}/v1", api_key="x", max_retries=0, timeout=120)
@@ -236,14 +269,33 @@ def test_a_revoked_entry_point_is_refused_on_the_link_it_already_had(tmp_path, o
         wait_for(lambda: any(MODEL in r["models"] for r in m.admin("status")["gateway"]["routes"]), 90, 0.2,
                  what="m to route to s")
         assert client(m).chat.completions.create(model=MODEL, messages=PROMPT, max_tokens=4).choices
-        refused = counter(s, "gateway_revoked")
+        refused = counter(s, "gateway_not_member")
+        own = {r["id"]: r for r in s.admin("ledger")}[s_id]
         r = admin_cli(s, "revoke", "m", key_path=key_path)
         assert r.returncode == 0, r.stderr
         with pytest.raises(openai.APIStatusError) as e:  # m still has its link to s's gateway
             openai.OpenAI(base_url=client(m).base_url, api_key="x", max_retries=0, timeout=60).chat.completions.create(
                 model=MODEL, messages=PROMPT, max_tokens=4)
         assert 500 <= e.value.status_code < 600
-        assert counter(s, "gateway_revoked") > refused
+        assert counter(s, "gateway_not_member") > refused
         assert s.running() and "m" not in listed(s)
+
+        # m saw s's gateway key while it was a member: with a fresh key of its own (ZAP admits any
+        # key it has not been told to refuse) it gets a handshake, but no answer
+        ctx = zmq.Context()
+        dealer = ctx.socket(zmq.DEALER)
+        dealer.linger = 0
+        dealer.curve_publickey, dealer.curve_secretkey = zmq.curve_keypair()
+        dealer.curve_serverkey = own["curve"].encode()
+        try:
+            dealer.connect(own["endpoints"]["gateway"])
+            dealer.send(wire.encode_inference("0" * 16, wire.GenRequest(
+                id="ab" * 8, kind="chat", model=MODEL, messages=[wire.ChatMessage("user", "Hi")], max_tokens=4)))
+            assert dealer.poll(10_000), "no answer at all"
+            reply = wire.decode_inference(dealer.recv()).body
+            assert isinstance(reply, wire.Fail) and reply.code == "no_node", reply
+        finally:
+            dealer.close(0)
+            ctx.term()
     finally:
         c.close()

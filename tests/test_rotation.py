@@ -58,7 +58,9 @@ def test_a_node_believes_only_its_operator_about_its_own_network():
     rot, new = rotation.make(op, token, members(ids), [], [revoked(ids[2])], 0, 5.0)
     assert rotation.judge(rot, op.public, net(token), 0) == rotation.SWITCH
     assert rotation.judge(rot, op.public, net(new), 0) == rotation.LEARN  # a newcomer on the new token
-    assert rotation.judge(rot, op.public, net(token), 1) == rotation.STALE  # seen it
+    assert rotation.judge(rot, op.public, net(new), 1) == rotation.STALE  # seen it
+    # replacing our network is new by that alone, whatever epoch we saw (the operator's node may lag)
+    assert rotation.judge(rot, op.public, net(token), 5) == rotation.SWITCH
     assert rotation.judge(rot, op.public, "0" * 16, 0) == rotation.FOREIGN
     assert rotation.judge(rot, b"", net(token), 0) == rotation.FOREIGN  # a token without operator
     # a member (token, no operator key) signs its own: refused
@@ -74,7 +76,7 @@ def test_a_node_believes_only_its_operator_about_its_own_network():
     # without its boxes it still proves the revoked list to a newcomer, but cannot switch anyone
     bare = rotation.without_boxes(rot)
     assert rotation.judge(bare, op.public, net(new), 0) == rotation.LEARN
-    assert rotation.judge(bare, op.public, net(token), 0) == rotation.FORGED
+    assert rotation.judge(bare, op.public, net(token), 0) == rotation.BARE
 
 
 def test_the_wrong_operator_key_and_an_old_token_cannot_make_a_rotation():
@@ -93,7 +95,7 @@ def test_rotations_chain_and_the_revoked_list_accumulates():
     assert {r.id for r in rot2.revoked} == {ids[2].node_id, ids[3].node_id}
     assert [b.id for b in rot2.boxes] == [ids[0].node_id, ids[1].node_id]
     # a replay of the first rotation to a node on t1 changes nothing
-    assert rotation.judge(rot1, op.public, net(t1), 1) == rotation.STALE
+    assert rotation.judge(rot1, op.public, net(t1), 2) == rotation.STALE
     assert rotation.judge(rot2, op.public, net(t1), 1) == rotation.SWITCH
 
 

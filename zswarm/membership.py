@@ -358,6 +358,12 @@ class Membership:
                     ch.disconnect.add(endpoint)
         return ch
 
+    def departed(self) -> list[NodeRecord]:
+        """Records of nodes removed for silence (kept with their tombstones): an operator may
+        revoke a machine that is off, and a rotation seals the new token to it in case it returns."""
+        return [t.member.record for t in self._tombstones.values()
+                if t.member is not None and t.member.record is not None]
+
     def redialing(self) -> dict[str, str]:
         """Nodes removed for silence that are still dialed: id -> gossip endpoint."""
         return {i: e for i, (e, _) in self._redial.items()}

@@ -178,6 +178,7 @@ class Node:
         self.zap = ZapHandler(self.ctx, self.keys, self.stats) if self.keys else None
         if self.zap is not None:
             self.zap.deny(frozenset(r.curve.encode() for r in self.cluster.revoked))
+        self._member_keys: frozenset[bytes] = frozenset()  # members' own CURVE keys (Z85), from the ledger
         self._admin_ref: pykka.ActorRef | None = None
         self._discovery_ref: pykka.ActorRef | None = None
         self.actors: list[pykka.ActorRef] = []
@@ -237,7 +238,7 @@ class Node:
             gateway = self._start(GatewayActor, self.ctx, node_id, self.state.endpoint("gateway"), self.stats,
                                   self.keys, next_port(s.p2p_listen, 1) if s.p2p else None, host,
                                   s.p2p and s.federated and s.serve is not None, s.policy, s.target_node,
-                                  own=self._own_keys(), denied=self.zap.denied if self.zap else (lambda key: False))
+                                  own=self._own_keys(), admits=self._admits)
             endpoint = gateway.proxy().open().get(timeout=START_TIMEOUT_S)
             if endpoint and ledger is not None:
                 ledger.proxy().update_own(endpoints={**own.endpoints, "gateway": endpoint}).get(timeout=START_TIMEOUT_S)
@@ -267,7 +268,9 @@ class Node:
         return self.record
 
     def _ledger_changed(self, records: list[wire.NodeRecord], states: dict[str, str]) -> None:
-        """After every change of the ledger (in its thread): whom a worker's tunnel exit serves."""
+        """After every change of the ledger (in its thread): whose requests the gateway takes,
+        whom a worker's tunnel exit serves."""
+        self._member_keys = frozenset(r.curve.encode() for r in records if r.curve)
         exit_ = self.tunnel_exit
         if exit_ is not None:  # a worker: only the server whose split it serves opens streams
             from .sharding import Claim, holders
@@ -288,8 +291,15 @@ class Node:
             self.keys = cluster.token.derive()
             for ref, method, arg in ((self._admin_ref, "set_token", cluster.token.encode()),
                                      (self._discovery_ref, "set_keys", self.keys)):
-                if ref is not None and ref.is_alive():
-                    getattr(ref.proxy(), method)(arg)  # a tell in effect: the future is not waited for
+                try:
+                    if ref is not None:
+                        getattr(ref.proxy(), method)(arg)  # a tell in effect: the future is not waited for
+                except pykka.ActorDeadError:
+                    pass  # it died meanwhile; the node's watch replaces or stops it
+
+    def _admits(self, key: bytes) -> bool:
+        """The gateway (its io thread): may this client key's requests be served?"""
+        return key in self._member_keys and not (self.zap is not None and self.zap.denied(key))
 
     def _own_keys(self) -> tuple[bytes, bytes]:
         """This node's CURVE key pair (public, secret), derived from its identity."""

@@ -54,13 +54,21 @@ def rotate(state_dir: str, revoke_ids: list[str], key_path: str | None, timeout_
     now = time.time()
     revoke = []
     for node_id in revoke_ids:
-        m = by_id.get(node_id) or next((m for m in info["members"] if m["name"] == node_id), None)
+        named = [m for m in info["members"] if m["name"] == node_id]
+        if node_id not in by_id and len(named) > 1:
+            raise RevokeError(f"{len(named)} nodes are called {node_id!r}: name one by its id "
+                              f"({', '.join(m['id'] for m in named)})")
+        m = by_id.get(node_id) or (named[0] if named else None)
         if m is None:
             if any(r.id == node_id for r in revoked_before):
                 raise RevokeError(f"node {node_id} is revoked already")
             raise RevokeError(f"no node {node_id!r} is known to this node (see `zswarm admin peers`)")
         if m["state"] == "self":
             raise RevokeError(f"node {node_id} is the node this command talks to: run it on another member")
+        shared = [o["id"] for o in info["members"] if o["curve"] == m["curve"] and o["id"] != m["id"]]
+        if shared:  # its key would be refused for them too
+            raise RevokeError(f"node {m['id']} announces the transport key of {', '.join(shared)}: revoke "
+                              "those too, or look into it before revoking")
         revoke.append(wire.Revoked(m["id"], bytes.fromhex(m["key"]), m["curve"], m["name"], now))
     members = [rotation.Member(m["id"], m["curve"]) for m in info["members"]]
     try:

@@ -38,7 +38,11 @@ MAX_REVOKED = 1024  # nodes a cluster remembers as revoked (cumulative across ro
 MAX_BOXES = 1024  # members a rotation can carry the new token to (trust.MAX_NODES is 256)
 _NONCE = bytes(12)  # every box has a key of its own (one ephemeral key, one recipient): no nonce reuse
 
-SWITCH, LEARN, STALE, FORGED, FOREIGN, OVERSIZED = "switch", "learn", "stale", "forged", "foreign", "oversized"
+SWITCH, LEARN, STALE, FORGED, FOREIGN, OVERSIZED, BARE = (
+    "switch", "learn", "stale", "forged", "foreign", "oversized", "bare")
+# a statement must fit a gossip frame (transport.MAXMSGSIZE, 1 MiB) and, in base64, the admin
+# request that hands it to a node: three quarters of it, with room for the envelope
+MAX_STATEMENT_BYTES = 700 * 1024
 
 
 class RotationError(ValueError):
@@ -99,6 +103,9 @@ def make(operator, current: Token, members: list[Member], revoked_before: list[w
     rot = wire.Rotation(operator=operator.public, epoch=epoch_before + 1, replaces=replaces, network=network,
                         revoked=revoked, issued=now, eph=eph, boxes_hash=wire.boxes_hash(boxes), boxes=boxes)
     rot.sig = operator.sign(wire.rotation_statement(rot))
+    if len(msgspec.msgpack.encode(rot)) > MAX_STATEMENT_BYTES:
+        raise RotationError(f"the statement is larger than {MAX_STATEMENT_BYTES // 1024} KiB: too many members "
+                            "or revoked nodes for one rotation")
     return rot, new
 
 
@@ -111,7 +118,12 @@ def judge(rot: wire.Rotation, operator: bytes, network: str, epoch: int) -> str:
     """What a node whose token has ``operator`` and ``network``, and that has seen rotations up
     to ``epoch``, makes of ``rot``: SWITCH (it replaces our token), LEARN (it is about our token
     already: take its revoked list), STALE (nothing new), FOREIGN (another cluster's, or our
-    token has no operator), FORGED (not the operator's signature), OVERSIZED."""
+    token has no operator), FORGED (not the operator's signature), OVERSIZED, BARE (it replaces
+    our token but came without its boxes: the full one is on its way, or passed us by).
+
+    A statement that replaces our network is new by that alone (each network is replaced once,
+    and older statements replaced older networks), so SWITCH does not depend on ``epoch``: a
+    node whose operator made the statement may have seen fewer rotations than the others."""
     if not operator or rot.operator != operator:
         return FOREIGN
     if len(rot.revoked) > MAX_REVOKED or len(rot.boxes) > MAX_BOXES:
@@ -122,8 +134,10 @@ def judge(rot: wire.Rotation, operator: bytes, network: str, epoch: int) -> str:
         relation = LEARN
     else:
         return FOREIGN  # another generation of this cluster than ours: nothing we can check it against
-    if rot.epoch <= epoch:
+    if relation == LEARN and rot.epoch <= epoch:
         return STALE
+    if relation == SWITCH and not rot.boxes and rot.boxes_hash != wire.boxes_hash([]):
+        return BARE
     if not verify(operator, rot.sig, wire.rotation_statement(rot)):
         return FORGED
     if relation == SWITCH and wire.boxes_hash(rot.boxes) != rot.boxes_hash:

@@ -55,11 +55,13 @@ class GatewayActor(GuardedActor):
                  keys: Keys | None = None, listen: str | None = None, advertise_host: str = "127.0.0.1",
                  accept_routed: bool = False, policy: str = "p2c", target_node: str = "",
                  watch: Watch | None = None, own: tuple[bytes, bytes] | None = None,
-                 denied: Callable[[bytes], bool] = lambda key: False):
+                 admits: Callable[[bytes], bool] = lambda key: True):
         super().__init__(watch)
-        # is this client key (Z85) a revoked node's (ZAP's list)? A connection made before the
-        # revocation stays open, so each request on it is checked
-        self._denied = denied
+        # is this client key (Z85) a current member's, and not revoked? Our gateway's key is in our
+        # record, which a revoked machine saw while it was a member: it could dial us with a
+        # fresh key (ZAP admits any key not revoked), and a link made before a revocation stays
+        # up, so every request is checked
+        self._admits = admits
         self._own = own  # this node's CURVE key pair (public, secret): what peers know it by
         self._ctx = ctx
         self._node_id = node_id
@@ -263,8 +265,14 @@ class GatewayActor(GuardedActor):
             key = frames[-1].get("User-Id").encode()
         except (zmq.ZMQError, IndexError):
             key = b""
-        if key and self._denied(key):
-            self._stats.inc("gateway_revoked")
+        if not self._admits(key):
+            self._stats.inc("gateway_not_member")
+            if len(frames) == 2 and (msg := self._decode(frames[1].bytes)) is not None \
+                    and isinstance(msg.body, wire.GenRequest):
+                # a member we have not heard of yet (or one revoked): it may try another node
+                self._answer(("peer", frames[0].bytes), wire.Fail(
+                    id=msg.body.id, code="no_node", message="this node does not know the sender as a member",
+                    node=self._node_id), None)
             return
         self._on_request([f.bytes for f in frames], "peer")
 

@@ -23,6 +23,7 @@ systemd starts it again; peers see its silence and, once it is back, its new inc
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import os
@@ -60,6 +61,11 @@ LEAVE_LINGER_MS = 300
 # After a rotation the node relays the statement, then waits this long before it moves its
 # gossip sockets to the new token's key: the relays reach the peers over the old links first.
 SWITCH_DELAY_S = 1.0
+# ... and keeps its old PUB, links and all, this long after it moved, sending the statement on it
+# every beat: a member whose link was down when the statement was flooded gets it when the link
+# is back (its own SUB still has the old key), rather than being cut off for good.
+ROTATION_GRACE_S = 30.0
+REFUSED_REMEMBERED = 256  # signatures of refused rotations: a repeat costs no second check
 MAX_OTHER_PROTOCOL_DIALS = 64  # nodes of another protocol dialed back (each logs our refusal once)
 
 
@@ -93,6 +99,11 @@ class _DialBack:
 @dataclass
 class _Switch:
     token: Token
+
+
+@dataclass
+class _SwitchFailed:
+    why: str
 
 
 class BindError(RuntimeError):
@@ -130,6 +141,11 @@ class LedgerActor(GuardedActor):
         self.cluster = cluster
         self._on_rotation = on_rotation
         self._revoked_keys: set[str] = set()  # CURVE keys (Z85) of revoked nodes: nothing they send is read
+        self._pending: wire.Rotation | None = None  # the full statement, resent until the grace ends
+        self._pending_until = 0.0  # monotonic; 0: not switched yet
+        self._old_net = ""  # the network the old PUB speaks for, during the grace
+        self._old_pub: zmq.Socket | None = None  # io thread: the PUB of the old token, during the grace
+        self._refused: collections.OrderedDict[bytes, None] = collections.OrderedDict()
         # told every record and state after each change, in this thread (it must not block): the
         # ZAP handler learns the members' own keys, a worker's tunnel exit whom it serves
         self._on_change = on_change
@@ -199,7 +215,11 @@ class LedgerActor(GuardedActor):
                             for r in (cs.revoked if cs else [])],
                 "members": [{"id": r.id, "name": r.name, "role": r.role, "key": r.key.hex(), "curve": r.curve,
                              "state": "self" if r.id == self.m.own.id else self.m.members[r.id].state}
-                            for r in self.records()]}
+                            for r in self.records()]
+                # removed for silence (a lost laptop that is off): revocable too, and sealed to if
+                # not revoked, in case it comes back
+                + [{"id": r.id, "name": r.name, "role": r.role, "key": r.key.hex(), "curve": r.curve,
+                    "state": "removed"} for r in self.m.departed() if r.id not in self.m.members]}
 
     def revoked(self) -> list[dict[str, Any]]:
         """The nodes the operator revoked: id, name, when (unix seconds)."""
@@ -217,6 +237,7 @@ class LedgerActor(GuardedActor):
                               rotation.FORGED: "the rotation is not signed by the cluster's operator key",
                               rotation.FOREIGN: "the rotation is not for this node's token",
                               rotation.OVERSIZED: "the rotation is too large",
+                              rotation.BARE: "the rotation has no sealed tokens",
                               rotation.LEARN: "the rotation is in force already"}[verdict])
         self._rotation(rot, rotation.SWITCH)
         return {"epoch": rot.epoch, "network": rot.network, "revoked": [r.id for r in rot.revoked],
@@ -230,17 +251,25 @@ class LedgerActor(GuardedActor):
         sub.subscribe(wire.TOPIC_ALL)
         sub.subscribe(self.m.own.id.encode())
         loop.guard_socket(sub, Gate("gossip", self._stats))  # strangers' idle connections are bounded
-        sub.bind(tcp(listen))
+        try:
+            sub.bind(tcp(listen))
+        except zmq.ZMQError:
+            loop.remove_guarded(sub)
+            raise
         return sub
+
+    def _make_pub(self, loop: SocketLoop, keys: Keys) -> tuple[zmq.Socket, zmq.Socket]:
+        pub = loop.socket(zmq.PUB)
+        curve_client(pub, keys, (self._identity.curve_public, self._identity.curve_secret))
+        link_options(pub)  # a broken link is closed by heartbeats and redialed about once a second
+        mon = loop.add(pub.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED),
+                       self._on_pub_event)
+        return pub, mon
 
     def _setup(self, loop: SocketLoop) -> None:
         sub = self._make_sub(loop, self._listen)
         port = sub.last_endpoint.decode().rsplit(":", 1)[1]
-        pub = loop.socket(zmq.PUB)
-        curve_client(pub, self._keys, (self._identity.curve_public, self._identity.curve_secret))
-        link_options(pub)  # a broken link is closed by heartbeats and redialed about once a second
-        loop.add(pub.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED),
-                 self._on_pub_event)
+        pub, self._pub_mon = self._make_pub(loop, self._keys)
         self._sub, self._pub = sub, pub
         host = self._advertise_host
         gossip = f"tcp://{host}:{port}"
@@ -314,13 +343,17 @@ class LedgerActor(GuardedActor):
             self._dial(message.endpoint, "other protocol")
         elif isinstance(message, _Switch):
             self._switch(message.token)
+        elif isinstance(message, _SwitchFailed):  # deaf to the cluster: better stop (systemd starts us again)
+            raise RuntimeError(f"cannot move the gossip port to the new token: {message.why}")
 
     def _hello(self) -> None:
         """Tell a new connection (and everyone) who we are and what we know, and ask what we lack."""
         self._send(wire.TOPIC_ALL, self.m.beat())
         self._send(wire.TOPIC_ALL, wire.Records([self.m.own]))  # who we are, signed: our key binds here
         self._send(wire.TOPIC_ALL, wire.Digest(self.m.digest()))
-        if self.cluster is not None and self.cluster.rotation is not None:
+        if self._pending is not None and not self._pending_until:
+            self._send(wire.TOPIC_ALL, self._pending)  # not switched yet: a late link gets the boxes too
+        elif self.cluster is not None and self.cluster.rotation is not None:
             self._send(wire.TOPIC_ALL, self.cluster.rotation)  # newcomers learn who is revoked
         self._ask(force=True)
 
@@ -345,7 +378,7 @@ class LedgerActor(GuardedActor):
                 if records:
                     self._send(msg.sender.encode(), wire.Records(records))
             case wire.Records(records=records):
-                good = [r for r in records if self.trust.record(r, key)]
+                good = [r for r in records if self.trust.record(r, key) and not self._curve_taken(r)]
                 for r in good:
                     self._wants.pop(r.id, None)
                 self._apply(self.m.on_records(good))
@@ -353,19 +386,40 @@ class LedgerActor(GuardedActor):
                 if self.trust.leave(leave):
                     self._apply(self.m.on_leave(leave.id, leave.incarnation))
             case wire.Rotation() as rot:
+                if rot.sig in self._refused:
+                    self._stats.inc("rotation_refused")
+                    return
                 verdict = self._judge(rot)
                 if verdict in (rotation.SWITCH, rotation.LEARN):
                     self._rotation(rot, verdict)
                 elif verdict in (rotation.FORGED, rotation.OVERSIZED):
                     self._stats.inc("rotation_refused")
+                    self._refused[rot.sig] = None
+                    while len(self._refused) > REFUSED_REMEMBERED:
+                        self._refused.popitem(last=False)
                     log.debug("refused a rotation from %s: %s", msg.sender, verdict)
+
+    def _curve_taken(self, rec: wire.NodeRecord) -> bool:
+        """Does another node's record hold ``rec``'s CURVE key? A record's key is its owner's
+        word, so a member could claim another's (and get it refused when it is revoked itself):
+        the first holder keeps it."""
+        if not rec.curve:
+            return False
+        if rec.curve == self.m.own.curve or any(
+                m.record is not None and m.record.curve == rec.curve and i != rec.id for i, m in self.m.members.items()):
+            self._stats.inc(FORGED)
+            log.debug("dropped the record of %s: its CURVE key is another node's", rec.id)
+            return True
+        return False
 
     # --- rotation (rotation.py) ---
     def _judge(self, rot: wire.Rotation) -> str:
+        """Against the token we hold, or are about to move to: a second rotation made while the
+        first one's switch is pending replaces the new token, not the old."""
         cs = self.cluster
         if cs is None:
             return rotation.FOREIGN
-        return rotation.judge(rot, cs.token.operator, self._net, cs.epoch)
+        return rotation.judge(rot, cs.token.operator, cs.token.derive().network_id, cs.epoch)
 
     def _rotation(self, rot: wire.Rotation, verdict: str) -> None:
         """Believe ``rot``: revoke whom it names; on SWITCH pass it on, and move to the new token."""
@@ -378,7 +432,7 @@ class LedgerActor(GuardedActor):
             log.error("the cluster's operator revoked this node: it is out of the cluster for good "
                       "(a new identity and the current token are needed to join again)")
             self._stats.inc("rotation_revoked_me")
-            self.cluster = ClusterState(cs.token, rot.epoch, cs.superseded, rotation.without_boxes(rot))
+            self.cluster = ClusterState(cs.token, max(cs.epoch, rot.epoch), cs.superseded, rotation.without_boxes(rot))
             return
         newly = [r for r in rot.revoked if r.id not in self.trust.revoked]
         self._adopt_revoked(rot.revoked)
@@ -392,10 +446,13 @@ class LedgerActor(GuardedActor):
                           "operator rotated the token): it is cut off; give it the current token "
                           "(`zswarm admin token` on a member) to join again")
                 self._stats.inc("rotation_left_out")
-        superseded = cs.superseded + [self._net] if token is not None else cs.superseded
-        self.cluster = ClusterState(token or cs.token, rot.epoch, superseded, rotation.without_boxes(rot))
+        replaced = cs.token.derive().network_id
+        superseded = cs.superseded + [replaced] if token is not None else cs.superseded
+        self.cluster = ClusterState(token or cs.token, max(cs.epoch, rot.epoch), superseded,
+                                    rotation.without_boxes(rot))
         self._stats.inc("rotations")
         if token is not None:
+            self._pending, self._pending_until = rot, 0.0
             log.info("the operator rotated the cluster token (epoch %d): moving to network %s in %.0f s",
                      rot.epoch, rot.network, SWITCH_DELAY_S)
             tell_later(self.actor_ref, _Switch(token), SWITCH_DELAY_S)
@@ -414,35 +471,82 @@ class LedgerActor(GuardedActor):
 
     def _switch(self, token: Token) -> None:
         """Move the gossip sockets to ``token``'s keys: a new SUB on the same port (a CURVE server
-        key is read at bind), and every link of the PUB dialed again with the new server key."""
+        key is read at bind) and a new PUB that dials every peer with the new server key. The
+        old PUB stays, links and all, for ROTATION_GRACE_S, and carries the statement (_tick)."""
+        if self.cluster is None or token != self.cluster.token:
+            return  # a newer rotation came meanwhile: its own switch is on its way
+        self._old_net = self._net
         self._keys = token.derive()
         self._net = self._keys.network_id
+        self._pending_until = time.monotonic() + ROTATION_GRACE_S
         keys, dialed = self._keys, list(self._dialed)
         port = self.m.own.endpoints["gossip"].rsplit(":", 1)[1]
         listen = f"{self._listen.rsplit(':', 1)[0]}:{port}"
+        ref = self.actor_ref
 
         def _rekey(loop: SocketLoop = self._loop) -> None:
             loop.remove_guarded(self._sub)
-            for attempt in range(100):  # libzmq closes the old listener in its own thread
+            sub, why = None, ""
+            for _ in range(50):  # libzmq closes the old listener in its own thread: milliseconds
                 try:
-                    self._sub = self._make_sub(loop, listen)
+                    sub = self._make_sub(loop, listen)
                     break
                 except zmq.ZMQError as e:
-                    if e.errno != zmq.EADDRINUSE or attempt == 99:
-                        log.error("cannot listen on %s with the new token: %s", listen, e.strerror)
-                        return
+                    why = e.strerror
+                    if e.errno != zmq.EADDRINUSE:
+                        break
                     time.sleep(0.02)
-            self._pub.curve_serverkey = keys.curve_public
+            if sub is None:
+                tell(ref, _SwitchFailed(f"cannot listen on {listen}: {why}"))
+                return
+            self._sub = sub
+            self._close_old_pub(loop)  # a grace still running from an earlier rotation
+            old, self._old_pub = self._pub, self._pub
+            try:
+                old.disable_monitor()  # its links' events are no longer ours to follow
+            except zmq.ZMQError:
+                pass
+            loop.remove(self._pub_mon)
+            self._pub, self._pub_mon = self._make_pub(loop, keys)
             for endpoint in dialed:
-                self._disconnect(endpoint)
                 self._pub.connect(endpoint)
         if self._loop is not None:
             self._loop.submit(_rekey)
         self._links_up.clear()
         log.info("gossip moved to the new token (network %s)", self._net)
 
+    def _close_old_pub(self, loop: SocketLoop) -> None:
+        """io thread: the grace is over."""
+        if self._old_pub is not None:
+            loop.remove(self._old_pub)
+            self._old_pub = None
+
+    def _resend_statement(self) -> None:
+        """Every beat while a rotation is pending or in its grace: the full statement, on the
+        old token's links (those who have not moved yet)."""
+        rot = self._pending
+        if rot is None or self._loop is None:
+            return
+        if not self._pending_until:
+            self._send(wire.TOPIC_ALL, rot)
+            return
+        if time.monotonic() >= self._pending_until:
+            self._pending = None
+            self._loop.submit(lambda loop=self._loop: self._close_old_pub(loop))
+            return
+        payload = wire.encode(self._old_net, self.m.own.id, rot)
+
+        def _out() -> None:
+            if self._old_pub is not None:
+                try:
+                    self._old_pub.send_multipart([wire.TOPIC_ALL, payload], zmq.NOBLOCK)
+                except zmq.Again:
+                    pass
+        self._loop.submit(_out)
+
     def _tick(self) -> None:
         self._send(wire.TOPIC_ALL, self.m.beat())
+        self._resend_statement()
         now = time.monotonic()
         if now - self._last_sync >= self._timing.sync_interval_s:
             self._last_sync = now

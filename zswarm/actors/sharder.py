@@ -48,6 +48,7 @@ ASK_TIMEOUT_S = 2.0
 # just joined has every record. A rival claim that still comes later is settled by the same
 # rules, at the cost of one more engine restart on the losing server.
 CLAIM_SETTLE_S = 2.0
+FAILED_RETRY_S = 600.0  # a worker that could not allocate its share is tried again after this (or a restart)
 CLAMP_MARGIN = 1.1  # a claim re-plans when over 110% of what the worker's RPC server reports free
 ENGINE_REPORTS = ("LAYERS", "RPCMEM", "RPCFAIL")  # the engine's lines the Sharder reads (engine/proc.py)
 
@@ -86,7 +87,8 @@ class SharderActor(GuardedActor):
         # (RPCFAIL) is left out until it restarts (a new incarnation). Worker id -> (incarnation, ...).
         self._max_worker_mem = max_worker_mem
         self._reported: dict[str, tuple[int, int]] = {}  # -> (incarnation, free bytes reported)
-        self._failed: dict[str, int] = {}  # -> incarnation that failed to allocate
+        self._failed: dict[str, tuple[int, float]] = {}  # -> (incarnation that failed to allocate, when: monotonic)
+        self._force_pending = False  # a forced re-plan is due: kept until one runs
         self._incarnations: dict[str, int] = {}
         self._me = node_id
         self._claim_settle_s = claim_settle_s
@@ -123,7 +125,8 @@ class SharderActor(GuardedActor):
     def handle(self, message: Any) -> None:
         if isinstance(message, _Reshard):
             try:
-                self._reshard(message.reason, force=message.force)
+                force, self._force_pending = message.force or self._force_pending, False
+                self._reshard(message.reason, force=force)
             except Exception as e:
                 self._postpone(message.reason, e)
         elif isinstance(message, _Idle):
@@ -192,9 +195,9 @@ class SharderActor(GuardedActor):
     def _rpc_failed(self, devices: list[Device]) -> None:
         for d in devices:
             if d.id in self._incarnations and d.id not in self._failed:
-                self._failed[d.id] = self._incarnations[d.id]
+                self._failed[d.id] = (self._incarnations[d.id], time.monotonic())
                 log.warning("worker %s could not allocate its share of the model: the split leaves it out "
-                            "until it restarts", self._who(d.id))
+                            "until it restarts (or for %.0f minutes)", self._who(d.id), FAILED_RETRY_S / 60)
                 if self._stats is not None:
                     self._stats.inc("workers_failed_to_allocate")
         if devices:
@@ -250,8 +253,9 @@ class SharderActor(GuardedActor):
             self._curves[p["id"]] = p.get("curve", "")
             incarnation = p.get("incarnation", 0)
             self._incarnations[p["id"]] = incarnation
-            if self._failed.get(p["id"], incarnation) != incarnation:
-                del self._failed[p["id"]]  # restarted: given another chance
+            failed = self._failed.get(p["id"])
+            if failed is not None and (failed[0] != incarnation or time.monotonic() - failed[1] > FAILED_RETRY_S):
+                del self._failed[p["id"]]  # restarted, or long ago: given another chance
             if p["state"] == "alive" and tunnel and "rpc" in p["flags"] and p["id"] not in self._failed:
                 usable[p["id"]] = Device(p["id"], p["name"], tunnel, self._counted(p["id"], incarnation, p["mem_free"]))
         for r in records:  # a claim's server is named even if the peers' snapshot (asked first) lacked it
@@ -329,6 +333,7 @@ class SharderActor(GuardedActor):
         """One re-shard at a time, at most one per ``settle_s`` unless ``urgent``; it reads the
         ledger afresh when it runs. A sooner request replaces a later one."""
         now = time.monotonic()
+        self._force_pending = self._force_pending or force
         delay = 0.0 if urgent else max(0.0, self._last + self._settle_s - now, at_least_s)
         if self._timer is not None:
             if self._due <= now + delay + 0.01 and not force:
