@@ -187,7 +187,8 @@ def shard(server):
 
 def split_is(server, names):
     s = shard(server)
-    return (server.admin("status")["children"]["engine"]["state"] == "ready" and not s.get("pending")
+    engine = (server.admin("status").get("children") or {}).get("engine") or {}  # listed once the node has started it
+    return (engine.get("state") == "ready" and not s.get("pending")
             and sorted(w["name"] for w in s.get("workers", [])) == sorted(names) and s.get("n_layers", 0) > 0)
 
 

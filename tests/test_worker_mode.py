@@ -1,6 +1,7 @@
 """Worker mode end to end: one model split over workers through llama.cpp RPC in CURVE tunnels."""
 
 import concurrent.futures
+import os
 import signal
 
 import openai
@@ -40,8 +41,8 @@ def layers_by_name(server):
 
 def split_is(server, names):
     s = shard(server)
-    children = server.admin("status")["children"]
-    return (children["engine"]["state"] == "ready" and not s.get("pending")
+    engine = (server.admin("status").get("children") or {}).get("engine") or {}  # listed once the node has started it
+    return (engine.get("state") == "ready" and not s.get("pending")
             and sorted(w["name"] for w in s.get("workers", [])) == sorted(names)
             and s.get("n_layers", 0) > 0)
 
@@ -158,5 +159,42 @@ def test_admin_reshard(tmp_path):
         wait_for(lambda: shard(s)["reshards"] > n and split_is(s, ["w1"]), 60, 0.2, what="a forced re-shard")
         assert shard(s)["local_layers"] > 0
         ask(s)
+    finally:
+        c.close()
+
+
+def test_workers_started_together_are_split_over_once(tmp_path, reference):
+    """Issue 14: the first split waits (a bounded time) for a worker whose RPC server is still
+    starting, instead of loading everything onto the first worker and re-sharding a moment later.
+    w2's RPC server is held back (SIGSTOP) as a slow machine's would be."""
+    import time
+    from pathlib import Path
+
+    from cluster import descendants
+    from zswarm.engine.model import default_model_path
+
+    c = Cluster(tmp_path, Token.generate().encode())
+    try:
+        w1 = c.node("w1", "worker", extra=["--mem", "2GiB", "--threads", "1"])
+        w2 = c.node("w2", "worker", bootstrap=[w1], extra=["--mem", "2GiB", "--threads", "1"])
+
+        def rpc_child():
+            return next((p for p in descendants(w2.proc.pid)
+                         if "rpc_server" in Path(f"/proc/{p}/cmdline").read_text()), None)
+        child = wait_for(rpc_child, 20, 0.01, what="w2's RPC server process")
+        os.kill(child, signal.SIGSTOP)
+        try:
+            s = c.node("s", "server", bootstrap=[w1], extra=SERVER + ["--no-local-layers"])
+            wait_for(lambda: [w["name"] for w in shard(s).get("waiting", [])] == ["w2"], 30, 0.2,
+                     what="the server to wait for w2")
+            time.sleep(4)  # w1 is ready, its claim long settled: without the wait, a split on w1 alone
+            assert shard(s)["reshards"] == 0 and s.admin("status")["children"]["engine"]["state"] != "ready"
+        finally:
+            os.kill(child, signal.SIGCONT)
+        wait_for(lambda: split_is(s, ["w1", "w2"]), 90, 0.2, what="the split over both workers")
+        assert shard(s)["reshards"] == 1 and shard(s)["waiting"] == []
+        sent = s.admin("status")["counters"].get("tunnel_bytes_out", 0)
+        assert 0 < sent <= 1.1 * os.path.getsize(default_model_path()), sent  # the weights went once
+        ask(s, reference)
     finally:
         c.close()

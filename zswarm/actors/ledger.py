@@ -405,8 +405,8 @@ class LedgerActor(GuardedActor):
         the first holder keeps it."""
         if not rec.curve:
             return False
-        if rec.curve == self.m.own.curve or any(
-                m.record is not None and m.record.curve == rec.curve and i != rec.id for i, m in self.m.members.items()):
+        if rec.curve == self.m.own.curve or any(m.record is not None and m.record.curve == rec.curve and i != rec.id
+                                                for i, m in self.m.members.items()):
             self._stats.inc(FORGED)
             log.debug("dropped the record of %s: its CURVE key is another node's", rec.id)
             return True

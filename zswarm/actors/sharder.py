@@ -48,6 +48,11 @@ ASK_TIMEOUT_S = 2.0
 # just joined has every record. A rival claim that still comes later is settled by the same
 # rules, at the cost of one more engine restart on the losing server.
 CLAIM_SETTLE_S = 2.0
+# A worker that is up but whose RPC server is still starting (no "rpc" flag yet) is waited for, this
+# long at most after it appeared, before a split is made without it: workers started together
+# are then split over once, instead of loading everything onto the first and re-sharding when
+# the next is ready (with a real model, minutes of weights through the tunnels each time).
+WORKER_START_WAIT_S = 20.0
 FAILED_RETRY_S = 600.0  # a worker that could not allocate its share is tried again after this (or a restart)
 CLAMP_MARGIN = 1.1  # a claim re-plans when over 110% of what the worker's RPC server reports free
 ENGINE_REPORTS = ("LAYERS", "RPCMEM", "RPCFAIL")  # the engine's lines the Sharder reads (engine/proc.py)
@@ -89,6 +94,8 @@ class SharderActor(GuardedActor):
         self._reported: dict[str, tuple[int, int]] = {}  # -> (incarnation, free bytes reported)
         self._failed: dict[str, tuple[int, float]] = {}  # -> (incarnation that failed to allocate, when: monotonic)
         self._force_pending = False  # a forced re-plan is due: kept until one runs
+        self._waited: tuple[str, ...] = ()  # the workers last said to be waited for (logged once)
+        self._starting: dict[str, float] = {}  # worker id -> when first seen without its RPC server (monotonic)
         self._incarnations: dict[str, int] = {}
         self._me = node_id
         self._claim_settle_s = claim_settle_s
@@ -225,6 +232,7 @@ class SharderActor(GuardedActor):
                 "n_layers": sum(self._layers.values()), "reshards": self._reshards,
                 "error": self._error, "pending": self._pending is not None,
                 "taken": taken, "settling": list(self._settling), "note": self._note(plan),
+                "waiting": [{"id": w, "name": self._names.get(w, "")} for w in self._waiting()],
                 "left_out": [{"id": w, "name": self._names.get(w, ""), "why": "could not allocate its share"}
                              for w in sorted(self._failed)],
                 "claims": [{"worker": c.worker, "since": c.since, "held": c.held} for c in self._mine]}
@@ -256,8 +264,14 @@ class SharderActor(GuardedActor):
             failed = self._failed.get(p["id"])
             if failed is not None and (failed[0] != incarnation or time.monotonic() - failed[1] > FAILED_RETRY_S):
                 del self._failed[p["id"]]  # restarted, or long ago: given another chance
+            if p["state"] == "alive" and "rpc" not in p["flags"] and p["id"] not in self._failed:
+                self._starting.setdefault(p["id"], time.monotonic())
+            else:
+                self._starting.pop(p["id"], None)
             if p["state"] == "alive" and tunnel and "rpc" in p["flags"] and p["id"] not in self._failed:
                 usable[p["id"]] = Device(p["id"], p["name"], tunnel, self._counted(p["id"], incarnation, p["mem_free"]))
+        for gone in set(self._starting) - {p["id"] for p in peers}:
+            del self._starting[gone]
         for r in records:  # a claim's server is named even if the peers' snapshot (asked first) lacked it
             if r.name:
                 self._names.setdefault(r.id, r.name)
@@ -283,6 +297,11 @@ class SharderActor(GuardedActor):
             self._mine = step.claims
             self._ledger.update_own(claims=[wire.Claim(worker=c.worker, since=c.since, held=c.held)
                                             for c in step.claims])
+
+    def _waiting(self) -> list[str]:
+        """Workers whose RPC server is starting, still within WORKER_START_WAIT_S of their arrival."""
+        now = time.monotonic()
+        return sorted(w for w, t in self._starting.items() if now - t < WORKER_START_WAIT_S)
 
     def _who(self, node_id: str) -> str:
         name = self._names.get(node_id, "")
@@ -349,10 +368,20 @@ class SharderActor(GuardedActor):
             self._schedule("free workers claimed", at_least_s=self._settle_wait(step))
             if not force and not self._uses_taken(step):
                 return  # plan once the claims have settled, not twice
+        current = self._box.plan
+        waiting = self._waiting()
+        gone = current is not None and {d.id for d in current.remote} - {d.id for d in workers}
+        if waiting and not force and not gone:  # a worker of ours gone cannot wait: its engine is stuck
+            until = min(self._starting[w] for w in waiting) + WORKER_START_WAIT_S
+            log.log(logging.INFO if tuple(waiting) != self._waited else logging.DEBUG,
+                    "waiting up to %.0f s for worker(s) %s to start their RPC servers before splitting",
+                    until - time.monotonic(), ", ".join(self._who(w) for w in waiting))
+            self._waited = tuple(waiting)
+            self._schedule("waited for starting workers", at_least_s=until - time.monotonic() + 0.05)
+            return
         plan = self._plan(workers)
         if plan is None:
             return  # keep serving with what we have; the error is in status
-        current = self._box.plan
         if not force and current is not None and current.key() == plan.key():
             return
         plan = self._with_tunnels(plan)

@@ -207,6 +207,8 @@ def cluster_view(snap: Snapshot) -> dict[str, Any]:
         **out,
         "split": _split(shard, own, self_id, status, out["workers"]) if split else None,
         "taken": _taken(shard),
+        # workers whose RPC servers are starting: the split waits for them (a bounded time)
+        "waiting": _waiting(shard),
         "revoked": _revoked(status),
         "shard_note": shard.get("note") if shard and isinstance(shard.get("note"), str) and shard["note"] else None,
         "updated_at": snap.taken_at,
@@ -223,6 +225,14 @@ def _holder(claim: Any, records: dict, liveness: dict, self_id: str) -> dict[str
         return None
     return {"id": claim.server, "name": _name_of(claim.server, records, liveness), "self": claim.server == self_id,
             "held": claim.held}
+
+
+def _waiting(shard: dict | None) -> list[str]:
+    """Names of the workers this node's split waits for (their RPC servers are starting)."""
+    waiting = (shard or {}).get("waiting")
+    return [w["name"] if isinstance(w.get("name"), str) and w["name"] else w["id"][:8]
+            for w in (waiting if isinstance(waiting, list) else [])
+            if isinstance(w, dict) and isinstance(w.get("id"), str)]
 
 
 def _taken(shard: dict | None) -> list[dict[str, str]]:

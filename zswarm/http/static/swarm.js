@@ -237,8 +237,13 @@
 
   function drawTaken(d) {
     const taken = d.taken || [];
+    const waiting = d.waiting || [];
     const box = $("split-taken");
-    box.hidden = taken.length === 0;
+    box.hidden = taken.length === 0 && waiting.length === 0;
+    if (waiting.length) {
+      box.textContent = "Waiting for workers to start: " + waiting.join(", ") + " (the model is split once they are up).";
+      return;
+    }
     if (!taken.length) { box.textContent = ""; return; }
     // the node's own words when it gave them (it knows whether it runs alone or waits)
     const list = taken.map((t) => (t.name || t.id.slice(0, 8)) + " is in use by " + (t.by_name || t.by.slice(0, 8))).join("; ");
