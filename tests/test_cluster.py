@@ -1,10 +1,12 @@
 """Acceptance tests of the node spine with real node processes on 127.0.0.1."""
 
+import json
 import os
 import signal
 import stat
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -142,6 +144,20 @@ def test_admin_socket(cluster):
     assert bad.returncode == 1 and "error 1" in bad.stderr and "Traceback" not in bad.stderr
     status = run("status", "--json")
     assert "\"role\": \"worker\"" in status.stdout
+
+
+def test_admin_waits_for_a_node_that_is_starting(cluster):
+    """What the README does right after starting a node: without --wait the admin loses the race."""
+    state = cluster.tmp / "late"
+    waiting = subprocess.Popen([sys.executable, "-m", "zswarm", "admin", "--state-dir", str(state), "--wait", "30",
+                                "status", "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    time.sleep(1.0)  # the admin is waiting before the node even starts
+    cluster.node("late", state_dir=state)
+    out, err = waiting.communicate(timeout=40)
+    assert waiting.returncode == 0, err
+    assert json.loads(out)["name"] == "late"
+    gone = run_cli("admin", "--state-dir", str(cluster.tmp / "nobody"), "--wait", "1", "status")
+    assert gone.returncode == 1 and "no node is running" in gone.stderr and "Traceback" not in gone.stderr
 
 
 def run_cli(*args, timeout=30):

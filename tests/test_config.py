@@ -43,6 +43,13 @@ def test_help_documents_defaults_and_env():
     for o in NODE_OPTIONS:
         assert o.flags[0] in text and o.envs[0] in text
     assert "default: 0.0.0.0:7340" in text
+    from zswarm.config import SHARD_OPTIONS
+    q = argparse.ArgumentParser()
+    add_options(q, SHARD_OPTIONS)
+    shard_help = " ".join(q.format_help().split())
+    # a default that no one may pass is not shown as one (--mem 0 is refused)
+    assert "default: what is available" in shard_help and "default: 0;" not in shard_help
+    assert "default: 1TiB" in shard_help
 
 
 def test_rpc_listen_must_be_ipv4_and_loopback_is_one_rule():

@@ -76,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--role", choices=sorted(ROLES), default="server",
                     help="which default state directory to use when --state-dir is not given [default: server]")
     ap.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for an answer [default: 5]")
+    ap.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
+                    help="wait up to this long for a node that is still starting [default: 0]")
     ap.add_argument("admin_command", metavar="COMMAND",
                     help="status, peers, ledger, help, log-level, token, revoke NODE_ID, rotate-token ...")
     ap.add_argument("admin_args", nargs="*", metavar="KEY=VALUE", help="arguments of the command")
@@ -181,7 +183,7 @@ def cmd_admin(args: argparse.Namespace) -> int:
             raise UserError(f"admin arguments are KEY=VALUE, got {item!r}")
         kwargs[key] = value
     try:
-        result = call(state_dir, args.admin_command, kwargs, timeout_s=args.timeout)
+        result = _call_waiting(call, AdminUnavailable, state_dir, args, kwargs)
     except AdminUnavailable as e:
         raise UserError(str(e), 1) from None
     except AdminFailed as e:
@@ -218,6 +220,21 @@ def cmd_rotate(args: argparse.Namespace, state_dir: str) -> int:
         print(f"not sealed to (no CURVE key in their record): {', '.join(result['left_out'])}; give them the new "
               "token by hand")
     return 0
+
+
+def _call_waiting(call: Any, unavailable: type, state_dir: str, args: argparse.Namespace,
+                  kwargs: dict[str, Any]) -> Any:
+    """The admin command; with ``--wait``, tried again while no node answers yet (it is starting)."""
+    import time
+
+    deadline = time.monotonic() + max(0.0, args.wait)
+    while True:
+        try:
+            return call(state_dir, args.admin_command, kwargs, timeout_s=args.timeout)
+        except unavailable:
+            if time.monotonic() + 0.2 > deadline:
+                raise
+            time.sleep(0.2)
 
 
 def render(command: str, result: Any) -> str:

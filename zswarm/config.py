@@ -229,8 +229,8 @@ def parse_size_opt(text: str) -> int:
 
 
 MEM_OPTION = Opt("mem", ("--mem",), ("ZSWARM_MEM",), 0,
-                 "memory this node lends to the model, e.g. 2GiB (default: what is available)",
-                 parse=parse_size_opt, metavar="SIZE")
+                 "memory this node lends to the model, e.g. 2GiB",
+                 parse=parse_size_opt, metavar="SIZE", shown_default="what is available")
 
 SHARD_OPTIONS: list[Opt] = [
     Opt("rpc_servers", ("--rpc-servers",), ("ZSWARM_RPC_SERVERS", "LLAMACPP_GRPC_SERVERS"), [],
