@@ -160,6 +160,31 @@ def test_admin_waits_for_a_node_that_is_starting(cluster):
     assert gone.returncode == 1 and "no node is running" in gone.stderr and "Traceback" not in gone.stderr
 
 
+def test_nodes_sharing_a_host_get_names_apart(cluster, token):
+    """Without --name a node is called after its host and its id, so two on one host differ."""
+    import socket
+
+    from cluster import free_port
+    from zswarm.admin_client import call
+
+    procs, names = [], []
+    try:
+        for i in range(2):
+            state = cluster.tmp / f"unnamed{i}"
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "zswarm", "worker", "--no-mdns", "--state-dir", str(state),
+                 "--p2p-listen", f"127.0.0.1:{free_port(2)}"], cwd=REPO, stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL, env={**os.environ, "PYTHONPATH": str(REPO), "ZSWARM_TOKEN": token}))
+            status = wait_for(lambda: call(str(state), "status", timeout_s=3.0), 20, what="the unnamed node")
+            names.append((status["name"], status["id"]))
+    finally:
+        for p in procs:
+            p.terminate()
+            p.wait(15)
+    assert [n for n, _ in names] == [f"{socket.gethostname()}-{i[:4]}" for _, i in names]
+    assert names[0][0] != names[1][0]
+
+
 def run_cli(*args, timeout=30):
     return subprocess.run([sys.executable, "-m", "zswarm", *args], capture_output=True, text=True,
                           cwd=REPO, timeout=timeout)

@@ -14,8 +14,8 @@ from typing import Any
 
 from . import __version__
 from .config import (HTTP_OPTIONS, NODE_OPTIONS, SERVE_OPTIONS, SERVER_OPTIONS, SHARD_OPTIONS, WORKER_OPTIONS,
-                     ConfigError, add_options, apply_secret_files, default_state_dir, hostname, is_loopback,
-                     resolve)
+                     ConfigError, add_options, apply_secret_files, default_state_dir, given, hostname,
+                     is_loopback, resolve)
 from .token import Token, TokenError
 from .trust import Limits
 
@@ -294,11 +294,21 @@ def cmd_node(args: argparse.Namespace) -> int:
     if role in ("server", "federated"):
         http = HttpSettings(address=cfg["address"], api_keys=cfg["api_keys"], workers=cfg["http_workers"],
                             request_timeout_s=cfg["request_timeout_s"])
+    p2p_listen = cfg["p2p_listen"]
+    if token is not None and given(args, "p2p_listen") is None:
+        from .startup import free_p2p_listen
+
+        p2p_listen = free_p2p_listen(p2p_listen)
+        if p2p_listen != cfg["p2p_listen"]:
+            logging.getLogger("zswarm.cli").warning(
+                "port %s is in use (another node on this machine?): listening on %s instead; a node on another "
+                "machine joins with --bootstrap HOST:%s", cfg["p2p_listen"].rsplit(":", 1)[1], p2p_listen,
+                p2p_listen.rsplit(":", 1)[1])
     settings = NodeSettings(
         role=role, token=token, state_dir=cfg["state_dir"] or default_state_dir(role),
-        p2p_listen=cfg["p2p_listen"], advertise=cfg["advertise"], bootstrap=cfg["bootstrap"],
+        p2p_listen=p2p_listen, advertise=cfg["advertise"], bootstrap=cfg["bootstrap"],
         mdns=not cfg["no_mdns"], mdns_interfaces=cfg["mdns_interfaces"], local_only=cfg["local_only"],
-        name=cfg["name"] or hostname(), federated=bool(cfg.get("federated")),
+        name=cfg["name"] or hostname(), name_is_host=not cfg["name"], federated=bool(cfg.get("federated")),
         policy=cfg.get("policy") or "p2c", target_node=cfg.get("target_node") or "", serve=serve, http=http,
         worker=worker, child_hang_s=cfg["child_hang_s"], child_stuck_s=cfg["child_stuck_s"],
         limits=Limits(max_nodes=cfg["max_nodes"], per_sender=cfg["max_introduced"]))

@@ -157,7 +157,8 @@ NODE_OPTIONS: list[Opt] = [
     Opt("max_introduced", ("--max-introduced",), ("ZSWARM_MAX_INTRODUCED",), 64,
         "nodes one peer may make this node learn of before they are heard from directly",
         parse=parse_positive_int, metavar="N"),
-    Opt("name", ("--name",), ("ZSWARM_NAME",), None, "a name for this node (default: the host name)",
+    Opt("name", ("--name",), ("ZSWARM_NAME",), None,
+        "a name for this node (default: the host name and the start of the node id, e.g. vm-3f2a)",
         metavar="NAME"),
     Opt("log_level", ("--log-level",), ("ZSWARM_LOG_LEVEL", "LOCALAI_P2P_LOGLEVEL"), "info",
         "debug, info, warning or error", parse=lambda s: s.strip().lower(), metavar="LEVEL"),
@@ -404,6 +405,11 @@ def _given(ns: argparse.Namespace, o: Opt, environ: dict[str, str]) -> str | Non
     if getattr(ns, o.dest, None) is not None:
         return o.flags[0]
     return next((e for e in o.envs if environ.get(e, "") != ""), None)
+
+
+def given(ns: argparse.Namespace, dest: str, environ: dict[str, str] | None = None) -> str | None:
+    """Where option ``dest`` was given (its flag or variable), or None: its default."""
+    return _given(ns, _opt(dest), os.environ if environ is None else environ)
 
 
 def _opt(dest: str) -> Opt:

@@ -130,6 +130,9 @@ class NodeSettings:
     mdns_interfaces: list[str] = field(default_factory=list)
     local_only: bool = False
     name: str = "node"
+    # the name is the host's (no --name): the node id's first 4 characters are added, so that
+    # nodes sharing a host are told apart in split bars, tables and logs
+    name_is_host: bool = False
     federated: bool = False  # serve requests routed from the cluster, and route to it
     policy: str = "p2c"
     target_node: str = ""
@@ -168,6 +171,8 @@ class Node:
         self.watch = Watch(self.stats)  # how actors say they failed; the admin status shows it
         self.state = StateDir(settings.state_dir).claim()  # StateDirError: one line, nothing bound
         self.identity = self.state.identity()  # StateDirError too (a damaged identity file)
+        if settings.name_is_host:
+            settings.name = f"{settings.name}-{self.identity.node_id[:4]}"
         self.cluster: ClusterState | None = None  # the token now (a rotation changes it) and who is revoked
         if settings.token is not None:
             self.cluster, note = tokenstore.resolve(self.state.path, settings.token)

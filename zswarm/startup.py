@@ -90,3 +90,33 @@ def raise_nofile() -> int:
                     "refuses more of them; raise it with ulimit -n or LimitNOFILE= in the systemd unit",
                     soft, MIN_NOFILE)
     return soft
+
+
+P2P_PORT_TRIES = 20  # port pairs tried after the default one (7342, 7344, ...)
+
+
+def free_p2p_listen(listen: str) -> str:
+    """``listen`` if its port and the next are free, else the first free pair above (two at a
+    time: the gossip port and the gateway's or tunnel's next to it). For the default address
+    only, so that a join command pasted on a machine that already runs a node works; an address
+    given explicitly that is taken stays an error (the node says so in one line)."""
+    import socket
+
+    host, port = listen.rsplit(":", 1)
+    bind_host = host.strip("[]") if host not in ("*", "") else "0.0.0.0"
+    family = socket.AF_INET6 if ":" in bind_host else socket.AF_INET
+    for p in range(int(port), int(port) + 2 * (P2P_PORT_TRIES + 1), 2):
+        socks = []
+        try:
+            for q in (p, p + 1):
+                s = socket.socket(family, socket.SOCK_STREAM)
+                socks.append(s)
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as libzmq binds
+                s.bind((bind_host, q))
+            return f"{host}:{p}"
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    return listen  # none free: the node's own bind says why
