@@ -54,7 +54,9 @@ def verify(public: bytes, signature: bytes, message: bytes) -> bool:
 
 
 @dataclass(frozen=True, eq=False)
-class Identity:
+class SigningKey:
+    """An Ed25519 key from its 32-byte seed: a node's identity, or the operator's key (operator.py)."""
+
     seed: bytes
 
     @cached_property
@@ -65,12 +67,16 @@ class Identity:
     def public(self) -> bytes:
         return self._key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
 
+    def sign(self, message: bytes) -> bytes:
+        return self._key.sign(message)
+
+
+@dataclass(frozen=True, eq=False)
+class Identity(SigningKey):
+
     @cached_property
     def node_id(self) -> str:
         return node_id_of(self.public)
-
-    def sign(self, message: bytes) -> bytes:
-        return self._key.sign(message)
 
     @cached_property
     def curve_secret(self) -> bytes:

@@ -14,11 +14,9 @@ from __future__ import annotations
 import hashlib
 import os
 from dataclasses import dataclass
-from functools import cached_property
 from pathlib import Path
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+from .identity import SigningKey
 
 SEED_BYTES = 32
 _MAGIC = b"zswarm operator key v1\n"
@@ -49,19 +47,8 @@ def candidate_paths(public: bytes, state_dir: str | os.PathLike) -> list[Path]:
 
 
 @dataclass(frozen=True, eq=False)
-class OperatorKey:
-    seed: bytes
-
-    @cached_property
-    def _key(self) -> Ed25519PrivateKey:
-        return Ed25519PrivateKey.from_private_bytes(self.seed)
-
-    @cached_property
-    def public(self) -> bytes:
-        return self._key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
-
-    def sign(self, message: bytes) -> bytes:
-        return self._key.sign(message)
+class OperatorKey(SigningKey):
+    """The operator's key (SigningKey: seed, public, sign), kept in a file of its own."""
 
     @classmethod
     def generate(cls) -> "OperatorKey":
