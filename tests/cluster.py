@@ -200,3 +200,23 @@ def descendants(pid: int) -> list[int]:
             out.append(child)
             todo.append(child)
     return out
+
+
+# --- worker mode: what a server's status says of its split ---
+
+def shard(server: NodeProc) -> dict:
+    return server.admin("status").get("shard") or {}
+
+
+def split_is(server: NodeProc, names: list[str]) -> bool:
+    """Is ``server``'s engine up on a split over exactly the workers ``names``?"""
+    s = shard(server)
+    engine = (server.admin("status").get("children") or {}).get("engine") or {}  # listed once the node has started it
+    return (engine.get("state") == "ready" and not s.get("pending")
+            and sorted(w["name"] for w in s.get("workers", [])) == sorted(names) and s.get("n_layers", 0) > 0)
+
+
+def rpc_child(worker: NodeProc) -> int | None:
+    """The pid of a worker's llama.cpp RPC server process (None: not started yet)."""
+    return next((p for p in descendants(worker.proc.pid)
+                 if "zswarm.engine.rpc_server" in Path(f"/proc/{p}/cmdline").read_text().replace("\0", " ")), None)

@@ -15,7 +15,7 @@ import openai
 import pytest
 import zmq
 
-from cluster import REPO, Cluster, wait_for
+from cluster import REPO, Cluster, shard, split_is, wait_for
 from forger import Forger
 from swarm_fakes import browser, new_page  # noqa: F401 (fixture)
 from zswarm import rotation, wire
@@ -179,17 +179,6 @@ def test_a_member_cut_off_during_the_rotation_gets_the_new_token_when_it_is_back
 def client(node):
     url = node.args[node.args.index("--address") + 1]
     return openai.OpenAI(base_url=f"http://{url}/v1", api_key="x", max_retries=0, timeout=120)
-
-
-def shard(server):
-    return server.admin("status").get("shard") or {}
-
-
-def split_is(server, names):
-    s = shard(server)
-    engine = (server.admin("status").get("children") or {}).get("engine") or {}  # listed once the node has started it
-    return (engine.get("state") == "ready" and not s.get("pending")
-            and sorted(w["name"] for w in s.get("workers", [])) == sorted(names) and s.get("n_layers", 0) > 0)
 
 
 def test_revoking_a_worker_under_load(tmp_path, operator, browser):

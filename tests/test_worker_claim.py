@@ -19,7 +19,7 @@ import openai
 import pykka
 import pytest
 
-from cluster import Cluster, wait_for
+from cluster import Cluster, shard, wait_for
 from swarm_fakes import browser  # noqa: F401 (fixture)
 from zswarm import wire
 from zswarm.actors.listener import notify
@@ -253,10 +253,6 @@ def ask(node):
     out = client(node).chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}],
                                                temperature=0, max_tokens=4)
     return out.choices[0].message.content
-
-
-def shard(server):
-    return server.admin("status").get("shard") or {}
 
 
 def settled(server, with_worker):

@@ -13,29 +13,13 @@ from pathlib import Path
 import openai
 import pytest
 
-from cluster import Cluster, descendants, wait_for
+from cluster import Cluster, rpc_child, shard, split_is, wait_for
 from zswarm.token import Token
 
 pytestmark = pytest.mark.slow
 
 MODEL = "smollm2-135m-instruct"
 HEADROOM = 20 << 20  # bytes of address space left to the RPC server: less than its share (~30-60 MB)
-
-
-def shard(server):
-    return server.admin("status").get("shard") or {}
-
-
-def split_is(server, names):
-    s = shard(server)
-    engine = (server.admin("status").get("children") or {}).get("engine") or {}  # listed once the node has started it
-    return (engine.get("state") == "ready" and not s.get("pending")
-            and sorted(w["name"] for w in s.get("workers", [])) == sorted(names) and s.get("n_layers", 0) > 0)
-
-
-def rpc_child(worker):
-    return next(p for p in descendants(worker.proc.pid)
-                if "zswarm.engine.rpc_server" in Path(f"/proc/{p}/cmdline").read_text().replace("\0", " "))
 
 
 def starve(pid):

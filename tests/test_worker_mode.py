@@ -7,7 +7,7 @@ import signal
 import openai
 import pytest
 
-from cluster import Cluster, free_port, wait_for
+from cluster import Cluster, free_port, rpc_child, shard, split_is, wait_for
 from zswarm.engine.model import default_model_path
 from zswarm.token import Token
 
@@ -31,20 +31,8 @@ def client(node):
     return openai.OpenAI(base_url=f"http://{url}/v1", api_key="x", max_retries=0, timeout=120)
 
 
-def shard(server):
-    return server.admin("status").get("shard") or {}
-
-
 def layers_by_name(server):
     return {w["name"]: w["layers"] for w in shard(server)["workers"]}
-
-
-def split_is(server, names):
-    s = shard(server)
-    engine = (server.admin("status").get("children") or {}).get("engine") or {}  # listed once the node has started it
-    return (engine.get("state") == "ready" and not s.get("pending")
-            and sorted(w["name"] for w in s.get("workers", [])) == sorted(names)
-            and s.get("n_layers", 0) > 0)
 
 
 def ask(node, reference=None):
@@ -168,9 +156,7 @@ def test_workers_started_together_are_split_over_once(tmp_path, reference):
     starting, instead of loading everything onto the first worker and re-sharding a moment later.
     w2's RPC server is held back (SIGSTOP) as a slow machine's would be."""
     import time
-    from pathlib import Path
 
-    from cluster import descendants
     from zswarm.engine.model import default_model_path
 
     c = Cluster(tmp_path, Token.generate().encode())
@@ -178,10 +164,7 @@ def test_workers_started_together_are_split_over_once(tmp_path, reference):
         w1 = c.node("w1", "worker", extra=["--mem", "2GiB", "--threads", "1"])
         w2 = c.node("w2", "worker", bootstrap=[w1], extra=["--mem", "2GiB", "--threads", "1"])
 
-        def rpc_child():
-            return next((p for p in descendants(w2.proc.pid)
-                         if "rpc_server" in Path(f"/proc/{p}/cmdline").read_text()), None)
-        child = wait_for(rpc_child, 20, 0.01, what="w2's RPC server process")
+        child = wait_for(lambda: rpc_child(w2), 20, 0.01, what="w2's RPC server process")
         os.kill(child, signal.SIGSTOP)
         try:
             s = c.node("s", "server", bootstrap=[w1], extra=SERVER + ["--no-local-layers"])
