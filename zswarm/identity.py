@@ -53,6 +53,25 @@ def verify(public: bytes, signature: bytes, message: bytes) -> bool:
         return False
 
 
+def seed_file(seed: bytes, magic: bytes) -> bytes:
+    """A key file's bytes: a first line that says what it is, then the seed in hex."""
+    return magic + seed.hex().encode() + b"\n"
+
+
+def seed_in(data: bytes, magic: bytes) -> bytes:
+    """The seed in a key file's bytes; ValueError("foreign") if it is not a ``magic`` file,
+    ValueError("damaged") if the seed cannot be read."""
+    if not data.startswith(magic):
+        raise ValueError("foreign")
+    try:
+        seed = bytes.fromhex(data[len(magic):].decode().strip())
+    except (UnicodeDecodeError, ValueError):
+        seed = b""
+    if len(seed) != SEED_BYTES:
+        raise ValueError("damaged")
+    return seed
+
+
 @dataclass(frozen=True, eq=False)
 class SigningKey:
     """An Ed25519 key from its 32-byte seed: a node's identity, or the operator's key (operator.py)."""
@@ -105,19 +124,16 @@ class Identity(SigningKey):
             tmp = path.with_suffix(".tmp")
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             with os.fdopen(fd, "wb") as f:
-                f.write(_MAGIC + ident.seed.hex().encode() + b"\n")
+                f.write(seed_file(ident.seed, _MAGIC))
             os.replace(tmp, path)
             return ident
         except OSError as e:
             raise IdentityError(f"cannot read the node's identity {path}: {e.strerror}") from None
-        if not data.startswith(_MAGIC):
-            raise IdentityError(f"{path} is not a zswarm identity file")
         try:
-            seed = bytes.fromhex(data[len(_MAGIC):].decode().strip())
-        except (UnicodeDecodeError, ValueError):
-            seed = b""
-        if len(seed) != SEED_BYTES:
-            raise IdentityError(f"{path} is damaged (move it away to give this node a new identity)")
+            seed = seed_in(data, _MAGIC)
+        except ValueError as e:
+            raise IdentityError(f"{path} is not a zswarm identity file" if str(e) == "foreign" else
+                                f"{path} is damaged (move it away to give this node a new identity)") from None
         if path.stat().st_mode & 0o077:
             os.chmod(path, 0o600)
         return cls(seed)

@@ -16,9 +16,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .identity import SigningKey
+from .identity import SEED_BYTES, SigningKey, seed_file, seed_in
 
-SEED_BYTES = 32
 _MAGIC = b"zswarm operator key v1\n"
 
 
@@ -65,7 +64,7 @@ class OperatorKey(SigningKey):
         except OSError as e:
             raise OperatorKeyError(f"cannot write the operator key to {path}: {e.strerror}") from None
         with os.fdopen(fd, "wb") as f:
-            f.write(_MAGIC + self.seed.hex().encode() + b"\n")
+            f.write(seed_file(self.seed, _MAGIC))
         return path
 
     @classmethod
@@ -77,12 +76,8 @@ class OperatorKey(SigningKey):
             raise OperatorKeyError(f"no operator key at {path} (give the file with --operator-key)") from None
         except OSError as e:
             raise OperatorKeyError(f"cannot read the operator key {path}: {e.strerror}") from None
-        if not data.startswith(_MAGIC):
-            raise OperatorKeyError(f"{path} is not a zswarm operator key")
         try:
-            seed = bytes.fromhex(data[len(_MAGIC):].decode().strip())
-        except (UnicodeDecodeError, ValueError):
-            seed = b""
-        if len(seed) != SEED_BYTES:
-            raise OperatorKeyError(f"{path} is damaged")
-        return cls(seed)
+            return cls(seed_in(data, _MAGIC))
+        except ValueError as e:
+            raise OperatorKeyError(f"{path} is not a zswarm operator key" if str(e) == "foreign" else
+                                   f"{path} is damaged") from None
