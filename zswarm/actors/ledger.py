@@ -213,13 +213,11 @@ class LedgerActor(GuardedActor):
         return {"token": cs.token.encode() if cs else "", "epoch": cs.epoch if cs else 0,
                 "revoked": [{"id": r.id, "name": r.name, "at": r.at, "key": r.key.hex(), "curve": r.curve}
                             for r in (cs.revoked if cs else [])],
-                "members": [{"id": r.id, "name": r.name, "role": r.role, "key": r.key.hex(), "curve": r.curve,
-                             "state": "self" if r.id == self.m.own.id else self.m.members[r.id].state}
+                "members": [_member(r, "self" if r.id == self.m.own.id else self.m.members[r.id].state)
                             for r in self.records()]
                 # removed for silence (a lost laptop that is off): revocable too, and sealed to if
                 # not revoked, in case it comes back
-                + [{"id": r.id, "name": r.name, "role": r.role, "key": r.key.hex(), "curve": r.curve,
-                    "state": "removed"} for r in self.m.departed() if r.id not in self.m.members]}
+                + [_member(r, "removed") for r in self.m.departed() if r.id not in self.m.members]}
 
     def revoked(self) -> list[dict[str, Any]]:
         """The nodes the operator revoked: id, name, when (unix seconds)."""
@@ -501,9 +499,9 @@ class LedgerActor(GuardedActor):
                 return
             self._sub = sub
             self._close_old_pub(loop)  # a grace still running from an earlier rotation
-            old, self._old_pub = self._pub, self._pub
+            self._old_pub = self._pub
             try:
-                old.disable_monitor()  # its links' events are no longer ours to follow
+                self._old_pub.disable_monitor()  # its links' events are no longer ours to follow
             except zmq.ZMQError:
                 pass
             loop.remove(self._pub_mon)
@@ -702,3 +700,8 @@ class LedgerActor(GuardedActor):
         if self._loop is not None:
             self._loop.stop()
             self._loop = None
+
+
+def _member(r: wire.NodeRecord, state: str) -> dict[str, Any]:
+    """A member as the operator's client sees it (rotation_info)."""
+    return {"id": r.id, "name": r.name, "role": r.role, "key": r.key.hex(), "curve": r.curve, "state": state}
