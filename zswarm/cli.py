@@ -129,15 +129,16 @@ def cmd_token(args: argparse.Namespace) -> int:
     return 0
 
 
-def new_token(bootstrap: list[str], key_path: Any) -> Token:
-    """A new token and its operator key, written (0600) where ``zswarm admin revoke`` finds it;
-    the path goes to stderr (stdout is the token alone, for scripts)."""
-    from .operator import OperatorKey, OperatorKeyError
+def new_token(bootstrap: list[str], key_path: str | None = None, state_dir: str | None = None) -> Token:
+    """A new token and its operator key, written (0600) where ``zswarm admin revoke`` finds it:
+    ``key_path``, the state directory of the server that generated it, or the default place.
+    The path goes to stderr (stdout is the token alone, for scripts)."""
+    from .operator import OperatorKey, OperatorKeyError, generated_key_path
 
     key = OperatorKey.generate()
     token = Token.generate(bootstrap, key.public)  # TokenError for a bad endpoint, before any file
     try:
-        path = key.save(key_path(key.public) if callable(key_path) else key_path)
+        path = key.save(key_path or (generated_key_path(state_dir, key.public) if state_dir else None))
     except OperatorKeyError as e:
         raise UserError(str(e), 1) from None
     print(f"zswarm: the operator key (it revokes machines: keep it safe) is in {path}", file=sys.stderr)
@@ -267,8 +268,7 @@ def cmd_node(args: argparse.Namespace) -> int:
             raise UserError(f"{cfg['token_source']}: {e}") from None
     elif role == "server" and cfg["p2p"]:
         # its operator key goes in the state directory, where `zswarm admin revoke` looks too
-        from .operator import generated_key_path
-        token, generated = new_token([], generated_key_path(cfg["state_dir"] or default_state_dir(role))), True
+        token, generated = new_token([], state_dir=cfg["state_dir"] or default_state_dir(role)), True
     elif role == "worker" and cfg["no_p2p"]:
         pass  # static mode: no cluster
     elif role != "server":

@@ -303,8 +303,9 @@ class Node:
                     pass  # it died meanwhile; the node's watch replaces or stops it
 
     def _admits(self, key: bytes) -> bool:
-        """The gateway (its io thread): may this client key's requests be served?"""
-        return key in self._member_keys and not (self.zap is not None and self.zap.denied(key))
+        """The gateway (its io thread): may this client key's requests be served? A member's own
+        key only (a revoked node's record is gone from the ledger, so is its key from here)."""
+        return key in self._member_keys
 
     def _own_keys(self) -> tuple[bytes, bytes]:
         """This node's CURVE key pair (public, secret), derived from its identity."""

@@ -35,14 +35,14 @@ def default_path(public: bytes) -> Path:
     return Path(base) / "zswarm" / f"operator-{fingerprint(public)}.key"
 
 
-def generated_key_path(state_dir: str | os.PathLike):
+def generated_key_path(state_dir: str | os.PathLike, public: bytes) -> Path:
     """Where a first server that generates its token keeps the key: its state directory."""
-    return lambda public: Path(state_dir).expanduser() / f"operator-{fingerprint(public)}.key"
+    return Path(state_dir).expanduser() / f"operator-{fingerprint(public)}.key"
 
 
 def candidate_paths(public: bytes, state_dir: str | os.PathLike) -> list[Path]:
     """Where ``zswarm admin revoke`` looks for the key, without ``--operator-key``."""
-    return [default_path(public), generated_key_path(state_dir)(public)]
+    return [default_path(public), generated_key_path(state_dir, public)]
 
 
 @dataclass(frozen=True, eq=False)

@@ -343,10 +343,6 @@ class ZapHandler:
         refusal is final for the connecting side: libzmq does not dial that address again."""
         self._denied = frozenset(keys)
 
-    def denied(self, key: bytes) -> bool:
-        """Is ``key`` (Z85) a revoked node's? Any thread."""
-        return key in self._denied
-
     def _setup(self, loop: SocketLoop) -> None:
         self._sock = loop.socket(zmq.REP, self._handle)
         self._sock.bind(ZAP_ENDPOINT)
