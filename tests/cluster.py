@@ -208,11 +208,16 @@ def shard(server: NodeProc) -> dict:
     return server.admin("status").get("shard") or {}
 
 
+def child_state(status: dict, name: str) -> str:
+    """The state of a node's child ``name`` in its admin ``status`` ("" while it is not listed: a
+    child joins the status once the node has started it, a moment after the admin socket answers)."""
+    return ((status.get("children") or {}).get(name) or {}).get("state", "")
+
+
 def split_is(server: NodeProc, names: list[str]) -> bool:
     """Is ``server``'s engine up on a split over exactly the workers ``names``?"""
     s = shard(server)
-    engine = (server.admin("status").get("children") or {}).get("engine") or {}  # listed once the node has started it
-    return (engine.get("state") == "ready" and not s.get("pending")
+    return (child_state(server.admin("status"), "engine") == "ready" and not s.get("pending")
             and sorted(w["name"] for w in s.get("workers", [])) == sorted(names) and s.get("n_layers", 0) > 0)
 
 

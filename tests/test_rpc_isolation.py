@@ -27,7 +27,7 @@ import openai
 import pytest
 import zmq
 
-from cluster import Cluster, free_port, wait_for
+from cluster import Cluster, child_state, free_port, wait_for
 from test_engine import REPO, ChildProc, read_lines
 from test_tunnel import Target, recv_all
 from zswarm import sockowner
@@ -377,7 +377,7 @@ def test_a_worker_is_reachable_only_through_its_tunnel_and_an_entry_only_by_its_
         def split():
             st = s.admin("status")
             workers = (st.get("shard") or {}).get("workers") or []
-            return st["children"]["engine"]["state"] == "ready" and workers and workers[0]["layers"] > 0 \
+            return child_state(st, "engine") == "ready" and workers and workers[0]["layers"] > 0 \
                 and workers
         workers = wait_for(split, 90, 0.2, what="the model split over the worker")
         url = s.args[s.args.index("--address") + 1]
@@ -416,8 +416,10 @@ def test_a_worker_without_namespaces_says_its_rpc_server_is_shared(tmp_path):
     try:
         w = c.node("w", "worker", extra=["--threads", "1"], port=free_port(2),
                    prefix=[sys.executable, "-c", NO_UNSHARE])
-        st = wait_for(lambda: (lambda st: st["rpc"]["netns"] != "starting" and st)(w.admin("status")), 30, 0.1,
-                      what="the worker's RPC server")
+        # "rpc" joins the status once the node has started its RPC child, a moment after the
+        # admin socket first answers
+        st = wait_for(lambda: (lambda st: st.get("rpc", {}).get("netns", "starting") != "starting" and st)(
+            w.admin("status")), 30, 0.1, what="the worker's RPC server")
         assert st["rpc"]["netns"] == "shared", st["rpc"]
         assert st["counters"].get("rpc_server_shared_netns") == 1, st["counters"]
         assert "every local user can reach it" in w.log()

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster import REPO, Cluster, descendants, free_port, wait_for
+from cluster import REPO, Cluster, child_state, descendants, free_port, wait_for
 from zswarm.config import SECRET_ENVS
 from zswarm.token import Token
 
@@ -62,10 +62,10 @@ def secret_cluster(tmp_path_factory):
         def up() -> bool:
             st = s.admin("status")
             shard = st.get("shard") or {}
-            return (st["children"]["engine"]["state"] == "ready" and st["children"]["http"]["state"] == "ready"
+            return (child_state(st, "engine") == "ready" and child_state(st, "http") == "ready"
                     and not shard.get("pending") and not shard.get("settling") and bool(shard.get("workers"))
-                    and w.admin("status")["children"]["rpc"]["state"] == "ready"
-                    and f.admin("status")["children"]["http"]["state"] == "ready")
+                    and child_state(w.admin("status"), "rpc") == "ready"
+                    and child_state(f.admin("status"), "http") == "ready")
 
         def alive() -> None:
             for n in (s, w, f):

@@ -13,7 +13,7 @@ from pathlib import Path
 import openai
 import pytest
 
-from cluster import Cluster, rpc_child, shard, split_is, wait_for
+from cluster import Cluster, child_state, rpc_child, shard, split_is, wait_for
 from zswarm.token import Token
 
 pytestmark = pytest.mark.slow
@@ -34,8 +34,7 @@ def test_a_worker_that_cannot_allocate_its_share_is_left_out(tmp_path):
         w1 = c.node("w1", "worker", extra=["--mem", "2GiB", "--threads", "1"])
         w2 = c.node("w2", "worker", bootstrap=[w1], extra=["--mem", "2GiB", "--threads", "1"])
         # its libraries loaded and serving (a limit set before that fails the load itself)
-        wait_for(lambda: (w2.admin("status").get("children") or {}).get("rpc", {}).get("state") == "ready", 30,
-                 what="w2's RPC server")  # its child is listed a moment after the admin socket answers
+        wait_for(lambda: child_state(w2.admin("status"), "rpc") == "ready", 30, what="w2's RPC server")
         starve(rpc_child(w2))
         s = c.node("s", "server", bootstrap=[w1],
                    extra=["--p2p", "--threads", "1", "--reshard-settle", "1", "--no-local-layers"])
