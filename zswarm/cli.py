@@ -13,8 +13,8 @@ import sys
 from typing import Any
 
 from . import __version__
-from .config import (HTTP_OPTIONS, NODE_OPTIONS, SERVE_OPTIONS, SERVER_OPTIONS, SHARD_OPTIONS, WORKER_OPTIONS,
-                     ConfigError, add_options, apply_secret_files, default_state_dir, given, hostname,
+from .config import (HTTP_OPTIONS, MODELS_OPTIONS, NODE_OPTIONS, SERVE_OPTIONS, SERVER_OPTIONS, SHARD_OPTIONS,
+                     WORKER_OPTIONS, ConfigError, add_options, apply_secret_files, default_state_dir, given, hostname,
                      is_loopback, resolve)
 from .token import Token, TokenError
 from .trust import Limits
@@ -34,7 +34,7 @@ class UserError(Exception):
 
 def role_options(role: str) -> list:
     if role == "server":
-        return NODE_OPTIONS + SERVER_OPTIONS + SERVE_OPTIONS + SHARD_OPTIONS + HTTP_OPTIONS
+        return NODE_OPTIONS + SERVER_OPTIONS + SERVE_OPTIONS + SHARD_OPTIONS + MODELS_OPTIONS + HTTP_OPTIONS
     if role == "federated":
         return NODE_OPTIONS + HTTP_OPTIONS
     return NODE_OPTIONS + WORKER_OPTIONS
@@ -79,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
                     help="wait up to this long for a node that is still starting [default: 0]")
     ap.add_argument("admin_command", metavar="COMMAND",
-                    help="status, peers, ledger, help, log-level, token, revoke NODE_ID, rotate-token ...")
+                    help="status, peers, ledger, help, log-level, token, models, pull MODEL, revoke NODE_ID, "
+                         "rotate-token ...")
     ap.add_argument("admin_args", nargs="*", metavar="KEY=VALUE", help="arguments of the command")
     ap.add_argument("--json", action="store_true", help="print JSON")
     ap.add_argument("--operator-key", metavar="FILE", default=None,
@@ -180,6 +181,8 @@ def cmd_admin(args: argparse.Namespace) -> int:
         return cmd_rotate(args, state_dir)
     for item in args.admin_args:
         key, sep, value = item.partition("=")
+        if not sep and args.admin_command == "pull" and "model" not in kwargs:
+            key, sep, value = "model", "=", item  # zswarm admin pull NAME
         if not sep:
             raise UserError(f"admin arguments are KEY=VALUE, got {item!r}")
         kwargs[key] = value
@@ -244,13 +247,32 @@ def render(command: str, result: Any) -> str:
         for p in result:
             rows.append((p["id"], p["name"], p["role"], p["state"], f"{p['last_seen_s']:.1f}s",
                          p.get("endpoints", {}).get("gossip", "")))
-        widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
-        return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+        return _table(rows)
+    if command == "models" and isinstance(result, list):
+        return render_models(result)
     if isinstance(result, dict):
         width = max((len(k) for k in result), default=0)
         return "\n".join(f"{k.ljust(width)}  {json.dumps(v) if not isinstance(v, str) else v}"
                          for k, v in result.items())
     return json.dumps(result, indent=2) if not isinstance(result, str) else result
+
+
+def _table(rows: list[tuple]) -> str:
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+
+
+def render_models(files: list[dict]) -> str:
+    """``zswarm admin models``: one line per copy of each model file."""
+    if not files:
+        return "no node announces a model file"
+    rows = [("MODEL", "SHA256", "SIZE", "NODE", "STATE", "COPY", "SERVING")]
+    for f in files:
+        for c in f["copies"]:
+            rows.append((f["name"], f["sha256"][:12], f"{f['size'] / 1e6:.1f} MB", c["node_name"] or c["node"],
+                         c["state"], "whole" if c["have"] == f["size"] else f"{c['percent']:.0f}%",
+                         "yes" if c["serving"] else "no"))
+    return _table(rows)
 
 
 def cmd_node(args: argparse.Namespace) -> int:
@@ -281,7 +303,9 @@ def cmd_node(args: argparse.Namespace) -> int:
         serve = ServeSettings(model=cfg["model"], ctx_size=cfg["ctx_size"], threads=cfg["threads"],
                               parallel=cfg["parallel"], rpc_servers=cfg["rpc_servers"],
                               local_layers=not cfg["no_local_layers"], mem=cfg["mem"],
-                              reshard_settle_s=cfg["reshard_settle_s"], max_worker_mem=cfg["max_worker_mem"])
+                              reshard_settle_s=cfg["reshard_settle_s"], max_worker_mem=cfg["max_worker_mem"],
+                              models_dir=cfg["models_dir"], models_max=cfg["models_max"],
+                              share_rate=cfg["share_rate"])
     worker = None
     if role == "worker":
         worker = WorkerSettings(mem=cfg["mem"], threads=cfg["threads"], cache_dir=cfg["cache_dir"],

@@ -186,7 +186,9 @@ SERVER_OPTIONS: list[Opt] = [
 
 SERVE_OPTIONS: list[Opt] = [
     Opt("model", ("--model",), ("ZSWARM_MODEL", "MODEL_PATH"), None,
-        "GGUF model file to serve (default: the embedded SmolLM2-135M-Instruct)", metavar="PATH"),
+        "GGUF model file to serve, or the name (or sha256) of a model a peer holds: with --p2p it is "
+        "fetched from the peers into the models directory (default: the embedded SmolLM2-135M-Instruct)",
+        metavar="PATH|NAME"),
     Opt("ctx_size", ("--ctx-size",), ("ZSWARM_CTX_SIZE", "CONTEXT_SIZE"), 2048,
         "context size in tokens, per request slot", parse=parse_positive_int, metavar="N"),
     Opt("threads", ("--threads",), ("ZSWARM_THREADS", "THREADS"), 0,
@@ -220,6 +222,15 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def parse_size_or_zero(text: str) -> int:
+    from .sharding import parse_size
+
+    value = parse_size(text)
+    if value < 0:
+        raise ConfigError(f"expected a size, got {text!r}")
+    return value
+
+
 def parse_size_opt(text: str) -> int:
     from .sharding import parse_size
 
@@ -248,6 +259,19 @@ SHARD_OPTIONS: list[Opt] = [
     Opt("max_worker_mem", ("--max-worker-mem",), ("ZSWARM_MAX_WORKER_MEM",), 1 << 40,
         "worker mode: the most memory one worker's claim counts for in the split", parse=parse_size_opt,
         metavar="SIZE", shown_default="1TiB"),
+]
+
+# Models travel (depot/): what a server fetched from its peers, and what it gives them.
+MODELS_OPTIONS: list[Opt] = [
+    Opt("models_dir", ("--models-dir",), ("ZSWARM_MODELS_DIR",), None,
+        "where models fetched from peers are kept", metavar="DIR", shown_default="STATE_DIR/models"),
+    Opt("models_max", ("--models-max",), ("ZSWARM_MODELS_MAX",), 0,
+        "the most the models directory may hold; a fetch that would pass it is refused (0: no cap)",
+        parse=parse_size_or_zero, metavar="SIZE"),
+    # A peer's fetch must not starve this node's inference: CURVE at full speed takes a core here.
+    Opt("share_rate", ("--share-rate",), ("ZSWARM_SHARE_RATE",), 64 << 20,
+        "bytes per second this node sends to peers fetching a model from it, all of them together "
+        "(0: no limit)", parse=parse_size_or_zero, metavar="SIZE", shown_default="64MiB"),
 ]
 
 WORKER_OPTIONS: list[Opt] = [
@@ -285,8 +309,8 @@ HTTP_OPTIONS: list[Opt] = [
 ]
 
 
-ALL_OPTIONS: list[Opt] = (NODE_OPTIONS + SERVER_OPTIONS + SERVE_OPTIONS + SHARD_OPTIONS + WORKER_OPTIONS
-                           + HTTP_OPTIONS)
+ALL_OPTIONS: list[Opt] = (NODE_OPTIONS + SERVER_OPTIONS + SERVE_OPTIONS + SHARD_OPTIONS + MODELS_OPTIONS
+                           + WORKER_OPTIONS + HTTP_OPTIONS)
 
 # Every variable that can carry the token or an API key (or name a file of them): stripped from
 # the environment every child inherits (actors/supervisor.py). Derived from the declarations

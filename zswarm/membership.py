@@ -73,6 +73,8 @@ class Member:
             "last_seen_s": round(now - self.last_heard, 3),
             "endpoints": dict(rec.endpoints) if rec else {"gossip": self.gossip},
             "models": list(rec.models) if rec else [],
+            "holdings": [{"name": h.name, "sha256": h.sha256, "size": h.size, "have": h.have}
+                         for h in rec.holdings] if rec else [],
             "mem_total": rec.mem_total if rec else 0,
             "mem_free": rec.mem_free if rec else 0,
             "in_flight": rec.in_flight if rec else 0,

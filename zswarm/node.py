@@ -98,6 +98,10 @@ class ServeSettings:
     mem: int = 0  # bytes the server offers for its own share (0: what is available)
     reshard_settle_s: float = 5.0  # at most one re-shard per this period: joins come in bursts
     max_worker_mem: int = 1 << 40  # the most one worker's memory claim counts for
+    # models travel (depot/)
+    models_dir: str | None = None  # None: STATE_DIR/models
+    models_max: int = 0  # bytes; 0: no cap
+    share_rate: int = 64 << 20  # bytes/s to fetching peers, all together; 0: no limit
 
 
 @dataclass
@@ -202,6 +206,11 @@ class Node:
         self._restarts: dict[type, Any] = {}  # actor class -> the step that starts a new one
         self._restarted: dict[str, list[float]] = {}  # actor name -> when it was restarted (monotonic)
         self._dead_seen: set[str] = set()  # urns of actors seen dead once, without a word yet
+        # models travel (depot/): the model this node waits for from peers ("" none), its pieces' server
+        self._fetching = ""
+        self.shelf: Any = None
+        self._gateway: Any = None  # the gateway's proxy, and what the engine starts with once fetched
+        self._engine_args: tuple = ()
 
     def start(self) -> wire.NodeRecord:
         self._starting = True
@@ -214,7 +223,8 @@ class Node:
         s = self.s
         raise_nofile()  # children inherit it
         # Start-up mistakes first, before anything binds or starts: one line (StartError).
-        if s.serve is not None:
+        self._fetching = self._model_to_fetch()  # --model NAME that no file here holds: from peers
+        if s.serve is not None and not self._fetching:
             check_model(s.serve.model)
         if s.http is not None:
             self.http_sock = listen_http(s.http.address)
@@ -243,7 +253,7 @@ class Node:
             gateway = self._start(GatewayActor, self.ctx, node_id, self.state.endpoint("gateway"), self.stats,
                                   self.keys, next_port(s.p2p_listen, 1) if s.p2p else None, host,
                                   s.p2p and s.federated and s.serve is not None, s.policy, s.target_node,
-                                  own=self._own_keys(), admits=self._admits)
+                                  own=self._own_keys(), admits=self._admits, shelf=self._shelf())
             endpoint = gateway.proxy().open().get(timeout=START_TIMEOUT_S)
             if endpoint and ledger is not None:
                 ledger.proxy().update_own(endpoints={**own.endpoints, "gateway": endpoint}).get(timeout=START_TIMEOUT_S)
@@ -266,6 +276,8 @@ class Node:
                             self.cluster.token.encode() if self.cluster else "")
         admin.proxy().open().get(timeout=START_TIMEOUT_S)
         self._admin_ref = admin
+        if ledger is not None and s.serve is not None:
+            self._start_depot(ledger, gateway, admin)
         if gateway is not None:
             self._start_children(node_id, supervisor, gateway, ledger, admin)
         if s.worker is not None:
@@ -324,8 +336,110 @@ class Node:
         if self._engine_model:
             notify([balancer], "engine_up", model=self._engine_model)
 
+    # --- models travel (depot/) ---
+    def _model_to_fetch(self) -> str:
+        """``--model NAME`` (or a digest) that is no file here: a file fetched before, in the models
+        directory, is served as it is; else the name is fetched from peers (p2p only)."""
+        from .depot.store import ModelsDir
+        from .depot.target import fetch_target
+
+        serve = self.s.serve
+        target = fetch_target(serve.model) if serve is not None else None
+        if target is None:
+            return ""
+        held = ModelsDir(self._models_root()).find(target)
+        if held is not None:
+            log.info("model %s: %s (fetched from peers before)", target, held.path)
+            serve.model = held.path
+            return ""
+        if not self.s.p2p:
+            raise StartError(f"no model file {serve.model!r}; to fetch model {target} from the cluster's "
+                             "peers, run with --p2p (and the cluster's token)", 2)
+        return target
+
+    def _models_root(self) -> str:
+        return self.s.serve.models_dir or str(self.state.path / "models")
+
+    def _shelf(self) -> Any:
+        """The model files this node gives peers: only a federated server's gateway takes peers' queries."""
+        s = self.s
+        if not (s.p2p and s.federated and s.serve is not None):
+            return None
+        from .depot.shelf import Shelf
+
+        # a lying holder, for tests/test_models_travel.py: "all", or piece numbers
+        corrupt = os.environ.get("ZSWARM_TEST_CORRUPT_PIECES", "")
+        self.shelf = Shelf(s.serve.share_rate, self.stats.inc, corrupt=None if corrupt == "all" else
+                           frozenset(int(i) for i in corrupt.split(",") if i.strip().isdigit()))
+        return self.shelf
+
+    def _start_depot(self, ledger: pykka.ActorRef, gateway: pykka.ActorRef | None, admin: pykka.ActorRef) -> None:
+        from .depot.digest import DigestCache
+        from .depot.fetcher import DepotActor
+        from .depot.store import ModelsDir
+
+        serve = self.s.serve
+        gw = gateway.proxy() if gateway is not None else None
+
+        def progress(problem: str) -> None:  # the depot's thread: while this node waits for its model
+            if self._fetching and gw is not None:
+                gw.engine_failed(problem)  # requests with no other route get a 503 that says so
+
+        def whole(path: str) -> None:  # the depot's thread
+            if self._fetching and self.s.serve.model != path:
+                serve.model = path
+                threading.Thread(target=self._fetched, name="node-fetched", daemon=True).start()
+
+        depot = self._start(DepotActor, self.ctx, self.keys, self._own_keys(), self.identity.node_id,
+                            ModelsDir(self._models_root(), serve.models_max),
+                            DigestCache(self.state.path / "digests.json"), self.stats, ledger.proxy(),
+                            shelf=self.shelf,
+                            # only a node whose gateway takes peers' queries shares its file
+                            served=None if self._fetching or self.shelf is None else (serve.model or _default_model()),
+                            on_whole=whole, on_progress=progress)
+        ledger.proxy().add_listener(depot).get(timeout=START_TIMEOUT_S)
+        dp = depot.proxy()
+
+        def pull(model: str = "") -> dict:
+            """Fetch a model (name or sha256) from peers into the models directory: model=NAME."""
+            if not model:
+                raise ValueError("pull: name the model (model=NAME or its sha256)")
+            return dp.want(model).get(timeout=START_TIMEOUT_S)
+
+        def models() -> list:
+            """Every model file in the cluster: where each copy is, and how complete."""
+            return dp.models().get(timeout=START_TIMEOUT_S)
+        admin.proxy().register("pull", pull)
+        admin.proxy().register("models", models)
+        admin.proxy().register_status("fetch", lambda: dp.fetch_status().get(timeout=START_TIMEOUT_S))
+        if self._fetching:
+            dp.want(self._fetching).get(timeout=START_TIMEOUT_S)
+
+    def _fetched(self) -> None:
+        """The model this node was started to serve is here now (a helper thread): its engine starts."""
+        try:
+            self._fetching = ""
+            self._gateway.engine_failed("")
+            self._start_engine(*self._engine_args)
+        except StartCancelled:
+            pass
+        except Exception:  # noqa: BLE001 (a bug: the node cannot serve, and says why)
+            log.exception("cannot start the engine after fetching its model")
+            self.fatal.append("cannot start the engine after fetching its model (see the log)")
+
     def _start_children(self, node_id: str, supervisor: pykka.ActorRef, gateway: pykka.ActorRef,
                         ledger: pykka.ActorRef | None, admin: pykka.ActorRef) -> None:
+        s = self.s
+        if s.serve is not None:
+            self._gateway = gateway.proxy()
+            self._engine_args = (node_id, supervisor, gateway, ledger, admin)
+            if not self._fetching:
+                self._start_engine(*self._engine_args)
+        if s.http is not None:
+            self._start_http(supervisor, admin)
+
+    def _start_engine(self, node_id: str, supervisor: pykka.ActorRef, gateway: pykka.ActorRef,
+                      ledger: pykka.ActorRef | None, admin: pykka.ActorRef) -> None:
         s = self.s
         sup, gw = supervisor.proxy(), gateway.proxy()
         if s.serve is not None:
@@ -366,6 +480,9 @@ class Node:
                                       on_report=sharder.proxy().engine_report, on_failed=failed,
                                       on_fatal=self._on_fatal, beats=True)
                             ).get(timeout=START_TIMEOUT_S)
+
+    def _start_http(self, supervisor: pykka.ActorRef, admin: pykka.ActorRef) -> None:
+        s, sup = self.s, supervisor.proxy()
         if s.http is not None:
             # the keys go over the admin socket (wsgi.py asks), never in a child's environment
             admin.proxy().set_api_keys(tuple(s.http.api_keys)).get(timeout=START_TIMEOUT_S)
@@ -645,6 +762,15 @@ def _kill_children(why: str) -> bool:
             continue
         log.warning("child process %d %s; killed", pid, why)
     return bool(pids)
+
+
+def _default_model() -> str | None:
+    from .engine.model import ModelMissing, default_model_path
+
+    try:
+        return default_model_path()
+    except ModelMissing:
+        return None
 
 
 def next_port(listen: str, offset: int) -> str:

@@ -19,7 +19,8 @@ import msgspec
 
 # 2: every record, beat and leave is signed by the node it is about (identity.py)
 # 3: Rotation (the operator revokes nodes and moves the cluster to a new token, rotation.py)
-PROTOCOL = 3
+# 4: NodeRecord.holdings (the model files a node holds, by content: models travel, depot/)
+PROTOCOL = 4
 TOPIC_ALL = b"*"  # every node subscribes to this topic and to its own id
 
 
@@ -42,6 +43,15 @@ class Claim(msgspec.Struct, frozen=True, kw_only=True):
     held: bool = False  # past the settle wait: the server's engine uses (or is about to use) it
 
 
+class Holding(msgspec.Struct, frozen=True):
+    """A model file a node holds (or is fetching), named by its content (``depot/``)."""
+
+    name: str  # the model's wire name (engine/model.py model_name)
+    sha256: str  # hex SHA-256 of the whole GGUF file
+    size: int  # bytes
+    have: int  # bytes of it on the node's disk, verified; == size: whole, and the node serves its pieces
+
+
 class NodeRecord(msgspec.Struct, kw_only=True):
     """What the cluster knows about one node; replicated, last writer (incarnation, version) wins."""
 
@@ -62,6 +72,7 @@ class NodeRecord(msgspec.Struct, kw_only=True):
     claims: list[Claim] = []  # a server's claims on workers; see Claim
     key: bytes = b""  # the node's Ed25519 public key: its id is derived from it (identity.node_id_of)
     curve: str = ""  # the node's own CURVE public key (Z85): what its connections present
+    holdings: list[Holding] = []  # model files on this node's disk (depot/): what peers may fetch from it
     sig: bytes = b""  # the node's signature over record_statement(self)
 
 
@@ -355,6 +366,39 @@ class ModelsReply(msgspec.Struct, tag=107):
     recent: list[str] = []
 
 
+# --- models travel (depot/): a node fetches a model file's pieces from peers that hold it ---
+# Same sockets as inference (a peer's gateway ROUTER); only a whole, verified file is served.
+
+class ManifestQuery(msgspec.Struct, tag=108):
+    """What are the pieces of the file ``sha256``?"""
+
+    id: str
+    sha256: str
+
+
+class Manifest(msgspec.Struct, tag=109, kw_only=True):
+    id: str
+    sha256: str
+    size: int
+    piece_bytes: int
+    pieces: list[bytes]  # SHA-256 of each piece, in order: each piece is checked as it arrives
+
+
+class PieceQuery(msgspec.Struct, tag=110):
+    id: str
+    sha256: str
+    index: int
+
+
+class Piece(msgspec.Struct, tag=111, kw_only=True):
+    id: str
+    sha256: str
+    index: int
+    data: bytes = b""
+    # > 0: the holder is at its share rate; ask again after this many seconds (data is empty)
+    wait_s: float = 0.0
+
+
 FAIL_CODES = {
     "bad_request": 400,  # the engine refused the parameters
     "context_length": 400,  # prompt (plus max_tokens) does not fit the context
@@ -367,7 +411,8 @@ FAIL_CODES = {
     "internal": 500,
 }
 
-Inference = Union[GenRequest, Cancel, Chunk, Done, Fail, ModelsQuery, ModelsReply]
+Inference = Union[GenRequest, Cancel, Chunk, Done, Fail, ModelsQuery, ModelsReply,
+                  ManifestQuery, Manifest, PieceQuery, Piece]
 _inference_decoder = msgspec.msgpack.Decoder(Inference)
 
 

@@ -10,6 +10,9 @@ Sockets, all owned by the ``gateway-io`` thread:
   1023-socket cap near 500 routes);
 - ``engine``: a DEALER to this node's inference engine process, while it is up.
 
+Peers that fetch a model file this node holds ask for its pieces on ``peers`` too; the
+depot's :class:`~zswarm.depot.shelf.Shelf` answers them inline (one ``pread``, rate-bounded).
+
 What happens to each request (dispatch, retry, park, deadline) is decided by the pure
 :class:`~zswarm.flights.Table`, which the io thread runs inline: a request is decoded, routed
 and forwarded without leaving the thread; replies are passed through as raw bytes. The actor
@@ -55,8 +58,9 @@ class GatewayActor(GuardedActor):
                  keys: Keys | None = None, listen: str | None = None, advertise_host: str = "127.0.0.1",
                  accept_routed: bool = False, policy: str = "p2c", target_node: str = "",
                  watch: Watch | None = None, own: tuple[bytes, bytes] | None = None,
-                 admits: Callable[[bytes], bool] = lambda key: True):
+                 admits: Callable[[bytes], bool] = lambda key: True, shelf: Any = None):
         super().__init__(watch)
+        self._shelf = shelf  # depot.shelf.Shelf: model pieces for peers that fetch them (peers socket only)
         # is this client key (Z85) a current member's, and not revoked? Our gateway's key is in our
         # record, which a revoked machine saw while it was a member: it could dial us with a
         # fresh key (ZAP admits any key not revoked), and a link made before a revocation stays
@@ -290,6 +294,8 @@ class GatewayActor(GuardedActor):
                 self._table.request(req, origin)
             case wire.Cancel(id=rid):
                 self._table.cancel(rid, origin)
+            case wire.ManifestQuery() | wire.PieceQuery() as q if kind == "peer" and self._shelf is not None:
+                self._answer(origin, self._shelf.answer(self._node_id, q), None)
             case wire.ModelsQuery(id=qid):
                 t = self._table
                 reply = (wire.ModelsReply(qid, t.models(), t.problem, t.recent_models()) if kind == "local"

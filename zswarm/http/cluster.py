@@ -180,6 +180,8 @@ def cluster_view(snap: Snapshot) -> dict[str, Any]:
             "last_seen_s": float(live.get("last_seen_s") or 0.0),
             "endpoints": dict(rec.get("endpoints") or {}),
             "models": list(rec.get("models") or []),
+            # model files it is fetching from peers (depot/), and how far
+            "fetching": _fetching(rec),
             "mem_total": _int(rec.get("mem_total")),
             "mem_free": _int(rec.get("mem_free")),
             "in_flight": _int(in_flight),
@@ -213,6 +215,14 @@ def cluster_view(snap: Snapshot) -> dict[str, Any]:
         "shard_note": shard.get("note") if shard and isinstance(shard.get("note"), str) and shard["note"] else None,
         "updated_at": snap.taken_at,
     }
+
+
+def _fetching(rec: dict) -> list[dict[str, Any]]:
+    out = []
+    for h in rec.get("holdings") or []:
+        if isinstance(h, dict) and isinstance(h.get("name"), str) and 0 <= _int(h.get("have")) < _int(h.get("size")):
+            out.append({"name": h["name"], "percent": round(100 * _int(h["have"]) / _int(h["size"]), 1)})
+    return out
 
 
 def _name_of(node_id: str, records: dict, liveness: dict) -> str:

@@ -211,8 +211,19 @@
       name.append(tag);
     }
     name.title = n.name + " · " + n.id + (n.endpoints.gossip ? " · " + n.endpoints.gossip : "") + (n.software ? " · zswarm " + n.software : "");
-    const model = el("td", "c-model", n.models.length ? n.models.join(", ") : "—");
+    const model = el("td", "c-model", n.models.length ? n.models.join(", ") : (n.fetching || []).length ? "" : "—");
     model.title = n.models.join(", ");
+    for (const f of n.fetching || []) {
+      // a model file this node is fetching from its peers (it serves it once whole and verified)
+      const bar = el("span", "membar fetchbar");
+      const fill = el("div");
+      fill.style.width = Math.min(100, f.percent).toFixed(1) + "%";
+      bar.append(fill);
+      const wrap = el("span", "fetching");
+      wrap.append(bar, el("span", "memtext", "fetching " + f.name + " " + f.percent.toFixed(0) + "%"));
+      wrap.title = "Fetching " + f.name + " from peers: " + f.percent.toFixed(1) + "%";
+      model.append(wrap);
+    }
     tr.append(st, name, el("td", "c-role role", ROLE_LABEL[n.group] || n.role), model, memCell(n),
       el("td", "c-num c-inflight", n.in_flight),
       el("td", "c-num c-layers", n.layers === null || n.layers === undefined ? "—" : n.layers),

@@ -1,0 +1,168 @@
+"""Models travel: a node started with a model's name fetches the file from the peers that hold it.
+
+Real node processes on 127.0.0.1, the real model (a copy of the embedded GGUF under another
+name), the official openai client. A holder is a federated server (its gateway answers peers'
+piece queries); the fetching node need not be.
+"""
+
+import hashlib
+import json
+import shutil
+import signal
+import subprocess
+import sys
+
+import openai
+import pytest
+
+from cluster import REPO, Cluster, free_port, wait_for
+from zswarm.engine.model import default_model_path
+from zswarm.token import Token
+
+pytestmark = pytest.mark.slow
+
+NAME = "travelling-smol"  # the copy's wire name: its file stem
+HOLDER = ["--p2p", "--federated", "--threads", "1"]
+FETCHER = ["--p2p", "--threads", "1"]
+MESSAGES = [{"role": "user", "content": "Name three colours."}]
+
+
+@pytest.fixture(scope="module")
+def model_copy(tmp_path_factory):
+    path = tmp_path_factory.mktemp("models") / f"{NAME}.Q4_1.gguf"
+    shutil.copyfile(default_model_path(), path)
+    return path, hashlib.sha256(path.read_bytes()).hexdigest(), path.stat().st_size
+
+
+def api(node):
+    address = node.args[node.args.index("--address") + 1]
+    return openai.OpenAI(base_url=f"http://{address}/v1", api_key="none", max_retries=0, timeout=120)
+
+
+def greedy(node):
+    r = api(node).chat.completions.with_raw_response.create(model=NAME, messages=MESSAGES, temperature=0,
+                                                             max_tokens=16)
+    return r.parse().choices[0].message.content, r.headers["x-zswarm-node"]
+
+
+def fetch(node):
+    return node.admin("status").get("fetch", {})
+
+
+def served_model(node):
+    return NAME in [m for r in node.admin("status")["gateway"]["routes"] if r["local"] for m in r["models"]]
+
+
+def fetched_file(node, sha):
+    return next((node.state_dir / "models" / sha).glob("*.gguf"))
+
+
+def counter(node, name):
+    return node.admin("status")["counters"].get(name, 0)
+
+
+def test_a_node_fetches_a_model_by_name_verifies_it_and_serves_it(tmp_path, model_copy):
+    path, sha, size = model_copy
+    c = Cluster(tmp_path, Token.generate().encode())
+    try:
+        a = c.node("a", "server", extra=[*HOLDER, "--model", str(path)])
+        wait_for(lambda: served_model(a), 60, 0.2, what="a serving its copy")
+        wait_for(lambda: any(h["sha256"] == sha and h["have"] == size
+                             for h in a.admin("ledger")[0].get("holdings", [])), 30, 0.2,
+                 what="a announcing its file by content")
+        b = c.node("b", "server", bootstrap=[a], extra=[*FETCHER, "--model", NAME])
+        wait_for(lambda: fetch(b).get("state") == "whole", 60, 0.2, what="b to fetch the model")
+        assert hashlib.sha256(fetched_file(b, sha).read_bytes()).hexdigest() == sha
+        wait_for(lambda: served_model(b), 60, 0.2, what="b serving the fetched model")
+        text_b, node_b = greedy(b)
+        text_a, node_a = greedy(a)
+        assert node_b == b.node_id() and node_a == a.node_id()  # each answered itself
+        assert text_b == text_a and text_b
+        assert counter(a, "depot_bytes_served") == size == counter(b, "depot_bytes_fetched")
+        # where the model is, seen from either node: two whole copies
+        models = {(f["name"], f["sha256"]): f for f in b.admin("models")}
+        copies = {cp["node_name"]: cp for cp in models[(NAME, sha)]["copies"]}
+        assert set(copies) == {"a", "b"} and all(cp["have"] == size for cp in copies.values())
+        out = subprocess.run([sys.executable, "-m", "zswarm", "admin", "--state-dir", str(a.state_dir), "models"],
+                             capture_output=True, text=True, cwd=REPO, timeout=30)
+        assert out.returncode == 0 and NAME in out.stdout and "whole" in out.stdout, out.stdout + out.stderr
+        # a restart serves the fetched file from the models directory, with no fetch
+        b.signal(signal.SIGTERM)
+        assert b.wait(10) == 0
+        before = counter(a, "depot_bytes_served")
+        b.start()
+        wait_for(lambda: served_model(b), 60, 0.2, what="b serving again after a restart")
+        assert counter(a, "depot_bytes_served") == before
+        assert fetch(b).get("state") == "none"
+    finally:
+        c.close()
+
+
+def test_a_fetch_killed_half_way_resumes_after_a_restart(tmp_path, model_copy):
+    path, sha, size = model_copy
+    c = Cluster(tmp_path, Token.generate().encode())
+    try:
+        # slow enough to stop half-way: about 12 s for the whole file
+        a = c.node("a", "server", extra=[*HOLDER, "--model", str(path), "--share-rate", "8MiB"])
+        wait_for(lambda: served_model(a), 60, 0.2, what="a serving its copy")
+        b = c.node("b", "server", bootstrap=[a], extra=[*FETCHER, "--model", NAME])
+        wait_for(lambda: 35 <= fetch(b).get("percent", 0), 60, 0.1, what="b half-way")
+        b.proc.kill()
+        b.proc.wait(10)
+        part = next((b.state_dir / "models" / sha).glob("*.part"))
+        assert part.exists()
+        b.start()
+        wait_for(lambda: fetch(b).get("state") == "whole", 60, 0.2, what="b to finish the fetch")
+        assert "resuming a fetch" in b.log()
+        assert hashlib.sha256(fetched_file(b, sha).read_bytes()).hexdigest() == sha
+        served = counter(a, "depot_bytes_served")
+        assert size <= served <= 1.2 * size, f"{served} bytes sent for a {size}-byte file"
+        wait_for(lambda: served_model(b), 60, 0.2, what="b serving the fetched model")
+    finally:
+        c.close()
+
+
+def test_a_holder_that_serves_corrupt_pieces_is_found_out(tmp_path, model_copy):
+    path, sha, size = model_copy
+    c = Cluster(tmp_path, Token.generate().encode())
+    try:
+        honest = c.node("honest", "server", extra=[*HOLDER, "--model", str(path), "--share-rate", "16MiB"])
+        liar = c.node("liar", "server", bootstrap=[honest], extra=[*HOLDER, "--model", str(path)],
+                      env={"ZSWARM_TEST_CORRUPT_PIECES": "all"})
+        for n in (honest, liar):
+            wait_for(lambda n=n: served_model(n), 60, 0.2, what=f"{n.name} serving its copy")
+        wait_for(lambda: {"honest", "liar"} <= {h["node_name"] for f in honest.admin("models")
+                                                for h in f["copies"]}, 30, 0.2, what="both copies known")
+        b = c.node("b", "server", bootstrap=[honest, liar], extra=[*FETCHER, "--model", NAME])
+        wait_for(lambda: fetch(b).get("state") == "whole", 90, 0.2, what="b to fetch the model")
+        assert counter(liar, "depot_pieces_served") > 0  # it was asked, and lied
+        assert counter(b, "depot_pieces_corrupt") > 0
+        assert liar.node_id() in fetch(b).get("not_asked", {})
+        assert hashlib.sha256(fetched_file(b, sha).read_bytes()).hexdigest() == sha
+        assert "does not match the manifest" in b.log()
+        wait_for(lambda: served_model(b), 60, 0.2, what="b serving the fetched model")
+    finally:
+        c.close()
+
+
+def test_a_model_nobody_holds_waits_and_says_so(tmp_path, model_copy):
+    path, _, _ = model_copy
+    c = Cluster(tmp_path, Token.generate().encode())
+    try:
+        a = c.node("a", "server", extra=[*HOLDER, "--model", str(path)])
+        b = c.node("b", "server", bootstrap=[a], extra=[*FETCHER, "--model", "no-such-model"])
+        wait_for(lambda: "no peer holds model no-such-model" in fetch(b).get("problem", ""), 30, 0.2,
+                 what="b to say nobody holds it")
+        with pytest.raises(openai.APIStatusError) as e:
+            api(b).chat.completions.create(model="no-such-model", messages=MESSAGES, max_tokens=4)
+        assert e.value.status_code == 503 and "no-such-model" in str(e.value)
+        assert "traceback" not in b.log().lower()
+    finally:
+        c.close()
+    # without a cluster there is nobody to fetch from: one line, before anything starts
+    port = free_port()
+    out = subprocess.run([sys.executable, "-m", "zswarm", "server", "--model", "no-such-model", "--state-dir",
+                          str(tmp_path / "solo"), "--address", f"127.0.0.1:{port}"],
+                         capture_output=True, text=True, cwd=REPO, timeout=30)
+    assert out.returncode == 2 and "--p2p" in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
+    json.dumps(out.stderr)
