@@ -7,15 +7,17 @@ piece queries); the fetching node need not be.
 
 import hashlib
 import json
+import os
 import shutil
 import signal
 import subprocess
 import sys
+import urllib.request
 
 import openai
 import pytest
 
-from cluster import REPO, Cluster, free_port, wait_for
+from cluster import REPO, Cluster, descendants, free_port, wait_for
 from zswarm.engine.model import default_model_path
 from zswarm.token import Token
 
@@ -105,9 +107,26 @@ def test_a_fetch_killed_half_way_resumes_after_a_restart(tmp_path, model_copy):
         # slow enough to stop half-way: about 12 s for the whole file
         a = c.node("a", "server", extra=[*HOLDER, "--model", str(path), "--share-rate", "8MiB"])
         wait_for(lambda: served_model(a), 60, 0.2, what="a serving its copy")
-        b = c.node("b", "server", bootstrap=[a], extra=[*FETCHER, "--model", NAME])
+        # b is federated: while it fetches, its API sends requests to a, and nobody routes to b
+        b = c.node("b", "server", bootstrap=[a], extra=[*HOLDER, "--model", NAME])
+        wait_for(lambda: 10 <= fetch(b).get("percent", 0), 60, 0.1, what="b fetching")
+        wait_for(lambda: any(r["node"] == a.node_id() for r in b.admin("status")["gateway"]["routes"]), 30, 0.1,
+                 what="b routing to a")
+        text, node = greedy(b)
+        assert node == a.node_id() and text  # a, sharing its file, still serves requests
+        assert not any(r["node"] == b.node_id() for r in a.admin("status")["gateway"]["routes"])
+        view = json.loads(urllib.request.urlopen(f"http://{b.args[b.args.index('--address') + 1]}/api/p2p",
+                                                 timeout=10).read())
+        me = next(n for n in view["federated"] if n["self"])
+        assert me["fetching"] and me["fetching"][0]["name"] == NAME and 0 < me["fetching"][0]["percent"] < 100
         wait_for(lambda: 35 <= fetch(b).get("percent", 0), 60, 0.1, what="b half-way")
-        b.proc.kill()
+        assert fetch(b)["percent"] < 90, "the fetch went too fast to stop half-way"
+        # the whole service dies at once, as systemd's cgroup kill (or a power cut) leaves it
+        for pid in [b.proc.pid, *descendants(b.proc.pid)]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         b.proc.wait(10)
         part = next((b.state_dir / "models" / sha).glob("*.part"))
         assert part.exists()
@@ -165,4 +184,3 @@ def test_a_model_nobody_holds_waits_and_says_so(tmp_path, model_copy):
                           str(tmp_path / "solo"), "--address", f"127.0.0.1:{port}"],
                          capture_output=True, text=True, cwd=REPO, timeout=30)
     assert out.returncode == 2 and "--p2p" in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
-    json.dumps(out.stderr)

@@ -280,6 +280,24 @@ def test_page_with_fifty_nodes_is_readable(browser):
         page.context.close()
 
 
+def test_page_shows_a_model_being_fetched(browser):
+    fetching = {**peer(1, "server", models=[]), "holdings": [
+        {"name": "big-model", "sha256": "ab" * 32, "size": 1000, "have": 450},
+        {"name": "done-model", "sha256": "cd" * 32, "size": 10, "have": 10}]}
+    fake = FakeCluster([fetching])
+    view = cluster_view(fake.snapshot())
+    assert view["servers"][0]["fetching"] == [{"name": "big-model", "percent": 45.0}]
+    with serve_wsgi(create_app(FakeBackend(), node_name="entry", cluster=fake)) as url:
+        page = new_page(browser, url)
+        page.goto(url + "/swarm")
+        got = wait_rows(page, lambda r: fetching["id"] in r, 5, "the fetching node")
+        assert got[fetching["id"]]["model"] == "fetching big-model 45%"
+        width = page.eval_on_selector(f"tr[data-node-id='{fetching['id']}'] .fetchbar > div", "d => d.style.width")
+        assert width == "45.0%"
+        assert page.script_errors == []
+        page.context.close()
+
+
 def test_page_asks_for_the_api_key(browser):
     fake = FakeCluster([peer(1, "server", flags=["federated"])])
     with serve_wsgi(create_app(FakeBackend(), api_keys=["sekrit"], node_name="entry", cluster=fake)) as url:
