@@ -164,8 +164,32 @@ def test_a_holder_that_serves_corrupt_pieces_is_found_out(tmp_path, model_copy):
         c.close()
 
 
+def test_a_manifest_that_lies_is_found_out_by_the_digest(tmp_path, model_copy):
+    """The liar's manifest matches the two pieces it spoils, so every piece passes its check: only
+    the whole file's SHA-256 shows the lie. The pieces that match the honest manifest are kept."""
+    path, sha, size = model_copy
+    c = Cluster(tmp_path, Token.generate().encode())
+    try:
+        liar = c.node("liar", "server", extra=[*HOLDER, "--model", str(path), "--share-rate", "16MiB"],
+                      env={"ZSWARM_TEST_CORRUPT_PIECES": "manifest:0,5"})
+        wait_for(lambda: served_model(liar), 60, 0.2, what="the liar serving its copy")
+        b = c.node("b", "server", bootstrap=[liar], extra=[*FETCHER, "--model", NAME])
+        wait_for(lambda: fetch(b).get("percent", 0) > 0, 60, 0.1, what="b fetching from the liar alone")
+        honest = c.node("honest", "server", bootstrap=[liar], extra=[*HOLDER, "--model", str(path)])
+        wait_for(lambda: fetch(b).get("state") == "whole", 90, 0.2, what="b to fetch the model")
+        assert "add up to the digest" in fetch(b).get("not_asked", {}).get(liar.node_id(), "")
+        assert hashlib.sha256(fetched_file(b, sha).read_bytes()).hexdigest() == sha
+        assert counter(b, "depot_pieces_corrupt") == 0  # each piece matched the manifest it was checked against
+        fetched = counter(b, "depot_bytes_fetched")
+        assert size < fetched <= size + (4 << 20), f"{fetched} bytes fetched for a {size}-byte file"
+        assert counter(honest, "depot_bytes_served") > 0
+        wait_for(lambda: served_model(b), 60, 0.2, what="b serving the fetched model")
+    finally:
+        c.close()
+
+
 def test_a_model_nobody_holds_waits_and_says_so(tmp_path, model_copy):
-    path, _, _ = model_copy
+    path, sha, _ = model_copy
     c = Cluster(tmp_path, Token.generate().encode())
     try:
         a = c.node("a", "server", extra=[*HOLDER, "--model", str(path)])
@@ -176,6 +200,19 @@ def test_a_model_nobody_holds_waits_and_says_so(tmp_path, model_copy):
             api(b).chat.completions.create(model="no-such-model", messages=MESSAGES, max_tokens=4)
         assert e.value.status_code == 503 and "no-such-model" in str(e.value)
         assert "traceback" not in b.log().lower()
+        # one fetch at a time: pulling another model while b waits for its own is one line, no fetch
+        out = subprocess.run([sys.executable, "-m", "zswarm", "admin", "--state-dir", str(b.state_dir), "pull", NAME],
+                             capture_output=True, text=True, cwd=REPO, timeout=30)
+        assert out.returncode == 1 and "already fetching no-such-model" in out.stderr, out.stdout + out.stderr
+        assert "traceback" not in b.log().lower()
+        # a node that serves the embedded model pulls the copy into its models directory, to keep
+        e = c.node("e", "server", bootstrap=[a], extra=FETCHER)
+        wait_for(lambda: NAME in {f["name"] for f in e.admin("models")}, 30, 0.2, what="e to see a's copy")
+        out = subprocess.run([sys.executable, "-m", "zswarm", "admin", "--state-dir", str(e.state_dir), "pull", NAME],
+                             capture_output=True, text=True, cwd=REPO, timeout=30)
+        assert out.returncode == 0 and "fetching" in out.stdout, out.stdout + out.stderr
+        wait_for(lambda: fetch(e).get("state") == "whole", 60, 0.2, what="e to pull the model")
+        assert hashlib.sha256(fetched_file(e, sha).read_bytes()).hexdigest() == sha
     finally:
         c.close()
     # without a cluster there is nobody to fetch from: one line, before anything starts

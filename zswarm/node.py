@@ -367,10 +367,12 @@ class Node:
             return None
         from .depot.shelf import Shelf
 
-        # a lying holder, for tests/test_models_travel.py: "all", or piece numbers
+        # a lying holder, for tests/test_models_travel.py: "all" or piece numbers ("manifest:0,5":
+        # and a manifest that matches those pieces, so only the whole file's digest finds it out)
         corrupt = os.environ.get("ZSWARM_TEST_CORRUPT_PIECES", "")
-        self.shelf = Shelf(s.serve.share_rate, self.stats.inc, corrupt=None if corrupt == "all" else
-                           frozenset(int(i) for i in corrupt.split(",") if i.strip().isdigit()))
+        lie, corrupt = corrupt.startswith("manifest:"), corrupt.removeprefix("manifest:")
+        self.shelf = Shelf(s.serve.share_rate, self.stats.inc, lie_in_manifest=lie, corrupt=None if corrupt == "all"
+                           else frozenset(int(i) for i in corrupt.split(",") if i.strip().isdigit()))
         return self.shelf
 
     def _start_depot(self, ledger: pykka.ActorRef, gateway: pykka.ActorRef | None, admin: pykka.ActorRef) -> None:
@@ -402,9 +404,14 @@ class Node:
 
         def pull(model: str = "") -> dict:
             """Fetch a model (name or sha256) from peers into the models directory: model=NAME."""
+            from .actors.admin import AdminCommandError
+
             if not model:
-                raise ValueError("pull: name the model (model=NAME or its sha256)")
-            return dp.want(model).get(timeout=START_TIMEOUT_S)
+                raise AdminCommandError(3, "pull: name the model (pull NAME, or its sha256)")
+            try:
+                return dp.want(model).get(timeout=START_TIMEOUT_S)
+            except ValueError as e:  # another fetch is in hand
+                raise AdminCommandError(3, str(e)) from None
 
         def models() -> list:
             """Every model file in the cluster: where each copy is, and how complete."""

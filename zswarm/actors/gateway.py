@@ -48,6 +48,7 @@ TICK_S = 0.25  # deadline sweep
 # encode to a little more; above the transport's default cap libzmq would drop the connection.
 MAX_REQUEST_BYTES = 16 << 20
 ASK_TIMEOUT_S = 2.0
+NOT_MEMBER_WAIT_S = 0.5  # a fetcher whose record has not reached us yet asks again after this
 _LINK_EVENTS = zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
 
 
@@ -271,12 +272,15 @@ class GatewayActor(GuardedActor):
             key = b""
         if not self._admits(key):
             self._stats.inc("gateway_not_member")
-            if len(frames) == 2 and (msg := self._decode(frames[1].bytes)) is not None \
-                    and isinstance(msg.body, wire.GenRequest):
-                # a member we have not heard of yet (or one revoked): it may try another node
-                self._answer(("peer", frames[0].bytes), wire.Fail(
-                    id=msg.body.id, code="no_node", message="this node does not know the sender as a member",
-                    node=self._node_id), None)
+            if len(frames) == 2 and (msg := self._decode(frames[1].bytes)) is not None:
+                # a member we have not heard of yet (or one revoked): it may try another node, or later
+                body, origin = msg.body, ("peer", frames[0].bytes)
+                if isinstance(body, wire.PieceQuery):
+                    self._answer(origin, wire.Piece(id=body.id, sha256=body.sha256, index=body.index,
+                                                    wait_s=NOT_MEMBER_WAIT_S), None)
+                elif isinstance(body, (wire.GenRequest, wire.ManifestQuery)):
+                    self._answer(origin, wire.Fail(id=body.id, code="no_node", node=self._node_id,
+                                                   message="this node does not know the sender as a member"), None)
             return
         self._on_request([f.bytes for f in frames], "peer")
 

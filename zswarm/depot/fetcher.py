@@ -40,6 +40,7 @@ from .digest import DigestCache, Fingerprint, file_sha256, is_sha256
 from .plan import CORRUPT, OK, FetchPlan
 from .shelf import Shelf
 from .store import Held, ModelsDir, StoreFull
+from .target import MAX_NAME
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,7 @@ ANNOUNCE_EVERY_S = 1.0  # progress in this node's record at most this often
 SAVE_EVERY_S = 0.5  # which pieces are on disk, for a restart
 MANIFEST_TIMEOUT_S = 5.0
 UNREACHABLE_PAUSE_S = 0.2
+NOT_MEMBER_WAIT_S = 0.5  # a holder that does not know us yet (our record is on its way)
 MAX_REPLY_BYTES = 64 << 20  # a piece of at most 1 MiB (files under 64 GiB), a manifest of ~2 MB
 ASK_TIMEOUT_S = 2.0
 
@@ -174,6 +176,8 @@ class DepotActor(GuardedActor):
         """Fetch ``target`` (a model name or a SHA-256) from peers, unless it is here already.
         Returns the fetch's status. ValueError if another fetch is in hand."""
         target = target.strip().lower().removeprefix("sha256:")
+        if not target or len(target) > MAX_NAME:
+            raise ValueError(f"a model name is 1 to {MAX_NAME} characters")
         here = self.whole_file(target)
         if here is not None:
             return {"state": "whole", "target": target, "path": here}
@@ -253,11 +257,12 @@ class DepotActor(GuardedActor):
         out = []
         for p in self._ledger.peers().get(timeout=ASK_TIMEOUT_S):
             gateway = p["endpoints"].get("gateway", "")
-            if p["state"] != "alive" or not gateway.startswith("tcp://") or p["id"] in self._liars:
+            # a suspect holder stays (a busy link makes one suspect for a moment); a dead one goes
+            if p["state"] not in ("alive", "suspect") or not gateway.startswith("tcp://") or p["id"] in self._liars:
                 continue
             for h in p.get("holdings", []):
                 if (h["have"] == h["size"] > 0 and is_sha256(h["sha256"])
-                        and isinstance(h["name"], str) and len(h["name"]) <= 200):
+                        and isinstance(h["name"], str) and len(h["name"]) <= MAX_NAME):
                     out.append((wire.Holding(h["name"], h["sha256"], h["size"], h["have"]),
                                 Holder(p["id"], p["name"], gateway, p.get("curve", ""))))
         return out
@@ -458,6 +463,10 @@ class _Io:
                 self.on_manifest(ep, m)
             case wire.Piece() as p if self.plan is not None and p.sha256 == self.job[0]:
                 self.on_piece(ep, p)
+            case wire.Fail(code="no_node"):  # it has not heard of us yet: the manifest again soon
+                if self.manifest_from is not None and self.manifest_from[0] == ep:
+                    self.manifest_from = (ep, time.monotonic() - MANIFEST_TIMEOUT_S + NOT_MEMBER_WAIT_S)
+                    self.manifest_tried.discard(ep)
             case wire.Fail(code=code, message=message):
                 log.warning("model fetch: %s refused: %s", self.name_of(ep), message)
                 if code == "model_not_found":

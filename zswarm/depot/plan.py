@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 from .digest import Fingerprint
 
-WINDOW = 4  # pieces in flight per peer
+WINDOW = 8  # pieces in flight per peer
 MAX_STRIKES = 3
 PIECE_TIMEOUT_S = 15.0
 TIMEOUT_PAUSE_S = 1.0

@@ -17,12 +17,13 @@ from typing import Callable
 from .. import wire
 from .digest import Fingerprint
 
-BURST_S = 0.05  # how far ahead of the rate a holder may book pieces
+BURST_S = 0.2  # how far ahead of the rate a holder may book pieces (a fetcher's window fits in it)
 
 
 class Shelf:
     def __init__(self, rate: int = 0, count: Callable[[str, int], None] = lambda name, n=1: None,
-                 clock: Callable[[], float] = time.monotonic, corrupt: frozenset[int] | None = frozenset()):
+                 clock: Callable[[], float] = time.monotonic, corrupt: frozenset[int] | None = frozenset(),
+                 lie_in_manifest: bool = False):
         self.rate = rate  # bytes per second over all fetchers; 0: no limit
         self._count = count
         self._clock = clock
@@ -30,6 +31,7 @@ class Shelf:
         self._booked = 0.0  # the clock time the pieces served so far have used the link until
         # pieces served wrong on purpose (a test's lying holder, ZSWARM_TEST_CORRUPT_PIECES); None: all
         self._corrupt = corrupt
+        self._lie_in_manifest = lie_in_manifest  # ... and a manifest that matches them (the digest does not)
 
     def offer(self, files: dict[str, tuple[str, Fingerprint]]) -> None:
         """Serve these files (sha256 -> (path, fingerprint)) from now on. Any thread: one swap."""
@@ -42,8 +44,14 @@ class Shelf:
                              message=f"this node does not hold {body.sha256[:12]}")
         path, fp = held
         if isinstance(body, wire.ManifestQuery):
+            pieces = list(fp.pieces)
+            if self._lie_in_manifest:
+                import hashlib
+
+                for i in range(fp.count) if self._corrupt is None else sorted(self._corrupt):
+                    pieces[i] = hashlib.sha256(_spoil(_read(path, *fp.piece_range(i)))).digest()
             return wire.Manifest(id=body.id, sha256=fp.sha256, size=fp.size, piece_bytes=fp.piece_bytes,
-                                 pieces=list(fp.pieces))
+                                 pieces=pieces)
         if not 0 <= body.index < fp.count:
             return wire.Fail(id=body.id, code="bad_request", node=node_id, message="no such piece")
         offset, length = fp.piece_range(body.index)
@@ -55,15 +63,23 @@ class Shelf:
                 return wire.Piece(id=body.id, sha256=body.sha256, index=body.index, wait_s=start - now - BURST_S)
             self._booked = start + length / self.rate
         try:
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                data = os.pread(fd, length, offset)
-            finally:
-                os.close(fd)
+            data = _read(path, offset, length)
         except OSError as e:
             return wire.Fail(id=body.id, code="internal", node=node_id, message=f"cannot read the file: {e.strerror}")
         if self._corrupt is None or body.index in self._corrupt:
-            data = bytes([data[0] ^ 0xFF]) + data[1:]
+            data = _spoil(data)
         self._count("depot_pieces_served", 1)
         self._count("depot_bytes_served", len(data))
         return wire.Piece(id=body.id, sha256=body.sha256, index=body.index, data=data)
+
+
+def _read(path: str, offset: int, length: int) -> bytes:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return os.pread(fd, length, offset)
+    finally:
+        os.close(fd)
+
+
+def _spoil(data: bytes) -> bytes:
+    return bytes([data[0] ^ 0xFF]) + data[1:]

@@ -9,6 +9,8 @@ import os
 
 from .digest import is_sha256
 
+MAX_NAME = 200  # longer is no model name: taken as a path, which says "no such file"
+
 
 def fetch_target(model: str | None) -> str | None:
     """The model name or SHA-256 (hex, lower case) that ``model`` asks peers for; None when it
@@ -21,6 +23,6 @@ def fetch_target(model: str | None) -> str | None:
         text = text[len("sha256:"):]
     if is_sha256(text.lower()):
         return text.lower()
-    if os.sep in text or "/" in text or text.lower().endswith(".gguf") or not text:
+    if os.sep in text or "/" in text or text.lower().endswith(".gguf") or not text or len(text) > MAX_NAME:
         return None
     return text.lower()
