@@ -221,3 +221,31 @@ def test_a_model_nobody_holds_waits_and_says_so(tmp_path, model_copy):
                           str(tmp_path / "solo"), "--address", f"127.0.0.1:{port}"],
                          capture_output=True, text=True, cwd=REPO, timeout=30)
     assert out.returncode == 2 and "--p2p" in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
+
+
+def test_a_fetch_that_cannot_fit_says_so(tmp_path, model_copy):
+    """Over --models-max the fetch is refused before a byte moves; on a disk that fills up it stops
+    with the reason. Either way the node stays up, and its API says why it serves nothing."""
+    path, _, size = model_copy
+    small = tmp_path / "small"
+    small.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=40m", "tmpfs", str(small)],
+                             capture_output=True, text=True)
+    assert mounted.returncode == 0, f"this test mounts a 40 MiB tmpfs (as root, like CI): {mounted.stderr}"
+    c = Cluster(tmp_path, Token.generate().encode())
+    try:
+        a = c.node("a", "server", extra=[*HOLDER, "--model", str(path)])
+        capped = c.node("capped", "server", bootstrap=[a], extra=[*FETCHER, "--model", NAME, "--models-max", "50MiB"])
+        full = c.node("full", "server", bootstrap=[a], extra=[*FETCHER, "--model", NAME, "--models-dir", str(small)])
+        wait_for(lambda: fetch(capped).get("state") == "failed", 60, 0.2, what="the capped fetch refused")
+        assert "over its cap" in fetch(capped)["problem"] and counter(a, "depot_bytes_served") < size
+        wait_for(lambda: fetch(full).get("state") == "failed", 60, 0.2, what="the fetch onto a full disk to stop")
+        assert "No space left on device" in fetch(full)["problem"], fetch(full)
+        for n in (capped, full):
+            with pytest.raises(openai.APIStatusError) as e:
+                api(n).chat.completions.create(model=NAME, messages=MESSAGES, max_tokens=4)
+            assert e.value.status_code == 503 and "cannot fetch model" in str(e.value)
+            assert n.running() and "traceback" not in n.log().lower()
+    finally:
+        c.close()
+        subprocess.run(["umount", str(small)], capture_output=True)

@@ -95,6 +95,11 @@ class _Whole:
         self.held, self.fp = held, fp
 
 
+class _Failed:
+    def __init__(self, why: str):
+        self.why = why
+
+
 class _Liar:
     def __init__(self, node: str, why: str):
         self.node, self.why = node, why
@@ -162,6 +167,13 @@ class DepotActor(GuardedActor):
                 self._progress(p)
             case _Whole(held=h, fp=fp):
                 self._whole(h, fp)
+            case _Failed(why=why):
+                j = self._job
+                if j is not None and j.state == "fetching":
+                    j.state, j.problem = "failed", why
+                    log.error("cannot fetch model %s: %s", j.name or j.target, why)
+                    self._on_progress(f"cannot fetch model {j.name or j.target}: {why}")
+                    self._announce(force=True)
             case _Liar(node=node, why=why):
                 self._liars[node] = why
                 log.warning("model fetch: node %s is not asked again: %s", node, why)
@@ -371,11 +383,15 @@ class _Io:
         self.close_file()
         self.job, self.plan, self.manifest_source, self.manifest_tried = (sha, name, size), None, "", set()
         models = self.a._models
-        models.folder(sha).mkdir(parents=True, exist_ok=True)
         part = models.part_path(sha, name)
-        self.fd = os.open(part, os.O_RDWR | os.O_CREAT, 0o644)
-        if os.fstat(self.fd).st_size != size:
-            os.ftruncate(self.fd, size)
+        try:
+            models.folder(sha).mkdir(parents=True, exist_ok=True)
+            self.fd = os.open(part, os.O_RDWR | os.O_CREAT, 0o644)
+            if os.fstat(self.fd).st_size != size:
+                os.ftruncate(self.fd, size)
+        except OSError as e:
+            self.fail(f"cannot write {part}: {e.strerror}")
+            return
         self.saved_fp, self.saved_done = models.load_progress(sha)
         if self.saved_done:
             log.info("model %s: resuming a fetch with %d of %d pieces on disk", name, len(self.saved_done),
@@ -503,7 +519,12 @@ class _Io:
         verdict = self.plan.arrived(ep, p.index, p.data)
         if verdict == OK:
             offset, _ = self.plan.fp.piece_range(p.index)
-            os.pwrite(self.fd, p.data, offset)
+            try:
+                os.pwrite(self.fd, p.data, offset)
+            except OSError as e:  # a full disk, most likely: nothing gained by going on
+                self.plan.forget({p.index})
+                self.fail(f"cannot write the model file: {e.strerror}")
+                return
             self.dirty = True
             self.window_bytes.append((now, len(p.data)))
             self.a._stats.inc("depot_bytes_fetched", len(p.data))
@@ -514,6 +535,15 @@ class _Io:
                         p.index, self.name_of(ep))
             if ep in self.plan.dropped:
                 self.liar(ep, "it served pieces that do not match the manifest")
+
+    def fail(self, why: str) -> None:
+        """The fetch cannot go on here (the disk): stop it, keep what is on disk for a later try."""
+        if self.plan is not None and self.fd is not None:
+            self.save(time.monotonic())
+        self.close_file()
+        self.job, self.plan = None, None
+        self.set_holders([])
+        tell(self.a.actor_ref, _Failed(why))
 
     def liar(self, ep: str, why: str) -> None:
         holder = self.holders.get(ep)
