@@ -190,7 +190,10 @@ def main() -> int:
         lines.append(f"| {label} | {s:.2f} | {mb / s:.0f} | {copy_s / s:.2f} |")
     lines += ["", f"Two peers: pieces per holder {peers_f2}.", "",
               "Tokens/s of a holder's engine (real model, 1 thread, 48-token streamed completions), idle and while "
-              "a peer fetches the file from it:", "",
+              "a peer fetches the file from it. Each row is its own holder process, and idle figures vary by a "
+              "third between runs here: compare within a row. On this 2-core machine the fetcher's decryption "
+              "and hashing share the cores with the holder's engine; between two machines only the holder's "
+              "encryption and reads do.", "",
               "| share rate | idle tok/s | during the fetch tok/s | ratio | completions | fetch s | fetch MB/s |",
               "|---|---:|---:|---:|---:|---:|---:|"]
     for label, (idle, busy, n, fetch_s) in impact.items():
