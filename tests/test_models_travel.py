@@ -59,6 +59,11 @@ def fetched_file(node, sha):
     return next((node.state_dir / "models" / sha).glob("*.gguf"))
 
 
+def assert_bit_identical(node, sha):
+    """The file the node fetched is the holder's, byte for byte."""
+    assert hashlib.sha256(fetched_file(node, sha).read_bytes()).hexdigest() == sha
+
+
 def counter(node, name):
     return node.admin("status")["counters"].get(name, 0)
 
@@ -74,7 +79,7 @@ def test_a_node_fetches_a_model_by_name_verifies_it_and_serves_it(tmp_path, mode
                  what="a announcing its file by content")
         b = c.node("b", "server", bootstrap=[a], extra=[*FETCHER, "--model", NAME])
         wait_for(lambda: fetch(b).get("state") == "whole", 60, 0.2, what="b to fetch the model")
-        assert hashlib.sha256(fetched_file(b, sha).read_bytes()).hexdigest() == sha
+        assert_bit_identical(b, sha)
         wait_for(lambda: served_model(b), 60, 0.2, what="b serving the fetched model")
         text_b, node_b = greedy(b)
         text_a, node_a = greedy(a)
@@ -133,7 +138,7 @@ def test_a_fetch_killed_half_way_resumes_after_a_restart(tmp_path, model_copy):
         b.start()
         wait_for(lambda: fetch(b).get("state") == "whole", 60, 0.2, what="b to finish the fetch")
         assert "resuming a fetch" in b.log()
-        assert hashlib.sha256(fetched_file(b, sha).read_bytes()).hexdigest() == sha
+        assert_bit_identical(b, sha)
         served = counter(a, "depot_bytes_served")
         assert size <= served <= 1.2 * size, f"{served} bytes sent for a {size}-byte file"
         wait_for(lambda: served_model(b), 60, 0.2, what="b serving the fetched model")
@@ -157,7 +162,7 @@ def test_a_holder_that_serves_corrupt_pieces_is_found_out(tmp_path, model_copy):
         assert counter(liar, "depot_pieces_served") > 0  # it was asked, and lied
         assert counter(b, "depot_pieces_corrupt") > 0
         assert liar.node_id() in fetch(b).get("not_asked", {})
-        assert hashlib.sha256(fetched_file(b, sha).read_bytes()).hexdigest() == sha
+        assert_bit_identical(b, sha)
         assert "does not match the manifest" in b.log()
         wait_for(lambda: served_model(b), 60, 0.2, what="b serving the fetched model")
     finally:
@@ -178,7 +183,7 @@ def test_a_manifest_that_lies_is_found_out_by_the_digest(tmp_path, model_copy):
         honest = c.node("honest", "server", bootstrap=[liar], extra=[*HOLDER, "--model", str(path)])
         wait_for(lambda: fetch(b).get("state") == "whole", 90, 0.2, what="b to fetch the model")
         assert "add up to the digest" in fetch(b).get("not_asked", {}).get(liar.node_id(), "")
-        assert hashlib.sha256(fetched_file(b, sha).read_bytes()).hexdigest() == sha
+        assert_bit_identical(b, sha)
         assert counter(b, "depot_pieces_corrupt") == 0  # each piece matched the manifest it was checked against
         fetched = counter(b, "depot_bytes_fetched")
         assert size < fetched <= size + (4 << 20), f"{fetched} bytes fetched for a {size}-byte file"
@@ -212,7 +217,7 @@ def test_a_model_nobody_holds_waits_and_says_so(tmp_path, model_copy):
                              capture_output=True, text=True, cwd=REPO, timeout=30)
         assert out.returncode == 0 and "fetching" in out.stdout, out.stdout + out.stderr
         wait_for(lambda: fetch(e).get("state") == "whole", 60, 0.2, what="e to pull the model")
-        assert hashlib.sha256(fetched_file(e, sha).read_bytes()).hexdigest() == sha
+        assert_bit_identical(e, sha)
     finally:
         c.close()
     # without a cluster there is nobody to fetch from: one line, before anything starts
