@@ -146,6 +146,29 @@ def test_a_fetch_killed_half_way_resumes_after_a_restart(tmp_path, model_copy):
         c.close()
 
 
+def test_a_holder_that_vanishes_mid_fetch_leaves_the_rest_to_the_others(tmp_path, model_copy):
+    path, sha, size = model_copy
+    c = Cluster(tmp_path, Token.generate().encode())
+    try:
+        h1 = c.node("h1", "server", extra=[*HOLDER, "--model", str(path), "--share-rate", "8MiB"])
+        h2 = c.node("h2", "server", bootstrap=[h1], extra=[*HOLDER, "--model", str(path), "--share-rate", "8MiB"])
+        for n in (h1, h2):
+            wait_for(lambda n=n: served_model(n), 60, 0.2, what=f"{n.name} serving its copy")
+        b = c.node("b", "server", bootstrap=[h1, h2], extra=[*FETCHER, "--model", NAME])
+        wait_for(lambda: len([p for p, count in fetch(b).get("peers", {}).items() if count]) == 2, 60, 0.1,
+                 what="b fetching from both holders")
+        for pid in [h2.proc.pid, *descendants(h2.proc.pid)]:  # gone without a word, pieces in flight
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        wait_for(lambda: fetch(b).get("state") == "whole", 90, 0.2, what="b to finish from h1 alone")
+        assert_bit_identical(b, sha)
+        wait_for(lambda: served_model(b), 60, 0.2, what="b serving the fetched model")
+    finally:
+        c.close()
+
+
 def test_a_holder_that_serves_corrupt_pieces_is_found_out(tmp_path, model_copy):
     path, sha, size = model_copy
     c = Cluster(tmp_path, Token.generate().encode())
