@@ -162,7 +162,8 @@ def test_chat_completion_whole():
     assert body["model"] == "m1" and isinstance(body["created"], int)
     assert body["choices"][0]["message"] == {"role": "assistant", "content": "Hello", "refusal": None}
     assert body["choices"][0]["finish_reason"] == "stop"
-    assert body["usage"] == {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
+    assert body["usage"] == {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5,
+                             "prompt_tokens_details": {"cached_tokens": 0}}
     assert r.headers["x-zswarm-node"] == "node-b"  # the node that answered, not the entry node
     assert backend.cancelled == [] and backend.closed == [backend.requests[0].id]
 
@@ -219,7 +220,8 @@ def test_stream_include_usage():
     body = {**CHAT, "stream": True, "stream_options": {"include_usage": True}}
     events = sse_events(client(ScriptedBackend()).simulate_post("/v1/chat/completions", json=body).content)
     assert events[-1] == "[DONE]"
-    assert events[-2]["choices"] == [] and events[-2]["usage"] == {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
+    assert events[-2]["choices"] == [] and events[-2]["usage"] == {
+        "prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5, "prompt_tokens_details": {"cached_tokens": 0}}
     assert events[-3]["choices"][0]["finish_reason"] == "stop"
 
 

@@ -215,7 +215,8 @@ def rows(page) -> dict[str, dict]:
         name: tr.querySelector('.nname').textContent, role: tr.querySelector('.c-role').textContent,
         model: tr.querySelector('.c-model').textContent, mem: tr.querySelector('.c-mem').textContent,
         inflight: tr.querySelector('.c-inflight').textContent, layers: tr.querySelector('.c-layers').textContent,
-        served: tr.querySelector('.c-served').textContent}]))""")
+        served: tr.querySelector('.c-served').textContent, tps: tr.querySelector('.c-tps').textContent,
+        prefix: tr.querySelector('.c-prefix').textContent}]))""")
 
 
 def wait_js(page, expression: str, timeout_s: float) -> object:
@@ -281,7 +282,7 @@ def test_page_with_fifty_nodes_is_readable(browser):
 
 
 def test_page_shows_a_model_being_fetched(browser):
-    fetching = {**peer(1, "server", models=[]), "holdings": [
+    fetching = {**peer(1, "server", models=[]), "decode_tps": 42.4, "holdings": [
         {"name": "big-model", "sha256": "ab" * 32, "size": 1000, "have": 450},
         {"name": "done-model", "sha256": "cd" * 32, "size": 10, "have": 10}]}
     fake = FakeCluster([fetching])
@@ -292,6 +293,8 @@ def test_page_shows_a_model_being_fetched(browser):
         page.goto(url + "/swarm")
         got = wait_rows(page, lambda r: fetching["id"] in r, 5, "the fetching node")
         assert got[fetching["id"]]["model"] == "fetching big-model 45%"
+        assert (got[fetching["id"]]["tps"], got[fetching["id"]]["prefix"]) == ("42", "0")
+        assert got[fake.self_id]["tps"] == "—"  # not measured yet
         width = page.eval_on_selector(f"tr[data-node-id='{fetching['id']}'] .fetchbar > div", "d => d.style.width")
         assert width == "45%"  # the browser normalises "45.0%"
         assert page.script_errors == []

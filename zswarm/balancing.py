@@ -5,7 +5,13 @@ owns one :class:`Router` and asks it, inline, for every request (no thread hop o
 The Router keeps what only the gateway sees: requests in flight per node and recent failures.
 
 Policies:
-- ``p2c`` (default): power of two choices on requests in flight; near least-busy quality with
+- ``prefix`` (default): a request whose prompt starts like what a node's engine has cached
+  (:mod:`zswarm.prefix`: the chains nodes announce, and the last request this entry point
+  finished on each node) goes to that node, the longest shared prefix first, unless it has more
+  than ``LOAD_SLACK`` requests in flight above the least loaded candidate; otherwise (and for a
+  prompt no node has) power of two choices on the expected time to answer, in flight + 1 over
+  the node's measured decode speed, so a slow machine gets proportionally less;
+- ``p2c``: power of two choices on requests in flight; near least-busy quality with
   no herding when many entry points share stale load figures;
 - ``least-busy``: fewest in flight, ties at random;
 - ``round-robin``; ``random``.
@@ -19,9 +25,15 @@ import itertools
 import random
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Sequence
 
-POLICIES = ("p2c", "least-busy", "round-robin", "random")
+from .prefix import best_shared
+
+POLICIES = ("prefix", "p2c", "least-busy", "round-robin", "random")
+# A holder of the prefix takes the request while it has at most this many more in flight than the
+# least loaded candidate: past that, the queue ahead costs more than prefilling the prompt elsewhere.
+LOAD_SLACK = 1
+MIN_SHARED = 1  # blocks (prefix.BLOCK_CHARS) a prompt must share with a node's cache to follow it
 COOLDOWN_AFTER = 2  # consecutive failures; one failure may be the request's fault
 COOLDOWN_S = 10.0  # long enough for a restarting engine, short enough to notice it came back
 
@@ -36,6 +48,10 @@ class Route:
     # a partition): chosen only when no other node serves the model, and its requests go on
     suspect: bool = False
     curve: str = ""  # the node's own CURVE key (Z85), from its signed record: its gateway's server key
+    # what the node's engine slots have cached (prefix.chain of each slot's last prompt), and how
+    # fast it generates (tokens/s; 0: not measured yet), from its record
+    prefixes: tuple[tuple[int, ...], ...] = ()
+    decode_tps: float = 0.0
 
     @property
     def local(self) -> bool:
@@ -73,7 +89,7 @@ class _Health:
 
 @dataclass
 class Router:
-    policy: str = "p2c"
+    policy: str = "prefix"
     cooldown_s: float = COOLDOWN_S
     clock: Callable[[], float] = time.monotonic
     rng: random.Random = field(default_factory=random.Random)
@@ -82,12 +98,19 @@ class Router:
     served: dict[str, int] = field(default_factory=dict)
     _health: dict[str, _Health] = field(default_factory=dict)
     _rr: itertools.count = field(default_factory=itertools.count)
+    # what this entry point learned: the chain of the last request it finished on each node, and
+    # this node's own engine (its slots' chains, its speed), fresher than any record
+    recent: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    local_prefixes: tuple[tuple[int, ...], ...] = ()
+    local_decode_tps: float = 0.0
+    prefix_routed: dict[str, int] = field(default_factory=dict)  # requests sent to a node for its prefix
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
             raise ValueError(f"unknown policy {self.policy!r}; choose from {', '.join(POLICIES)}")
 
-    def pick(self, model: str, exclude: set[str] = frozenset(), target: str = "") -> Route:
+    def pick(self, model: str, exclude: set[str] = frozenset(), target: str = "",
+             chain: Sequence[int] = ()) -> Route:
         """The route for one request, or :class:`NoRoute` with an OpenAI-style reason."""
         serving = self.table.serving(model)
         if not serving:
@@ -115,8 +138,52 @@ class Router:
         if self.policy == "least-busy":
             low = min(map(load, candidates))
             return self.rng.choice([r for r in candidates if load(r) == low])
+        if self.policy == "prefix":
+            return self._by_prefix(candidates, chain)
         a, b = self.rng.sample(candidates, 2)
         return a if load(a) < load(b) or (load(a) == load(b) and self.rng.random() < 0.5) else b
+
+    def cached_by(self, route: Route) -> tuple[tuple[int, ...], ...]:
+        own = self.local_prefixes if route.local else route.prefixes
+        last = self.recent.get(route.node)
+        return own + ((last,) if last else ())
+
+    def _by_prefix(self, candidates: list[Route], chain: Sequence[int]) -> Route:
+        load = lambda r: self.in_flight.get(r.node, 0)
+        if chain:
+            scored = [(best_shared(chain, self.cached_by(r)), r) for r in candidates]
+            best = max(s for s, _ in scored)
+            if best >= MIN_SHARED:
+                bound = min(map(load, candidates)) + LOAD_SLACK
+                holders = [r for s, r in scored if s == best and load(r) <= bound]
+                if holders:
+                    low = min(map(load, holders))
+                    chosen = self.rng.choice([r for r in holders if load(r) == low])
+                    self.prefix_routed[chosen.node] = self.prefix_routed.get(chosen.node, 0) + 1
+                    return chosen
+        return self._by_speed(candidates)
+
+    def speed(self, route: Route, known: list[float] | None = None) -> float:
+        """Tokens/s a node generates, as measured; a node not measured yet counts as the median of
+        those that are (or 1: all alike), so it gets tried."""
+        tps = self.local_decode_tps if route.local else route.decode_tps
+        if tps > 0:
+            return tps
+        known = known if known is not None else []
+        return sorted(known)[len(known) // 2] if known else 1.0
+
+    def _by_speed(self, candidates: list[Route]) -> Route:
+        """Power of two choices on the expected time to answer: (in flight + 1) / decode speed."""
+        known = [t for t in ((self.local_decode_tps if r.local else r.decode_tps) for r in candidates) if t > 0]
+        expected = lambda r: (self.in_flight.get(r.node, 0) + 1) / self.speed(r, known)
+        a, b = self.rng.sample(candidates, 2)
+        ea, eb = expected(a), expected(b)
+        return a if ea < eb or (ea == eb and self.rng.random() < 0.5) else b
+
+    def remember(self, node: str, chain: tuple[int, ...]) -> None:
+        """A request with prompt ``chain`` finished on ``node``: its engine holds that prefix now."""
+        if chain:
+            self.recent[node] = chain
 
     def started(self, node: str) -> None:
         self.in_flight[node] = self.in_flight.get(node, 0) + 1

@@ -333,7 +333,7 @@ def cmd_node(args: argparse.Namespace) -> int:
         p2p_listen=p2p_listen, advertise=cfg["advertise"], bootstrap=cfg["bootstrap"],
         mdns=not cfg["no_mdns"], mdns_interfaces=cfg["mdns_interfaces"], local_only=cfg["local_only"],
         name=cfg["name"] or hostname(), name_is_host=not cfg["name"], federated=bool(cfg.get("federated")),
-        policy=cfg.get("policy") or "p2c", target_node=cfg.get("target_node") or "", serve=serve, http=http,
+        policy=cfg.get("policy") or "prefix", target_node=cfg.get("target_node") or "", serve=serve, http=http,
         worker=worker, child_hang_s=cfg["child_hang_s"], child_stuck_s=cfg["child_stuck_s"],
         limits=Limits(max_nodes=cfg["max_nodes"], per_sender=cfg["max_introduced"]))
     ready = None

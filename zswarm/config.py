@@ -296,9 +296,11 @@ HTTP_OPTIONS: list[Opt] = [
     Opt("api_key_file", ("--api-key-file",), ("ZSWARM_API_KEY_FILE",), None,
         "also accept the keys in this file: one a line, blank lines and # comments ignored (keep it "
         "mode 0600)", metavar="PATH", secret=True),
-    Opt("policy", ("--policy",), ("ZSWARM_POLICY",), "p2c",
-        "how to pick a node: p2c (least in flight of two random nodes), least-busy, round-robin, random",
-        metavar="POLICY", extra={"choices": ["p2c", "least-busy", "round-robin", "random"]}),
+    Opt("policy", ("--policy",), ("ZSWARM_POLICY",), "prefix",
+        "how to pick a node: prefix (the node whose engine has the prompt's start cached, unless it is "
+        "busier; else by expected time to answer), p2c (least in flight of two random nodes), least-busy, "
+        "round-robin, random",
+        metavar="POLICY", extra={"choices": ["prefix", "p2c", "least-busy", "round-robin", "random"]}),
     Opt("target_node", ("--target-node",), ("ZSWARM_TARGET_NODE", "LOCALAI_TARGET_WORKER"), "",
         "send every request to this node (id or name)", metavar="ID"),
     Opt("http_workers", ("--http-workers",), ("ZSWARM_HTTP_WORKERS",), 1,

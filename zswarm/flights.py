@@ -32,6 +32,7 @@ It must never block, sleep, or touch a socket: the io thread runs it inline for 
 
 from __future__ import annotations
 
+import collections
 import logging
 import time
 from dataclasses import dataclass, field
@@ -41,6 +42,7 @@ import msgspec
 
 from . import wire
 from .balancing import NoRoute, Route, Router, RouteTable
+from .prefix import request_chain
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +52,7 @@ RECENT_S = 600.0  # a model served this recently is "briefly unroutable", not "u
 RETRYABLE = frozenset({"engine_down", "overloaded", "no_node"})
 REQUEST_FAULTS = frozenset({"bad_request", "context_length", "model_not_found", "cancelled"})
 NO_DEADLINE = float("inf")
+SPEED_WEIGHT = 0.3  # of each new measurement in the engine's speed (an exponential moving average)
 
 Origin = tuple[str, bytes]  # ("local" | "peer", routing id of the asker)
 Send = Callable[[Route, wire.Inference], bool]
@@ -67,6 +70,7 @@ class Flight:
     attempts: int = 0
     parked_since: float | None = None  # when it began waiting for a route (kept across re-parks)
     held: list[str] = field(default_factory=list)  # a whole answer's chunks, until its Done
+    chain: tuple[int, ...] = ()  # the prompt's prefix.chain: what prefix-affinity routing compares
 
     @property
     def local_origin(self) -> bool:
@@ -83,8 +87,13 @@ class Table:
                  count: Callable[[str], None] = lambda name: None, target_node: str = "",
                  clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time,
                  max_attempts: int = MAX_ATTEMPTS, park_s: float = PARK_S, recent_s: float = RECENT_S,
-                 linked: Callable[[str], bool] = lambda endpoint: False):
+                 linked: Callable[[str], bool] = lambda endpoint: False, slots: int = 1):
         self.node_id = node_id
+        # this node's engine, as its answers show: each slot's last prompt (the engine's prefix
+        # cache) and its speed; the gateway puts them in the node's record when they change
+        self.local_chains: collections.deque[tuple[int, ...]] = collections.deque(maxlen=max(1, slots))
+        self.prefill_tps = self.decode_tps = 0.0
+        self.local_changed = False
         self._linked = linked  # is the connection to this peer gateway up right now?
         self.router = router
         self._send = send
@@ -132,7 +141,7 @@ class Table:
             self._reply(origin, wire.Fail(id=req.id, code="bad_request", node=self.node_id,
                                           message="duplicate request id or routing loop"), None)
             return
-        f = Flight(req, origin, self._deadline_of(req))
+        f = Flight(req, origin, self._deadline_of(req), chain=request_chain(req))
         self.flights[req.id] = f
         self._count("requests_in")
         self._dispatch(f)
@@ -169,6 +178,9 @@ class Table:
                 self._reply(f.origin, body, raw)
             case wire.Done():
                 self.router.finished(route.node, ok=True)
+                self.router.remember(route.node, f.chain)
+                if route.local:
+                    self._learn(f.chain, body)
                 del self.flights[f.req.id]
                 self._count("requests_done")
                 if f.held:
@@ -361,7 +373,7 @@ class Table:
             raise NoRoute("engine_down", f"the engine of node {self.node_id} is restarting")
         target = req.target_node or self._target
         try:
-            route = self.router.pick(req.model, f.tried, target)
+            route = self.router.pick(req.model, f.tried, target, chain=f.chain)
         except NoRoute:
             if self._local_expected(req.model) and not target:
                 return None  # our own engine served it and is (re)starting: wait for it
@@ -372,6 +384,21 @@ class Table:
             except NoRoute:
                 return None
         return route
+
+    def _learn(self, chain: tuple[int, ...], done: wire.Done) -> None:
+        """Our engine answered a request: a slot holds its prompt now, and its timings say how fast it is."""
+        if chain:
+            if chain in self.local_chains:
+                self.local_chains.remove(chain)
+            self.local_chains.append(chain)
+            self.router.local_prefixes = tuple(self.local_chains)
+        fresh = done.prompt_tokens - done.cached_tokens
+        if done.prompt_s > 0 and fresh > 0:
+            self.prefill_tps = _ewma(self.prefill_tps, fresh / done.prompt_s)
+        if done.gen_s > 0 and done.completion_tokens > 1:
+            self.decode_tps = _ewma(self.decode_tps, (done.completion_tokens - 1) / done.gen_s)
+            self.router.local_decode_tps = self.decode_tps
+        self.local_changed = True
 
     def _local_expected(self, model: str) -> bool:
         """Is this node's engine expected back with ``model`` (it served it lately, it has not failed)?"""
@@ -421,3 +448,7 @@ class Table:
                 f.route is not None and f.route.local for f in self.flights.values()):
             on_idle, self._on_idle = self._on_idle, None
             on_idle()
+
+
+def _ewma(old: float, new: float) -> float:
+    return new if old <= 0 else old + SPEED_WEIGHT * (new - old)

@@ -75,6 +75,9 @@ class Member:
             "models": list(rec.models) if rec else [],
             "holdings": [{"name": h.name, "sha256": h.sha256, "size": h.size, "have": h.have}
                          for h in rec.holdings] if rec else [],
+            "prefixes": [list(c) for c in rec.prefixes] if rec else [],
+            "prefill_tps": rec.prefill_tps if rec else 0.0,
+            "decode_tps": rec.decode_tps if rec else 0.0,
             "mem_total": rec.mem_total if rec else 0,
             "mem_free": rec.mem_free if rec else 0,
             "in_flight": rec.in_flight if rec else 0,

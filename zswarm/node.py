@@ -138,7 +138,7 @@ class NodeSettings:
     # nodes sharing a host are told apart in split bars, tables and logs
     name_is_host: bool = False
     federated: bool = False  # serve requests routed from the cluster, and route to it
-    policy: str = "p2c"
+    policy: str = "prefix"
     target_node: str = ""
     serve: ServeSettings | None = None
     http: HttpSettings | None = None
@@ -253,7 +253,9 @@ class Node:
             gateway = self._start(GatewayActor, self.ctx, node_id, self.state.endpoint("gateway"), self.stats,
                                   self.keys, next_port(s.p2p_listen, 1) if s.p2p else None, host,
                                   s.p2p and s.federated and s.serve is not None, s.policy, s.target_node,
-                                  own=self._own_keys(), admits=self._admits, shelf=self._shelf())
+                                  own=self._own_keys(), admits=self._admits, shelf=self._shelf(),
+                                  slots=s.serve.parallel if s.serve is not None else 1,
+                                  announce=self._announcer(ledger))
             endpoint = gateway.proxy().open().get(timeout=START_TIMEOUT_S)
             if endpoint and ledger is not None:
                 ledger.proxy().update_own(endpoints={**own.endpoints, "gateway": endpoint}).get(timeout=START_TIMEOUT_S)
@@ -335,6 +337,20 @@ class Node:
             notify([balancer], "ledger_changed")  # the peers known already
         if self._engine_model:
             notify([balancer], "engine_up", model=self._engine_model)
+
+    @staticmethod
+    def _announcer(ledger: pykka.ActorRef | None) -> Any:
+        """How the gateway puts its engine's cached prefixes and speed in our record (not waited for)."""
+        if ledger is None:
+            return None
+        proxy = ledger.proxy()
+
+        def announce(**fields: Any) -> None:
+            try:
+                proxy.update_own(**fields)
+            except pykka.ActorDeadError:
+                pass  # the node stops, or replaces it
+        return announce
 
     # --- models travel (depot/) ---
     def _model_to_fetch(self) -> str:

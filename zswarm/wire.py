@@ -19,7 +19,8 @@ import msgspec
 
 # 2: every record, beat and leave is signed by the node it is about (identity.py)
 # 3: Rotation (the operator revokes nodes and moves the cluster to a new token, rotation.py)
-# 4: NodeRecord.holdings (the model files a node holds, by content: models travel, depot/)
+# 4: NodeRecord.holdings (the model files a node holds, by content: models travel, depot/), and
+#    prefixes / prefill_tps / decode_tps (what its engine has cached and how fast it is: routing)
 PROTOCOL = 4
 TOPIC_ALL = b"*"  # every node subscribes to this topic and to its own id
 
@@ -73,6 +74,10 @@ class NodeRecord(msgspec.Struct, kw_only=True):
     key: bytes = b""  # the node's Ed25519 public key: its id is derived from it (identity.node_id_of)
     curve: str = ""  # the node's own CURVE public key (Z85): what its connections present
     holdings: list[Holding] = []  # model files on this node's disk (depot/): what peers may fetch from it
+    # what its engine's slots hold in their caches: each slot's last prompt as prefix.chain hashes
+    prefixes: list[list[int]] = []
+    prefill_tps: float = 0.0  # its engine's measured speed (uncached prompt tokens per second) ...
+    decode_tps: float = 0.0  # ... and generated tokens per second, per request
     sig: bytes = b""  # the node's signature over record_statement(self)
 
 
@@ -328,9 +333,10 @@ class Cancel(msgspec.Struct, tag=102):
     id: str
 
 
-class Chunk(msgspec.Struct, tag=103):
+class Chunk(msgspec.Struct, tag=103, omit_defaults=True):
     id: str
     text: str
+    node: str = ""  # the serving node's id, on its first chunk: a stream's headers name it (issue 15)
 
 
 class Done(msgspec.Struct, tag=104, kw_only=True):
@@ -339,6 +345,9 @@ class Done(msgspec.Struct, tag=104, kw_only=True):
     prompt_tokens: int
     completion_tokens: int
     node: str = ""  # id of the node whose engine answered
+    cached_tokens: int = 0  # prompt tokens the engine's cache held already (not evaluated again)
+    prompt_s: float = 0.0  # seconds from the slot taking the request to its first token
+    gen_s: float = 0.0  # seconds from the first token to the last
 
 
 class Fail(msgspec.Struct, tag=105, kw_only=True):

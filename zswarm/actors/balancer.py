@@ -63,9 +63,29 @@ class BalancerActor(GuardedActor):
                 if (p["state"] in ("alive", "suspect") and "federated" in p["flags"] and p["models"]
                         and gateway and peer_gateway(gateway)):
                     routes.append(Route(p["id"], gateway, tuple(p["models"]), p["name"],
-                                        suspect=p["state"] == "suspect", curve=p.get("curve", "")))
+                                        suspect=p["state"] == "suspect", curve=p.get("curve", ""),
+                                        prefixes=_prefixes(p.get("prefixes")), decode_tps=_speed(p.get("decode_tps"))))
         table = RouteTable(tuple(routes))
         if table != self._table:
-            log.info("routes: %s", ", ".join(f"{r.name or r.node}={'/'.join(r.models)}" for r in routes) or "none")
+            said = lambda t: [(r.name or r.node, r.models) for r in t.routes]  # noqa: E731
+            if said(table) != said(self._table):  # not for each new prefix or speed a record brings
+                log.info("routes: %s", ", ".join(f"{r.name or r.node}={'/'.join(r.models)}" for r in routes) or "none")
             self._table = table
             self._gateway.set_routes(table)
+
+
+MAX_SLOTS_SEEN = 64  # slot chains taken from one record (a member could announce any number)
+
+
+def _prefixes(value: Any) -> tuple[tuple[int, ...], ...]:
+    """A record's ``prefixes``, as the router compares them: lists of ints, capped; else nothing."""
+    from ..prefix import MAX_BLOCKS
+
+    if not isinstance(value, list):
+        return ()
+    return tuple(tuple(h for h in c[:MAX_BLOCKS] if isinstance(h, int)) for c in value[:MAX_SLOTS_SEEN]
+                 if isinstance(c, list))
+
+
+def _speed(value: Any) -> float:
+    return float(value) if isinstance(value, (int, float)) and 0 < value < 1e7 else 0.0

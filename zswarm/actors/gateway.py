@@ -57,10 +57,13 @@ class GatewayActor(GuardedActor):
 
     def __init__(self, ctx: zmq.Context, node_id: str, local_endpoint: str, stats: Stats,
                  keys: Keys | None = None, listen: str | None = None, advertise_host: str = "127.0.0.1",
-                 accept_routed: bool = False, policy: str = "p2c", target_node: str = "",
+                 accept_routed: bool = False, policy: str = "prefix", target_node: str = "",
                  watch: Watch | None = None, own: tuple[bytes, bytes] | None = None,
-                 admits: Callable[[bytes], bool] = lambda key: True, shelf: Any = None):
+                 admits: Callable[[bytes], bool] = lambda key: True, shelf: Any = None, slots: int = 1,
+                 announce: Callable[..., None] | None = None):
         super().__init__(watch)
+        # how the node's record learns what its engine has cached and how fast it is (io thread)
+        self._announce = announce
         self._shelf = shelf  # depot.shelf.Shelf: model pieces for peers that fetch them (peers socket only)
         # is this client key (Z85) a current member's, and not revoked? Our gateway's key is in our
         # record, which a revoked machine saw while it was a member: it could dial us with a
@@ -79,7 +82,8 @@ class GatewayActor(GuardedActor):
         self._loop: SocketLoop | None = None
         # io-thread state
         self._table = Table(node_id, Router(policy=policy), self._send, self._answer,
-                            count=stats.inc, target_node=target_node, linked=lambda ep: ep in self._up)
+                            count=stats.inc, target_node=target_node, linked=lambda ep: ep in self._up,
+                            slots=slots)
         self._links: set[str] = set()  # peer gateway endpoints ``out`` is connected to
         self._up: set[str] = set()  # ... of which the handshake has succeeded (and not dropped since)
         self._engine: zmq.Socket | None = None
@@ -88,7 +92,7 @@ class GatewayActor(GuardedActor):
     # --- API (actor thread) ---
     def open(self) -> str:
         """Bind; returns our peer-facing gateway endpoint ("" when not accepting routed requests)."""
-        loop = SocketLoop("gateway-io", self._ctx, self._setup, TICK_S, self._table.tick)
+        loop = SocketLoop("gateway-io", self._ctx, self._setup, TICK_S, self._tick)
         loop.start_and_wait()
         self._loop = loop
         return self._endpoint
@@ -133,6 +137,9 @@ class GatewayActor(GuardedActor):
                 "held": t.held,
                 "parked": len(t.parked),
                 "problem": t.problem,
+                "prefix_routed": dict(router.prefix_routed),
+                "engine_speed": {"prefill_tps": round(t.prefill_tps, 1), "decode_tps": round(t.decode_tps, 1)},
+                "cached_prefixes": len(t.local_chains),
             })
         self._submit(_snap)
         return fut.result(timeout=ASK_TIMEOUT_S)
@@ -153,6 +160,14 @@ class GatewayActor(GuardedActor):
             self._loop.submit(fn)
 
     # --- io thread ---
+    def _tick(self) -> None:
+        t = self._table
+        t.tick()
+        if t.local_changed and self._announce is not None:  # at most once a tick
+            t.local_changed = False
+            self._announce(prefixes=[list(c) for c in t.local_chains], prefill_tps=round(t.prefill_tps, 1),
+                           decode_tps=round(t.decode_tps, 1))
+
     def _setup(self, loop: SocketLoop) -> None:
         self._l = loop
         self._local = loop.socket(zmq.ROUTER, self._on_local)

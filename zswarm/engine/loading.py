@@ -98,7 +98,10 @@ class _Model(llama_cpp.Llama):
         job.prompt_tokens = len(tokens)
         job.check()
         vocab = self._model.vocab
+        before, first = self.evaluated, True
         for token in super().generate(tokens, *args, **kwargs):
+            if first:  # the prompt is evaluated, the first token sampled: what it did not evaluate was cached
+                job.cached_tokens, first = max(0, len(tokens) - (self.evaluated - before)), False
             job.check()
             if not llama_cpp.llama_vocab_is_eog(vocab, token):
                 job.completion_tokens += 1

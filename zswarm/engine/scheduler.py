@@ -37,6 +37,7 @@ class Job:
         # Filled by the slot's Llama while it runs (see _Model); read by the same slot thread.
         self.prompt_tokens = 0
         self.completion_tokens = 0
+        self.cached_tokens = 0  # of prompt_tokens, those the slot's cache held already
         self.started = False  # has a Chunk been sent?
 
     def interrupt(self, code: str) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import random
 import threading
+import time
 from typing import Callable, Iterator
 
 from .. import wire
@@ -67,13 +68,17 @@ class Slot(threading.Thread):
     def _serve(self, job: Job) -> None:
         req = job.req
         self._llm.job = job
+        taken = first = time.monotonic()
         try:
             job.check()
             finish = "length"
             for text, reason in _pieces(req.kind, self._start(req)):
                 if text:
-                    job.started = True
-                    self._reply(job, wire.Chunk(req.id, text))
+                    if not job.started:  # the first chunk names this node: a stream's headers say who serves it
+                        job.started, first = True, time.monotonic()
+                        self._reply(job, wire.Chunk(req.id, text, node=self._node_id))
+                    else:
+                        self._reply(job, wire.Chunk(req.id, text))
                 if reason:
                     finish = reason
         except Interrupted as e:
@@ -85,8 +90,13 @@ class Slot(threading.Thread):
         except ValueError as e:  # llama-cpp-python's refusals of parameters
             self._fail(job, "bad_request", str(e))
             return
+        end = time.monotonic()
+        if not job.started:
+            first = end
         self._reply(job, wire.Done(id=req.id, finish_reason=finish, prompt_tokens=job.prompt_tokens,
-                                   completion_tokens=job.completion_tokens, node=self._node_id))
+                                   completion_tokens=job.completion_tokens, node=self._node_id,
+                                   cached_tokens=job.cached_tokens, prompt_s=round(first - taken, 6),
+                                   gen_s=round(end - first, 6)))
 
     def _start(self, req: wire.GenRequest) -> Iterator[dict]:
         # Without a seed every request gets a fresh one: llama-cpp-python would otherwise derive

@@ -260,15 +260,16 @@ class _Completions:
             _close(items)
             raise from_fail(first, self._node_name)
         track.first_token()
+        replies.node = getattr(first, "node", "")  # the engine's first chunk names its node
         if oreq.stream:
             stream = self._stream(items, first, replies, request_id, oreq.include_usage, track)
             next(stream)  # run to the first yield, so that close() always reaches the finally
             resp.stream = stream
             resp.content_type = "text/event-stream"
             resp.set_headers(_SSE_HEADERS)
-            # Headers leave before the Done that names the serving node; only a first item that
-            # carries ``node`` can name it here (wire.Chunk has no such field yet).
-            resp.set_header(NODE_HEADER, getattr(first, "node", "") or self._node_name)
+            # the engine's first chunk names the serving node (wire.Chunk.node), so the headers,
+            # which leave before the Done, name it too
+            resp.set_header(NODE_HEADER, replies.node or self._node_name)
         else:
             self._whole(items, first, replies, request_id, resp, track)
 

@@ -143,6 +143,7 @@ def cluster_view(snap: Snapshot) -> dict[str, Any]:
     gateway = status.get("gateway") or {}
     per_node_in_flight = gateway.get("per_node_in_flight") or {}
     served = gateway.get("served") or {}
+    prefix_routed = gateway.get("prefix_routed") if isinstance(gateway.get("prefix_routed"), dict) else {}
     # Every server reports its shard; the model is split only while the plan has workers.
     shard = status.get("shard") if isinstance(status.get("shard"), dict) else None
     split = bool(shard and [w for w in shard.get("workers") or [] if isinstance(w, dict)])
@@ -188,6 +189,9 @@ def cluster_view(snap: Snapshot) -> dict[str, Any]:
             # with a split model: what each node holds (0: a worker left out); without: unknown
             "layers": layers.get(node_id, 0 if split and role == "worker" else None),
             "served": _int(served.get(node_id, 0)),
+            # of those, routed to it for the prompt prefix its engine holds; and its measured speed
+            "prefix_hits": _int(prefix_routed.get(node_id, 0)),
+            "decode_tps": _tps(rec.get("decode_tps")),
             "flags": flags,
             "software": rec.get("software") or "",
             "started_at": float(rec.get("started_at") or 0.0),
@@ -215,6 +219,10 @@ def cluster_view(snap: Snapshot) -> dict[str, Any]:
         "shard_note": shard.get("note") if shard and isinstance(shard.get("note"), str) and shard["note"] else None,
         "updated_at": snap.taken_at,
     }
+
+
+def _tps(value: Any) -> float:
+    return round(float(value), 1) if isinstance(value, (int, float)) and 0 <= value < 1e7 else 0.0
 
 
 def _fetching(rec: dict) -> list[dict[str, Any]]:

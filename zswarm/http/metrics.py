@@ -83,6 +83,12 @@ class HttpMetrics:
                               ["node", "model"], registry=registry)
         self.prompt_tokens = Counter("zswarm_prompt_tokens", "Prompt tokens processed, by serving node and model",
                                      ["node", "model"], registry=registry)
+        self.cached_tokens = Counter("zswarm_prompt_tokens_cached", "Prompt tokens the serving engine had cached "
+                                     "already (its prefix cache), by serving node and model", ["node", "model"],
+                                     registry=registry)
+        self.prefix_hits = Counter("zswarm_prefix_cache_hits", "Requests whose prompt started with what the "
+                                   "serving engine had cached, by serving node and model", ["node", "model"],
+                                   registry=registry)
         self.ttft = Histogram("zswarm_time_to_first_token_seconds", "From the request's arrival to its first token",
                               ["model"], buckets=TTFT_BUCKETS_S, registry=registry)
         self.latency = Histogram("zswarm_request_duration_seconds", "From the request's arrival to its last byte",
@@ -121,6 +127,9 @@ class Track:
             self.first_token()  # an answer with no token at all: its first "token" is its end
             m.tokens.labels(node, self.model).inc(max(0, done.completion_tokens))
             m.prompt_tokens.labels(node, self.model).inc(max(0, done.prompt_tokens))
+            m.cached_tokens.labels(node, self.model).inc(max(0, done.cached_tokens))
+            if done.cached_tokens > 0:
+                m.prefix_hits.labels(node, self.model).inc()
         if self.model:
             m.latency.labels(self.model).observe(time.monotonic() - self._t0)
 

@@ -162,9 +162,11 @@ def to_gen_request(req: Union[ChatRequest, CompletionRequest], request_id: str,
 
 # --- reply bodies ---
 
-def usage(done: wire.Done) -> dict[str, int]:
+def usage(done: wire.Done) -> dict[str, Any]:
     return {"prompt_tokens": done.prompt_tokens, "completion_tokens": done.completion_tokens,
-            "total_tokens": done.prompt_tokens + done.completion_tokens}
+            "total_tokens": done.prompt_tokens + done.completion_tokens,
+            # as OpenAI reports them: prompt tokens the serving engine had cached (its prefix cache)
+            "prompt_tokens_details": {"cached_tokens": done.cached_tokens}}
 
 
 class Replies:
@@ -175,11 +177,16 @@ class Replies:
         self.id = ("chatcmpl-" if self.chat else "cmpl-") + request_id
         self.model = model
         self.created = int(time.time())
+        self.node = ""  # the serving node's id, once its first chunk (or Done) named it
 
     def _head(self, obj: str) -> dict[str, Any]:
-        return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
+        head = {"id": self.id, "object": obj, "created": self.created, "model": self.model}
+        if self.node:  # the node whose engine answers (OpenAI's field for "which backend")
+            head["system_fingerprint"] = f"zswarm-{self.node}"
+        return head
 
     def whole(self, text: str, done: wire.Done) -> dict[str, Any]:
+        self.node = done.node or self.node
         if self.chat:
             choice = {"index": 0, "message": {"role": "assistant", "content": text, "refusal": None},
                       "logprobs": None, "finish_reason": done.finish_reason}

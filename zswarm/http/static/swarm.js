@@ -228,6 +228,8 @@
       el("td", "c-num c-inflight", n.in_flight),
       el("td", "c-num c-layers", n.layers === null || n.layers === undefined ? "—" : n.layers),
       el("td", "c-num c-served", n.served),
+      el("td", "c-num c-prefix", n.prefix_hits || 0),
+      el("td", "c-num c-tps", n.decode_tps ? n.decode_tps.toFixed(0) : "—"),
       el("td", "c-seen", n.self ? "this node" : ago(n.last_seen_s)));
     return tr;
   }
