@@ -243,6 +243,32 @@ def test_completion_matches_in_process_llama(client, reference, prompt, stop):
 
 
 @pytest.mark.slow
+def test_a_conversation_finds_its_prefix_in_the_prompt_cache_after_another(client, reference):
+    """A, then B, then A's next turn: the engine gets A's state back from its prompt cache
+    (whichever of its two slots takes it), evaluates only the new part, and answers exactly as
+    llama.cpp does from scratch."""
+    def chat(system, *turns):
+        return [wire.ChatMessage(role="system", content=system)] + [
+            wire.ChatMessage(role=r, content=t) for r, t in zip(["user", "assistant"] * len(turns), turns)]
+    sys_a, sys_b = "You answer questions about ships. " * 30, "You answer questions about bread. " * 30
+    first = chat(sys_a, "What is a keel?")
+    rid = client.request(kind="chat", messages=first, temperature=0.0, max_tokens=8)
+    text_a, end = client.collect(rid)
+    assert end.cached_tokens < 10 and end.prompt_s > 0 and end.gen_s > 0  # the chat template's first tokens at most
+    for other in (sys_b, sys_b.replace("bread", "cheese")):  # other conversations, on both slots
+        _, end_b = client.collect(client.request(kind="chat", messages=chat(other, "Why?"), temperature=0.0,
+                                                 max_tokens=8))
+        assert end_b.cached_tokens < end.prompt_tokens / 2
+    second = chat(sys_a, "What is a keel?", "".join(text_a), "And a mast?")
+    chunks, end2 = client.collect(client.request(kind="chat", messages=second, temperature=0.0, max_tokens=12))
+    assert end.prompt_tokens - 2 <= end2.cached_tokens < end2.prompt_tokens, (end, end2)
+    reference.reset()  # from scratch: nothing of this conversation in its cache
+    ref = reference.create_chat_completion(messages=[{"role": m.role, "content": m.content} for m in second],
+                                           temperature=0.0, max_tokens=12)
+    assert "".join(chunks) == ref["choices"][0]["message"]["content"]
+
+
+@pytest.mark.slow
 def test_two_requests_run_at_once_on_two_slots(client, reference):
     ref = reference.create_completion(COUNT_PROMPT, temperature=0.0, max_tokens=20)["choices"][0]["text"]
     a = client.request(kind="completion", prompt=COUNT_PROMPT, temperature=0.0, max_tokens=20)

@@ -301,7 +301,8 @@ def cmd_node(args: argparse.Namespace) -> int:
     serve = http = None
     if role == "server":
         serve = ServeSettings(model=cfg["model"], ctx_size=cfg["ctx_size"], threads=cfg["threads"],
-                              parallel=cfg["parallel"], rpc_servers=cfg["rpc_servers"],
+                              parallel=cfg["parallel"], prompt_cache=cfg["prompt_cache"],
+                              rpc_servers=cfg["rpc_servers"],
                               local_layers=not cfg["no_local_layers"], mem=cfg["mem"],
                               reshard_settle_s=cfg["reshard_settle_s"], max_worker_mem=cfg["max_worker_mem"],
                               models_dir=cfg["models_dir"], models_max=cfg["models_max"],

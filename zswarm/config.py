@@ -184,6 +184,15 @@ SERVER_OPTIONS: list[Opt] = [
 ]
 
 
+def parse_size_or_zero(text: str) -> int:
+    from .sharding import parse_size
+
+    value = parse_size(text)
+    if value < 0:
+        raise ConfigError(f"expected a size, got {text!r}")
+    return value
+
+
 SERVE_OPTIONS: list[Opt] = [
     Opt("model", ("--model",), ("ZSWARM_MODEL", "MODEL_PATH"), None,
         "GGUF model file to serve, or the name (or sha256) of a model a peer holds: with --p2p it is "
@@ -195,6 +204,11 @@ SERVE_OPTIONS: list[Opt] = [
         "CPU threads for inference (0: one per core)", parse=int, metavar="N"),
     Opt("parallel", ("--parallel",), ("ZSWARM_PARALLEL", "LLAMACPP_PARALLEL"), 1,
         "requests generated at once (each slot holds its own context)", parse=parse_positive_int, metavar="N"),
+    # KV states of recent prompts, kept so that a conversation's next turn (or an agent's fixed
+    # system prompt) is not evaluated again; prefix-affinity routing sends those requests here
+    Opt("prompt_cache", ("--prompt-cache",), ("ZSWARM_PROMPT_CACHE",), 256 << 20,
+        "memory for saved prompt states, over all slots (0: each slot keeps only its last prompt)",
+        parse=parse_size_or_zero, metavar="SIZE", shown_default="256MiB"),
 ]
 
 def parse_rpc_listen(text: str) -> str:
@@ -220,15 +234,6 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
-
-
-def parse_size_or_zero(text: str) -> int:
-    from .sharding import parse_size
-
-    value = parse_size(text)
-    if value < 0:
-        raise ConfigError(f"expected a size, got {text!r}")
-    return value
 
 
 def parse_size_opt(text: str) -> int:

@@ -52,6 +52,9 @@ RECENT_S = 600.0  # a model served this recently is "briefly unroutable", not "u
 RETRYABLE = frozenset({"engine_down", "overloaded", "no_node"})
 REQUEST_FAULTS = frozenset({"bad_request", "context_length", "model_not_found", "cancelled"})
 NO_DEADLINE = float("inf")
+# prompts announced as cached, per slot: the engine's prompt cache keeps recent states (by bytes,
+# least recently used out), so the last few prompts a slot served are very likely still there
+CHAINS_PER_SLOT = 8
 SPEED_WEIGHT = 0.3  # of each new measurement in the engine's speed (an exponential moving average)
 
 Origin = tuple[str, bytes]  # ("local" | "peer", routing id of the asker)
@@ -91,7 +94,8 @@ class Table:
         self.node_id = node_id
         # this node's engine, as its answers show: each slot's last prompt (the engine's prefix
         # cache) and its speed; the gateway puts them in the node's record when they change
-        self.local_chains: collections.deque[tuple[int, ...]] = collections.deque(maxlen=max(1, slots))
+        self.local_chains: collections.deque[tuple[int, ...]] = collections.deque(
+            maxlen=CHAINS_PER_SLOT * max(1, slots))
         self.prefill_tps = self.decode_tps = 0.0
         self.local_changed = False
         self._linked = linked  # is the connection to this peer gateway up right now?

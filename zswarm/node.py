@@ -91,6 +91,7 @@ class ServeSettings:
     ctx_size: int = 2048
     threads: int = 0  # 0: one per core
     parallel: int = 1
+    prompt_cache: int = 256 << 20  # bytes of saved prompt states (the engine's --prompt-cache)
     max_queue: int = 128
     # worker mode (server side)
     rpc_servers: list[str] = field(default_factory=list)  # static mode: "host:port" of RPC servers
@@ -817,7 +818,7 @@ def engine_argv(serve: ServeSettings, endpoint: str, node_id: str, plan: Any = N
         return None
     argv = [sys.executable, "-m", "zswarm.engine.proc", "--endpoint", endpoint, "--node-id", node_id,
             "--ctx-size", str(serve.ctx_size), "--parallel", str(serve.parallel),
-            "--max-queue", str(serve.max_queue)]
+            "--max-queue", str(serve.max_queue), "--prompt-cache", str(serve.prompt_cache)]
     if serve.model:
         argv += ["--model", serve.model]
     if serve.threads:

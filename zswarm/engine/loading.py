@@ -16,10 +16,12 @@ import ctypes
 import logging
 import re
 import socket
+import threading
 from dataclasses import dataclass
 from typing import Sequence
 
 import llama_cpp
+import numpy as np
 from llama_cpp._logger import llama_log_callback as llama_cpp_python_log  # the callback to put back
 
 from .ggml import GGML_BACKEND_DEVICE_TYPE_CPU, device_memory, ggml
@@ -92,6 +94,32 @@ class _Model(llama_cpp.Llama):
             raise ContextTooLong(n, self.n_ctx())
         return super().create_completion(prompt, *args, **kwargs)
 
+    # The prompt cache (llama-cpp-python's LlamaRAMCache, set per slot by the engine): after each
+    # request the slot's state is kept by its tokens, and a request that starts like one of them
+    # gets it back instead of evaluating that prefix again. Llama.save_state also copies the
+    # scores of the last n_batch positions (512 x n_vocab floats: 100 MB for SmolLM2) that a
+    # restored state never reads (load_state marks it to be decoded again before sampling), and
+    # the cache does not count them: these two keep the KV state alone.
+    def save_state(self):  # type: ignore[override]
+        size = llama_cpp.llama_state_get_size(self._ctx.ctx)
+        buf = (ctypes.c_uint8 * int(size))()
+        n = int(llama_cpp.llama_state_get_data(self._ctx.ctx, buf, size))
+        if n > int(size):
+            raise RuntimeError("llama_state_get_data wrote past its buffer")
+        return llama_cpp.LlamaState(input_ids=self.input_ids.copy(), scores=_NO_SCORES, n_tokens=self.n_tokens,
+                                    llama_state=bytes(memoryview(buf)[:n]), llama_state_size=n, seed=self._seed)
+
+    def load_state(self, state) -> None:  # type: ignore[override]
+        if state.scores is not _NO_SCORES:
+            return super().load_state(state)
+        buf = (ctypes.c_uint8 * state.llama_state_size).from_buffer_copy(state.llama_state)
+        if llama_cpp.llama_state_set_data(self._ctx.ctx, buf, state.llama_state_size) != state.llama_state_size:
+            raise RuntimeError("llama_state_set_data refused the saved state")
+        self.input_ids = state.input_ids.copy()
+        self.n_tokens = state.n_tokens
+        self._requires_eval = True
+        self._seed = state.seed
+
     def generate(self, tokens, *args, **kwargs):  # type: ignore[override]
         job = self.job
         assert job is not None
@@ -106,6 +134,32 @@ class _Model(llama_cpp.Llama):
             if not llama_cpp.llama_vocab_is_eog(vocab, token):
                 job.completion_tokens += 1
             yield token
+
+
+_NO_SCORES = np.zeros((0, 0), dtype=np.single)  # a saved state without scores (see _Model.save_state)
+
+
+class PromptCache(llama_cpp.LlamaRAMCache):
+    """Saved prompt states shared by every slot of the engine, least recently used out first
+    (``_Model.set_cache``): a state saved from one slot's context loads into another's (same
+    model, same context size), so a conversation's next turn finds its prefix whichever slot
+    takes it. Slots run in threads of their own, hence the lock (llama-cpp-python's cache has none)."""
+
+    def __init__(self, capacity_bytes: int):
+        super().__init__(capacity_bytes=capacity_bytes)
+        self._lock = threading.Lock()
+
+    def __getitem__(self, key):
+        with self._lock:
+            return super().__getitem__(key)
+
+    def __contains__(self, key) -> bool:
+        with self._lock:
+            return super().__contains__(key)
+
+    def __setitem__(self, key, value) -> None:
+        with self._lock:
+            super().__setitem__(key, value)
 
 
 @dataclass(frozen=True)

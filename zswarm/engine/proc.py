@@ -84,13 +84,16 @@ from ..transport import SocketLoop, Stats
 from . import fault
 from .child import EX_CONFIG, StopFlag, parent_pid, stage, start_beat, take_stdout
 from .gguf import NotAModel, check_model_file
-from .loading import LoadError, LoadSpec, load_model, prove, rpc_memory
+from .loading import LoadError, LoadSpec, PromptCache, load_model, prove, rpc_memory
 from .model import ModelMissing, default_model_path, model_name
 from .scheduler import _STOP_MESSAGES, Job, Scheduler
 from .slots import Slot
 
 log = logging.getLogger("zswarm.engine")
 
+# Saved prompt states (KV cache) kept for reuse: a state is about 23 KB per token for SmolLM2-135M,
+# so 10 conversations of 1000 tokens; a 7B model's take 0.1-0.5 MB per token (node: --prompt-cache).
+PROMPT_CACHE_BYTES = 256 << 20
 MAX_REQUEST_BYTES = 16 << 20  # a prompt filling a 128k-token context is ~0.5 MB; larger is hostile
 STOP_GRACE_S = 0.3  # how long shutdown waits for slots to send their last Fail before exiting
 # (less than the supervisor's STOP_GRACE_S, 0.5 s, after which the node SIGKILLs its children)
@@ -244,6 +247,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-local-layers", dest="local_layers", action="store_false",
                    help="worker mode: every repeating layer on the RPC servers, none on this machine's CPU "
                         "(which keeps the input and output layers)")
+    p.add_argument("--prompt-cache", type=int, default=PROMPT_CACHE_BYTES,
+                   help="bytes of saved prompt states kept in memory, over all slots: a request that starts like "
+                        "one of them skips evaluating that prefix (0: only each slot's last request)")
     p.add_argument("--log-level", default="INFO")
     args = p.parse_args(argv)
     args.warnings = []
@@ -324,11 +330,15 @@ def main(argv: list[str] | None = None) -> int:
         if spec.rpc_servers:  # what each worker's RPC server says it has, before it is asked to hold anything
             handshake.write(f"RPCMEM {json.dumps(rpc_memory(spec.rpc_servers))}\n")
             handshake.flush()
+        # not across RPC workers: saving a state would bring the KV cache back over the network
+        cache = PromptCache(args.prompt_cache) if args.prompt_cache > 0 and not spec.rpc_servers else None
         for i in range(args.parallel):
             if stop.is_set():
                 return _shutdown(ctx, engine, sched, slots, stats)
             llm = load_model(spec)
             layers = llm.layers
+            if cache is not None:
+                llm.set_cache(cache)
             slots.append(Slot(i, llm, sched, engine.reply, args.node_id))
         stage(handshake, "proving")
         prove(llm)  # every slot runs the same build and devices: one pass proves them all
