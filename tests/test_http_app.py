@@ -182,7 +182,7 @@ def test_request_translation():
     backend = ScriptedBackend()
     c = client(backend)
     r = c.simulate_post("/v1/chat/completions", json={
-        "model": "m1", "user": "ignored", "logprobs": False, "frequency_penalty": 0.5, "tools": [{"x": [1, {}]}],
+        "model": "m1", "user": "ignored", "logprobs": False, "frequency_penalty": 0.5, "tools": [],
         "messages": [{"role": "system", "content": "be brief"},
                      {"role": "user", "name": "ann", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
                      {"role": "assistant", "content": None}],
@@ -196,6 +196,40 @@ def test_request_translation():
     c.simulate_post("/v1/completions", json={**COMPLETION, "stop": ["a", "b"], "temperature": None})
     req = backend.requests[-1]
     assert (req.kind, req.prompt, req.stop, req.temperature, req.max_tokens) == ("completion", "Once upon", ["a", "b"], 1.0, None)
+
+
+def test_options_not_served_yet_are_a_400_naming_them():
+    backend = ScriptedBackend()
+    c = client(backend)
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    for body, param in (({"tools": [tool]}, "tools"), ({"tool_choice": "auto"}, "tool_choice"),
+                        ({"logprobs": True}, "logprobs"), ({"top_logprobs": 3}, "top_logprobs"),
+                        ({"echo": True}, "echo"), ({"functions": [{"name": "f"}]}, "functions"),
+                        ({"response_format": {"type": "xml"}}, "response_format.type")):
+        r = c.simulate_post("/v1/chat/completions", json={**CHAT, **body})
+        assert r.status_code == 400 and r.json["error"]["param"] == param, (body, r.text)
+    for body, param in (({"logprobs": 2}, "logprobs"), ({"suffix": "end"}, "suffix"), ({"echo": True}, "echo")):
+        r = c.simulate_post("/v1/completions", json={**COMPLETION, **body})
+        assert r.status_code == 400 and r.json["error"]["param"] == param, (body, r.text)
+    # what "not asked for" looks like passes
+    r = c.simulate_post("/v1/chat/completions", json={**CHAT, "tools": [], "tool_choice": "none", "logprobs": None,
+                                                      "response_format": {"type": "text"}})
+    assert r.status_code == 200, r.text
+    assert len(backend.requests) == 1 and not backend.requests[-1].json_output
+
+
+def test_response_format_asks_the_engine_for_json():
+    backend = ScriptedBackend()
+    c = client(backend)
+    schema = {"type": "object", "properties": {"age": {"type": "integer"}}, "required": ["age"]}
+    c.simulate_post("/v1/chat/completions", json={**CHAT, "response_format": {"type": "json_object"}})
+    assert (backend.requests[-1].json_output, backend.requests[-1].json_schema) == (True, "")
+    c.simulate_post("/v1/chat/completions", json={**CHAT, "response_format": {
+        "type": "json_schema", "json_schema": {"name": "person", "schema": schema, "strict": True}}})
+    req = backend.requests[-1]
+    assert req.json_output and json.loads(req.json_schema) == schema
+    r = c.simulate_post("/v1/chat/completions", json={**CHAT, "response_format": {"type": "json_schema"}})
+    assert r.status_code == 400 and r.json["error"]["param"] == "response_format.json_schema"
 
 
 # --- streaming ---

@@ -19,7 +19,7 @@ import time
 
 import pytest
 
-from cluster import wait_for
+from cluster import child_state, wait_for
 from netns import NetnsLab, netns_available
 from zswarm.node import START_TIMEOUT_S
 
@@ -172,7 +172,7 @@ def test_a_sigkilled_node_takes_its_children_with_it(cluster):
     """Each child asks for its parent-death signal itself (the node spawns without preexec_fn):
     the engine, gunicorn's master and its workers all end when the node is SIGKILLed."""
     node = cluster.node("s", "server", extra=["--threads", "1"])
-    wait_for(lambda: node.admin("status")["children"]["engine"]["state"] == "ready", 60,
+    wait_for(lambda: child_state(node.admin("status"), "engine") == "ready", 60,
              what="the engine to be ready")
     kids = _descendants(node.proc.pid)
     assert len(kids) >= 3, kids  # engine, gunicorn master, a gunicorn worker

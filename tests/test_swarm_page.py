@@ -62,6 +62,13 @@ def test_nodes_are_grouped_by_role_with_this_node_first():
     assert view["node"] == {"id": fake.self_id, "name": "entry", "role": "server", "network_id": "0123abcd",
                             "gossip": "127.0.0.1:7340", "software": "0.1.0"}
     assert view["split"] is None
+    # LocalAI's names for the same nodes
+    assert [n["Name"] for n in view["federated_nodes"]] == ["entry", "server-01"]
+    workers = ["worker-03", "worker-05"]
+    assert [n["Name"] for n in view["llama_cpp_nodes"]] == workers == [n["Name"] for n in view["nodes"]]
+    assert set(view["federated_nodes"][0]) >= {"Name", "ID", "TunnelAddress", "ServiceID", "LastSeen"}
+    assert view["federated_nodes"][0]["TunnelAddress"] == "127.0.0.1:7341" and view["mlx_nodes"] == []
+    assert view["federated_nodes"][0]["LastSeen"].endswith("Z")
     assert cluster_stats(view) == {"federated": {"online": 2, "total": 2}, "servers": {"online": 1, "total": 1},
                                    "workers": {"online": 1, "total": 2}, "balancers": {"online": 0, "total": 1},
                                    "all": {"online": 4, "total": 6}}

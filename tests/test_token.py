@@ -39,3 +39,21 @@ def test_cli_never_prints_the_secret():
                          capture_output=True, text=True, cwd=REPO, check=True).stdout
     assert "192.0.2.1:7340" in out and Token.parse(new).derive().network_id in out
     assert secret_b64 not in out and Token.parse(new).secret.hex() not in out
+
+
+LOCALAI_TOKEN_YAML = (b"otp:\n  dht:\n    interval: 360\n    key: 9bF2kQ\n    length: 43\n"
+                      b"  crypto:\n    interval: 9000\n    key: Zx81pP\n    length: 43\n"
+                      b"room: f4e1c2\nrendezvous: 77a0b3\nmdns: 5c9d21\nmax_message_size: 20971520\n")
+
+
+def test_a_localai_token_is_named_with_what_to_do_instead(tmp_path):
+    import base64
+
+    token = base64.b64encode(LOCALAI_TOKEN_YAML).decode()
+    with pytest.raises(TokenError, match="LocalAI token.*zswarm token new"):
+        Token.parse(token)
+    out = subprocess.run([sys.executable, "-m", "zswarm", "worker", "--no-mdns", "--state-dir", str(tmp_path)],
+                         env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO), "LOCALAI_P2P_TOKEN": token},
+                         capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr
+    assert "LOCALAI_P2P_TOKEN" in out.stderr and "LocalAI token" in out.stderr and token not in out.stderr

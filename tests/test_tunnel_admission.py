@@ -12,7 +12,7 @@ import openai
 import pytest
 import zmq
 
-from cluster import wait_for
+from cluster import child_state, wait_for
 from forger import Forger
 from zswarm.token import Token
 from zswarm.transport import Stats
@@ -30,7 +30,7 @@ def test_only_the_planning_server_opens_streams_through_a_workers_exit(cluster, 
     def split() -> bool:
         st = s.admin("status")
         shard = st.get("shard") or {}
-        return st["children"]["engine"]["state"] == "ready" and bool(shard.get("workers")) \
+        return child_state(st, "engine") == "ready" and bool(shard.get("workers")) \
             and not shard.get("pending") and not shard.get("settling")
     wait_for(split, 120, 0.2, what="the server split over the worker")
     api = openai.OpenAI(base_url=f"http://{s.args[s.args.index('--address') + 1]}/v1", api_key="x", max_retries=0)

@@ -19,7 +19,7 @@ import openai
 import pykka
 import pytest
 
-from cluster import Cluster, shard, wait_for
+from cluster import Cluster, child_state, shard, wait_for
 from swarm_fakes import browser  # noqa: F401 (fixture)
 from zswarm import wire
 from zswarm.actors.listener import notify
@@ -259,7 +259,7 @@ def settled(server, with_worker):
     """Ready, nothing pending, and the plan uses the worker (its layers reported) or not."""
     st = server.admin("status")
     s = st.get("shard") or {}
-    return (st["children"]["engine"]["state"] == "ready" and not s.get("pending") and not s.get("settling")
+    return (child_state(st, "engine") == "ready" and not s.get("pending") and not s.get("settling")
             and bool(s.get("workers")) == with_worker and (s.get("n_layers", 0) > 0 or not with_worker))
 
 

@@ -7,7 +7,7 @@ import signal
 import openai
 import pytest
 
-from cluster import Cluster, free_port, rpc_child, shard, split_is, wait_for
+from cluster import Cluster, child_state, free_port, rpc_child, shard, split_is, wait_for
 from zswarm.engine.model import default_model_path
 from zswarm.token import Token
 
@@ -128,7 +128,7 @@ def test_static_mode_without_token(tmp_path, reference):
             c.node(f"w{i}", "worker", extra=["--no-p2p", "--listen", f"127.0.0.1:{p}", "--threads", "1"])
         s = c.node("s", "server", extra=["--threads", "1", "--no-local-layers",
                                            "--rpc-servers", ",".join(f"127.0.0.1:{p}" for p in ports)])
-        wait_for(lambda: s.admin("status")["children"]["engine"]["state"] == "ready", 90, 0.2,
+        wait_for(lambda: child_state(s.admin("status"), "engine") == "ready", 90, 0.2,
                  what="the engine over two static RPC servers")
         assert len(shard(s)["workers"]) == 2 and shard(s)["n_layers"] > 0
         ask(s, reference)

@@ -79,6 +79,11 @@ RESTARTS_MAX = 3  # restarts of one actor within RESTART_WINDOW_S; one more deat
 RESTART_WINDOW_S = 60.0  # (an actor that keeps dying would otherwise be restarted in a tight loop)
 
 
+# llama.cpp's RPC server announces each client connection (a memory probe, then the server's, at
+# every load): the worker's log at DEBUG, not INFO
+RPC_CHATTER = ("Accepted client connection", "Client connection closed")
+
+
 class StartCancelled(Exception):
     """The node began stopping (SIGTERM, SIGINT) while it was still starting."""
 
@@ -621,7 +626,8 @@ class Node:
                                broker_fd=broker_fd)
         supervisor.proxy().start_child(ChildSpec("rpc", argv, on_ready=up, on_down=down, on_failed=down,
                                                  on_fatal=self._on_fatal, beats=True,
-                                                 pass_fds=() if broker_fd is None else (broker_fd,))
+                                                 pass_fds=() if broker_fd is None else (broker_fd,),
+                                                 chatter=RPC_CHATTER)
                                        ).get(timeout=START_TIMEOUT_S)
         from .actors.sharder import holder_status
 

@@ -72,6 +72,10 @@ class Token:
         if not text:
             raise TokenError("the token is empty")
         if not text.startswith(PREFIX):
+            if _is_localai_token(text):
+                raise TokenError("this is a LocalAI token: zswarm cannot join a LocalAI network (LocalAI's "
+                                 "nodes speak libp2p), nor reuse its keys; run `zswarm token new` and give "
+                                 "the new token to every machine of the cluster")
             raise TokenError(f"not a zswarm token (it should start with {PREFIX!r})")
         body = text[len(PREFIX):]
         try:
@@ -129,3 +133,14 @@ def validate_endpoint(text: str, allow_port_zero: bool = False) -> str:
     if host.startswith("[") != host.endswith("]"):
         raise TokenError(f"bad endpoint {text!r}: IPv6 hosts go in brackets")
     return text
+
+
+def _is_localai_token(text: str) -> bool:
+    """LocalAI's token (``local-ai p2p generate-token``): base64 of a YAML document with its
+    ``otp`` (one-time-password DHT and mDNS settings) and ``room`` keys."""
+    try:
+        raw = base64.b64decode(text + "=" * (-len(text) % 4), validate=False)
+    except (binascii.Error, ValueError):
+        return False
+    head = raw[:4096].decode("utf-8", errors="replace")
+    return "otp:" in head and ("dht:" in head or "room:" in head)

@@ -325,6 +325,10 @@ class GenRequest(msgspec.Struct, tag=101, kw_only=True, omit_defaults=True):
     # the client gets the answer whole (not streamed): its entry gateway holds the chunks, so the
     # request can be retried on another node until its Done
     whole: bool = False
+    # the answer must be JSON (response_format): any object, or valid against json_schema (JSON
+    # text of a JSON Schema); the engine constrains generation with a llama.cpp grammar
+    json_output: bool = False
+    json_schema: str = ""
 
 
 class Cancel(msgspec.Struct, tag=102):

@@ -104,6 +104,9 @@ class ChildSpec:
     on_fatal: Callable[[str], None] | None = None
     beats: bool = False  # it writes BEAT lines (engine/child.py); killed when they stop
     pass_fds: tuple[int, ...] = ()  # descriptors it inherits, e.g. the HTTP listening socket
+    # lines starting with one of these are logged at DEBUG: routine, and many (llama.cpp's RPC
+    # server says so for each connection: a probe, then the server's, every load)
+    chatter: tuple[str, ...] = ()
 
 
 @dataclass
@@ -513,6 +516,8 @@ def _watch(ref: pykka.ActorRef, spec: ChildSpec, proc: subprocess.Popen, generat
         elif line.startswith("FAULT "):
             child_log.error("%s", line)
             tell(ref, _Report(spec.name, generation, line, "fault"))
+        elif line and spec.chatter and line.startswith(spec.chatter):
+            child_log.debug("%s", line)
         elif line:
             child_log.info("%s", line)
             level, words = _words(line)

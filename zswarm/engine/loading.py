@@ -136,6 +136,20 @@ class _Model(llama_cpp.Llama):
             yield token
 
 
+def json_grammar(schema: str) -> "llama_cpp.LlamaGrammar":
+    """The llama.cpp grammar an answer must follow: any JSON object, or JSON valid against
+    ``schema`` (JSON text). ValueError (the client's 400) for a schema it cannot be built from."""
+    from llama_cpp.llama_grammar import JSON_GBNF, LlamaGrammar
+
+    try:
+        if not schema:
+            return LlamaGrammar.from_string(JSON_GBNF, verbose=False)
+        return LlamaGrammar.from_json_schema(schema, verbose=False)
+    except Exception as e:  # the converter raises what it likes on a schema it does not handle
+        raise ValueError(f"response_format: no grammar can be built from this JSON schema ({type(e).__name__}: "
+                         f"{str(e)[:200]})") from None
+
+
 _NO_SCORES = np.zeros((0, 0), dtype=np.single)  # a saved state without scores (see _Model.save_state)
 
 

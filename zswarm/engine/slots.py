@@ -15,7 +15,7 @@ import time
 from typing import Callable, Iterator
 
 from .. import wire
-from .loading import ContextTooLong, _Model
+from .loading import ContextTooLong, _Model, json_grammar
 from .scheduler import Interrupted, Job, Scheduler
 
 log = logging.getLogger("zswarm.engine")
@@ -69,6 +69,13 @@ class Slot(threading.Thread):
         req = job.req
         self._llm.job = job
         taken = first = time.monotonic()
+        cache = self._llm.cache
+        if req.seed is not None:
+            # A reused prefix is evaluated in other batches than a fresh prompt, which moves the
+            # logits by a rounding error: enough for sampling to pick another token. A seeded
+            # request is evaluated from scratch, so its seed gives the same answer every time.
+            self._llm.cache = None
+            self._llm.reset()
         try:
             job.check()
             finish = "length"
@@ -90,6 +97,8 @@ class Slot(threading.Thread):
         except ValueError as e:  # llama-cpp-python's refusals of parameters
             self._fail(job, "bad_request", str(e))
             return
+        finally:
+            self._llm.cache = cache
         end = time.monotonic()
         if not job.started:
             first = end
@@ -109,5 +118,7 @@ class Slot(threading.Thread):
         if req.kind == "chat":
             messages = [{"role": m.role, "content": m.content, **({"name": m.name} if m.name else {})}
                         for m in req.messages]
+            if req.json_output:
+                params["grammar"] = json_grammar(req.json_schema)
             return self._llm.create_chat_completion(messages=messages, **params)
         return self._llm.create_completion(req.prompt, **params)

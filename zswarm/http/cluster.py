@@ -19,12 +19,17 @@ A worker serves one server's split at a time: each worker says which server hold
 (``held_by``, from the servers' claims in the ledger), and ``taken`` lists the workers this node's
 split leaves out because another server holds them.
 
+The same nodes also appear as LocalAI's ``/api/p2p`` names them (``llama_cpp_nodes`` and, as
+older LocalAI called it, ``nodes``: the workers; ``federated_nodes``; ``mlx_nodes``, empty),
+each a LocalAI ``NodeData`` (``Name``, ``ID``, ``TunnelAddress``, ``ServiceID``, ``LastSeen``).
+
 A node is ``online`` while the ledger holds it alive (heard from within the last 2 s); it is
 ``suspect`` after 2 s without news, ``dead`` after 4 s, and leaves the list 30 s later.
 """
 
 from __future__ import annotations
 
+import datetime
 import threading
 import time
 from dataclasses import dataclass
@@ -218,7 +223,22 @@ def cluster_view(snap: Snapshot) -> dict[str, Any]:
         "revoked": _revoked(status),
         "shard_note": shard.get("note") if shard and isinstance(shard.get("note"), str) and shard["note"] else None,
         "updated_at": snap.taken_at,
+        # the same nodes as LocalAI's /api/p2p names them (its schema.P2PNodesResponse and
+        # NodeData), so LocalAI's tooling and its users' scripts read them: workers (older
+        # LocalAI: "nodes") and the servers that take federated requests
+        **localai_view(out, snap.taken_at),
     }
+
+
+def localai_view(groups: dict[str, list[dict[str, Any]]], now: float) -> dict[str, Any]:
+    def node(n: dict[str, Any], service: str, endpoint: str) -> dict[str, Any]:
+        seen = datetime.datetime.fromtimestamp(now - n["last_seen_s"], datetime.timezone.utc)
+        return {"Name": n["name"], "ID": n["id"], "TunnelAddress": _host_port(n["endpoints"].get(endpoint, "")),
+                "ServiceID": service, "LastSeen": seen.isoformat(timespec="seconds").replace("+00:00", "Z"),
+                "online": n["online"]}
+    workers = [node(n, "worker", "tunnel") for n in groups["workers"]]
+    return {"nodes": workers, "llama_cpp_nodes": workers, "mlx_nodes": [],
+            "federated_nodes": [node(n, "federated", "gateway") for n in groups["federated"]]}
 
 
 def _tps(value: Any) -> float:

@@ -1,7 +1,9 @@
 """OpenAI's request bodies as msgspec Structs, their translation to a GenRequest, and the reply bodies.
 
-Only what zswarm acts on is declared; msgspec skips every other field, because OpenAI clients
-send many (``user``, ``logprobs``, ``frequency_penalty``...). A body that does not fit raises
+Only what zswarm acts on is declared, and the options it does not serve yet (``tools``,
+``logprobs``, ``echo``...), typed so that only "not asked for" passes: a client must not get a
+200 that silently ignored them. msgspec skips every other field, because OpenAI clients send
+many (``user``, ``frequency_penalty``...). A body that does not fit raises
 :class:`~zswarm.http.errors.ApiError` (400) naming the offending field in ``param``.
 
 The request Structs are also the request schemas of /openapi.json (openapi.py generates them
@@ -25,8 +27,8 @@ PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
 # Ends each request's docstring: its description in /openapi.json.
 _NOTE = """
 
-Fields zswarm does not read (`user`, `logprobs`, `frequency_penalty`...) are accepted and
-ignored. Types are strict, as in OpenAI's API: "5" is not a number, 1 is not a boolean, and
+Fields zswarm does not read (`user`, `frequency_penalty`...) are accepted and ignored;
+options it does not serve yet (`tools`, `logprobs`, `echo`...) are a 400 naming the field. Types are strict, as in OpenAI's API: "5" is not a number, 1 is not a boolean, and
 4.0 is not an integer (which JSON Schema would allow); each is a 400 naming the field in
 `error.param`."""
 
@@ -53,6 +55,37 @@ class StreamOptions(msgspec.Struct):
         description="end the stream with one more chunk: no choices, the usage of the whole answer")] = False
 
 
+class JsonSchemaSpec(msgspec.Struct, kw_only=True):
+    name: Annotated[str, msgspec.Meta(max_length=64, description="the schema's name (OpenAI's rule: a-z, A-Z, 0-9, _ and -)")]
+    schema: Annotated[Union[dict[str, Any], None], msgspec.Meta(
+        description="a JSON Schema the answer must validate against; null: any JSON object")] = None
+    description: Union[str, None] = None
+    strict: Union[bool, None] = None
+
+
+class ResponseText(msgspec.Struct, tag_field="type", tag="text"):
+    """Free text (the default)."""
+
+
+class ResponseJsonObject(msgspec.Struct, tag_field="type", tag="json_object"):
+    """The answer is one JSON object (constrained by a llama.cpp grammar while it is generated)."""
+
+
+class ResponseJsonSchema(msgspec.Struct, tag_field="type", tag="json_schema"):
+    """The answer is JSON that validates against ``json_schema.schema`` (a grammar built from it)."""
+
+    json_schema: JsonSchemaSpec
+
+
+# Options agents send that zswarm does not serve yet: a 400 naming the field, never a 200 that
+# silently did something else. Each type admits only what "not asked for" looks like.
+_NOT_YET = "not supported by zswarm yet: only {} is accepted"
+_Off = Annotated[Union[Literal[False], None], msgspec.Meta(description=_NOT_YET.format("false or null"))]
+_NoneOnly = Annotated[None, msgspec.Meta(description=_NOT_YET.format("null"))]
+_NoList = Annotated[Union[Annotated[list[Any], msgspec.Meta(max_length=0)], None],
+                    msgspec.Meta(description=_NOT_YET.format("an empty list or null"))]
+
+
 class _Common(msgspec.Struct, kw_only=True):
     model: Annotated[str, msgspec.Meta(description="a model some node of the cluster serves (GET /v1/models)")]
     max_tokens: Annotated[Union[PositiveInt, None], msgspec.Meta(
@@ -71,6 +104,7 @@ class _Common(msgspec.Struct, kw_only=True):
         description="answer as server-sent events, a chunk at a time, then `data: [DONE]`")] = False
     stream_options: Union[StreamOptions, None] = None
     n: Annotated[Union[Literal[1], None], msgspec.Meta(description="choices per answer: only one")] = None
+    echo: _Off = None
 
     @property
     def include_usage(self) -> bool:
@@ -84,6 +118,15 @@ class ChatRequest(_Common, kw_only=True):
         min_length=1, description="the conversation so far", examples=[[{"role": "user", "content": "Hello!"}]])]
     max_completion_tokens: Annotated[Union[PositiveInt, None], msgspec.Meta(
         description="the newer name of max_tokens; wins when both are given")] = None
+    response_format: Union[ResponseText, ResponseJsonObject, ResponseJsonSchema, None] = None
+    logprobs: _Off = None
+    top_logprobs: _NoneOnly = None
+    tools: _NoList = None
+    tool_choice: Annotated[Union[Literal["none"], None], msgspec.Meta(
+        description=_NOT_YET.format('"none" or null'))] = None
+    functions: _NoList = None
+    function_call: Annotated[Union[Literal["none"], None], msgspec.Meta(
+        description=_NOT_YET.format('"none" or null'))] = None
 
 
 # the engine has nothing to continue from an empty prompt (it answered 400 "the prompt is
@@ -97,6 +140,8 @@ class CompletionRequest(_Common, kw_only=True):
     prompt: Annotated[Union[_Prompt, Annotated[list[_Prompt], msgspec.Meta(min_length=1, max_length=1)]],
                       msgspec.Meta(description="the text to continue: a string, or a list of exactly one "
                                    "string; not empty", examples=["Once upon a time"])]
+    logprobs: _NoneOnly = None
+    suffix: _NoneOnly = None
 
 
 # What each kind of completion decodes its body as; /openapi.json documents these same types.
@@ -155,6 +200,11 @@ def to_gen_request(req: Union[ChatRequest, CompletionRequest], request_id: str,
         if req.max_completion_tokens is not None:
             common["max_tokens"] = req.max_completion_tokens
         messages = [wire.ChatMessage(role=m.role, content=_text(m.content), name=m.name) for m in req.messages]
+        fmt = req.response_format
+        if isinstance(fmt, (ResponseJsonObject, ResponseJsonSchema)):
+            common["json_output"] = True
+            if isinstance(fmt, ResponseJsonSchema) and fmt.json_schema.schema is not None:
+                common["json_schema"] = msgspec.json.encode(fmt.json_schema.schema).decode()
         return wire.GenRequest(kind="chat", messages=messages, **common)
     prompt = req.prompt if isinstance(req.prompt, str) else req.prompt[0]
     return wire.GenRequest(kind="completion", prompt=prompt, **common)
