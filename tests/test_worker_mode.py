@@ -59,6 +59,8 @@ def test_layers_follow_memory_and_output_matches_single_node(tmp_path, reference
         for w in (w1, w2):
             listen = w.admin("status")["rpc"]["listen"]
             assert listen.startswith("127.0.0.1:")
+            # llama.cpp's line for each RPC connection (a probe, the load) is DEBUG, not the log's INFO
+            assert "zswarm.child.rpc" in w.log() and "Accepted client connection" not in w.log()
     finally:
         c.close()
 
