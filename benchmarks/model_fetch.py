@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (Nodes, command_line, loadavg, machine, now_utc, replace_in_doc, stream_completion,  # noqa: E402
+from common import (Nodes, command_line, loadavg, machine, now_utc, publish, stream_completion,  # noqa: E402
                     wait_for)
 
 START, END = "<!-- model-fetch:start -->", "<!-- model-fetch:end -->"
@@ -180,7 +180,7 @@ def main() -> int:
 
     rows = [("tcp copy (plain loopback, then SHA-256)", copy_s), ("zswarm, one peer", one_s),
             ("zswarm, two peers", two_s)]
-    lines = [START, "## Models travel: fetching a model file from peers", "",
+    lines = ["## Models travel: fetching a model file from peers", "",
              f"Command (repository root): `{command_line()}`",
              f"Date: {now_utc()}. Machine: {machine()}.", f"Load average (1 min) before the run: {load_before.split()[0]}.",
              "", f"A {mb:.0f} MB file, fetched whole and verified (see `benchmarks/model_fetch.py`). Fetches with",
@@ -199,11 +199,7 @@ def main() -> int:
     for label, (idle, busy, n, fetch_s) in impact.items():
         ratio = busy / idle if idle else float("nan")
         lines.append(f"| {label} | {idle:.1f} | {busy:.1f} | {ratio:.2f} | {n} | {fetch_s:.1f} | {mb / fetch_s:.0f} |")
-    lines.append(END)
-    text = "\n".join(lines)
-    print(text)
-    if args.write:
-        replace_in_doc(START, END, text + "\n")
+    publish(lines, START, END, args.write)
     return 0
 
 

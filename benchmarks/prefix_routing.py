@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (Nodes, command_line, loadavg, machine, now_utc, percentile, replace_in_doc,  # noqa: E402
+from common import (Nodes, command_line, loadavg, machine, now_utc, percentile, publish,  # noqa: E402
                     wait_for)
 
 START, END = "<!-- prefix-routing:start -->", "<!-- prefix-routing:end -->"
@@ -246,7 +246,7 @@ def main() -> int:
         return (f"| {label} | {s['p50']:.2f} | {s['p90']:.2f} | {s['p99']:.2f} | {s['tps']:.1f} | "
                 f"{100 * s['hit']:.0f}% | {per} |")
     by = {(k, p): s for k, p, s in rows}
-    lines = [START, "## Prefix-affinity routing (issue 15)", "",
+    lines = ["## Prefix-affinity routing (issue 15)", "",
              f"Command (repository root): `{command_line()}`",
              f"Date: {now_utc()}. Machine: {machine()}.", f"Load average (1 min) before the run: {load_before.split()[0]}.",
              "", f"Three servers (`--threads 1`, the embedded model) and an entry point on this machine's 2 cores; "
@@ -270,11 +270,7 @@ def main() -> int:
             lines.append(line("speed-aware (prefix)" if policy == "prefix" else policy, s))
         hs = dict(hetero)
         lines += ["", f"p99 TTFT speed-aware / p2c: {hs['prefix']['p99'] / hs['p2c']['p99']:.2f} (aim <= 0.7)."]
-    lines.append(END)
-    text = "\n".join(lines)
-    print(text)
-    if args.write:
-        replace_in_doc(START, END, text + "\n")
+    publish(lines, START, END, args.write)
     return 0
 
 

@@ -64,6 +64,17 @@ def assert_bit_identical(node, sha):
     assert hashlib.sha256(fetched_file(node, sha).read_bytes()).hexdigest() == sha
 
 
+def kill_service(node):
+    """The node and its children die at once, as systemd's cgroup kill (or a power cut) leaves them
+    (a lone SIGKILL of the node leaves gunicorn draining its connections, holding the port)."""
+    for pid in [node.proc.pid, *descendants(node.proc.pid)]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    node.proc.wait(10)
+
+
 def counter(node, name):
     return node.admin("status")["counters"].get(name, 0)
 
@@ -126,13 +137,7 @@ def test_a_fetch_killed_half_way_resumes_after_a_restart(tmp_path, model_copy):
         assert me["fetching"] and me["fetching"][0]["name"] == NAME and 0 < me["fetching"][0]["percent"] < 100
         wait_for(lambda: 35 <= fetch(b).get("percent", 0), 60, 0.1, what="b half-way")
         assert fetch(b)["percent"] < 90, "the fetch went too fast to stop half-way"
-        # the whole service dies at once, as systemd's cgroup kill (or a power cut) leaves it
-        for pid in [b.proc.pid, *descendants(b.proc.pid)]:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        b.proc.wait(10)
+        kill_service(b)
         part = next((b.state_dir / "models" / sha).glob("*.part"))
         assert part.exists()
         b.start()
@@ -157,11 +162,7 @@ def test_a_holder_that_vanishes_mid_fetch_leaves_the_rest_to_the_others(tmp_path
         b = c.node("b", "server", bootstrap=[h1, h2], extra=[*FETCHER, "--model", NAME])
         wait_for(lambda: len([p for p, count in fetch(b).get("peers", {}).items() if count]) == 2, 60, 0.1,
                  what="b fetching from both holders")
-        for pid in [h2.proc.pid, *descendants(h2.proc.pid)]:  # gone without a word, pieces in flight
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        kill_service(h2)  # gone without a word, pieces in flight
         wait_for(lambda: fetch(b).get("state") == "whole", 90, 0.2, what="b to finish from h1 alone")
         assert_bit_identical(b, sha)
         wait_for(lambda: served_model(b), 60, 0.2, what="b serving the fetched model")
