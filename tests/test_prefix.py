@@ -110,5 +110,15 @@ def test_no_prefix_falls_back_to_expected_time_and_a_slow_node_gets_proportional
 
 def test_an_unmeasured_node_counts_as_the_median_speed():
     router = _router(Route("new", "tcp://n:1", ("m",)), Route("old", "tcp://o:1", ("m",), decode_tps=80.0))
-    assert router.speed(router.table.routes[0], [80.0]) == 80.0
-    assert {router.pick("m").node for _ in range(40)} == {"new", "old"}
+    assert {router.pick("m").node for _ in range(40)} == {"new", "old"}  # tried, not starved
+
+
+def test_prefill_speed_counts_for_long_prompts():
+    """Two nodes that generate alike, one four times slower at reading prompts: a long prompt goes
+    to the fast reader even when it has a request more in flight; a prompt of a few tokens does not."""
+    fast = Route("fast", "tcp://f:1", ("m",), decode_tps=50.0, prefill_tps=800.0)
+    slow = Route("slow", "tcp://s:1", ("m",), decode_tps=50.0, prefill_tps=200.0)
+    router = _router(fast, slow)
+    router.started("fast")
+    assert {router.pick("m", work=(2000.0, 16.0)).node for _ in range(20)} == {"fast"}
+    assert {router.pick("m", work=(5.0, 128.0)).node for _ in range(20)} == {"slow"}

@@ -9,8 +9,9 @@ Policies:
   (:mod:`zswarm.prefix`: the chains nodes announce, and the last request this entry point
   finished on each node) goes to that node, the longest shared prefix first, unless it has more
   than ``LOAD_SLACK`` requests in flight above the least loaded candidate; otherwise (and for a
-  prompt no node has) power of two choices on the expected time to answer, in flight + 1 over
-  the node's measured decode speed, so a slow machine gets proportionally less;
+  prompt no node has) power of two choices on the expected time to answer: (in flight + 1) x
+  (prompt tokens / prefill speed + answer tokens / decode speed), each speed as the node
+  measured it, so a slow machine gets proportionally less;
 - ``p2c``: power of two choices on requests in flight; near least-busy quality with
   no herding when many entry points share stale load figures;
 - ``least-busy``: fewest in flight, ties at random;
@@ -33,6 +34,9 @@ POLICIES = ("prefix", "p2c", "least-busy", "round-robin", "random")
 # A holder of the prefix takes the request while it has at most this many more in flight than the
 # least loaded candidate: past that, the queue ahead costs more than prefilling the prompt elsewhere.
 LOAD_SLACK = 1
+# (prompt tokens, answer tokens) of a request when nothing better is known: what the expected
+# time to answer weighs prefill and decode speed by
+DEFAULT_WORK = (256.0, 128.0)
 MIN_SHARED = 1  # blocks (prefix.BLOCK_CHARS) a prompt must share with a node's cache to follow it
 COOLDOWN_AFTER = 2  # consecutive failures; one failure may be the request's fault
 COOLDOWN_S = 10.0  # long enough for a restarting engine, short enough to notice it came back
@@ -52,6 +56,7 @@ class Route:
     # fast it generates (tokens/s; 0: not measured yet), from its record
     prefixes: tuple[tuple[int, ...], ...] = ()
     decode_tps: float = 0.0
+    prefill_tps: float = 0.0
 
     @property
     def local(self) -> bool:
@@ -103,6 +108,7 @@ class Router:
     recent: dict[str, tuple[int, ...]] = field(default_factory=dict)
     local_prefixes: tuple[tuple[int, ...], ...] = ()
     local_decode_tps: float = 0.0
+    local_prefill_tps: float = 0.0
     prefix_routed: dict[str, int] = field(default_factory=dict)  # requests sent to a node for its prefix
 
     def __post_init__(self) -> None:
@@ -110,7 +116,7 @@ class Router:
             raise ValueError(f"unknown policy {self.policy!r}; choose from {', '.join(POLICIES)}")
 
     def pick(self, model: str, exclude: set[str] = frozenset(), target: str = "",
-             chain: Sequence[int] = ()) -> Route:
+             chain: Sequence[int] = (), work: tuple[float, float] = DEFAULT_WORK) -> Route:
         """The route for one request, or :class:`NoRoute` with an OpenAI-style reason."""
         serving = self.table.serving(model)
         if not serving:
@@ -139,7 +145,7 @@ class Router:
             low = min(map(load, candidates))
             return self.rng.choice([r for r in candidates if load(r) == low])
         if self.policy == "prefix":
-            return self._by_prefix(candidates, chain)
+            return self._by_prefix(candidates, chain, work)
         a, b = self.rng.sample(candidates, 2)
         return a if load(a) < load(b) or (load(a) == load(b) and self.rng.random() < 0.5) else b
 
@@ -148,7 +154,7 @@ class Router:
         last = self.recent.get(route.node)
         return own + ((last,) if last else ())
 
-    def _by_prefix(self, candidates: list[Route], chain: Sequence[int]) -> Route:
+    def _by_prefix(self, candidates: list[Route], chain: Sequence[int], work: tuple[float, float]) -> Route:
         load = lambda r: self.in_flight.get(r.node, 0)
         if chain:
             scored = [(best_shared(chain, self.cached_by(r)), r) for r in candidates]
@@ -161,21 +167,28 @@ class Router:
                     chosen = self.rng.choice([r for r in holders if load(r) == low])
                     self.prefix_routed[chosen.node] = self.prefix_routed.get(chosen.node, 0) + 1
                     return chosen
-        return self._by_speed(candidates)
+        return self._by_speed(candidates, work)
 
-    def speed(self, route: Route, known: list[float] | None = None) -> float:
-        """Tokens/s a node generates, as measured; a node not measured yet counts as the median of
-        those that are (or 1: all alike), so it gets tried."""
-        tps = self.local_decode_tps if route.local else route.decode_tps
-        if tps > 0:
-            return tps
-        known = known if known is not None else []
-        return sorted(known)[len(known) // 2] if known else 1.0
+    def speeds(self, route: Route) -> tuple[float, float]:
+        """(prefill, decode) tokens/s of a node as it measured them; 0 where not measured yet."""
+        if route.local:
+            return self.local_prefill_tps, self.local_decode_tps
+        return route.prefill_tps, route.decode_tps
 
-    def _by_speed(self, candidates: list[Route]) -> Route:
-        """Power of two choices on the expected time to answer: (in flight + 1) / decode speed."""
-        known = [t for t in ((self.local_decode_tps if r.local else r.decode_tps) for r in candidates) if t > 0]
-        expected = lambda r: (self.in_flight.get(r.node, 0) + 1) / self.speed(r, known)
+    def _by_speed(self, candidates: list[Route], work: tuple[float, float]) -> Route:
+        """Power of two choices on the expected time to answer: the requests ahead and this one,
+        (in flight + 1), each taking prompt tokens / prefill speed + answer tokens / decode speed.
+        A node not measured yet counts as the median of those that are, so it is tried; a speed no
+        candidate has measured is left out."""
+        measured = [self.speeds(r) for r in candidates]
+        median = [_median([m[i] for m in measured if m[i] > 0]) for i in (0, 1)]
+        prompt, answer = work
+
+        def expected(r: Route) -> float:
+            prefill, decode = (s if s > 0 else median[i] for i, s in enumerate(self.speeds(r)))
+            # a speed no candidate has measured weighs nothing: all would be guessed alike
+            service = (prompt / prefill if prefill else 0.0) + (answer / decode if decode else 0.0)
+            return (self.in_flight.get(r.node, 0) + 1) * (service or 1.0)
         a, b = self.rng.sample(candidates, 2)
         ea, eb = expected(a), expected(b)
         return a if ea < eb or (ea == eb and self.rng.random() < 0.5) else b
@@ -212,3 +225,7 @@ class Router:
     def cooling(self) -> list[str]:
         now = self.clock()
         return sorted(n for n, h in self._health.items() if h.until > now)
+
+
+def _median(values: list[float]) -> float:
+    return sorted(values)[len(values) // 2] if values else 0.0

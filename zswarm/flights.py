@@ -41,7 +41,7 @@ from typing import Callable, Optional
 import msgspec
 
 from . import wire
-from .balancing import NoRoute, Route, Router, RouteTable
+from .balancing import DEFAULT_WORK, NoRoute, Route, Router, RouteTable
 from .prefix import request_chain
 
 log = logging.getLogger(__name__)
@@ -377,7 +377,7 @@ class Table:
             raise NoRoute("engine_down", f"the engine of node {self.node_id} is restarting")
         target = req.target_node or self._target
         try:
-            route = self.router.pick(req.model, f.tried, target, chain=f.chain)
+            route = self.router.pick(req.model, f.tried, target, chain=f.chain, work=_work(req))
         except NoRoute:
             if self._local_expected(req.model) and not target:
                 return None  # our own engine served it and is (re)starting: wait for it
@@ -402,6 +402,7 @@ class Table:
         if done.gen_s > 0 and done.completion_tokens > 1:
             self.decode_tps = _ewma(self.decode_tps, (done.completion_tokens - 1) / done.gen_s)
             self.router.local_decode_tps = self.decode_tps
+        self.router.local_prefill_tps = self.prefill_tps
         self.local_changed = True
 
     def _local_expected(self, model: str) -> bool:
@@ -452,6 +453,13 @@ class Table:
                 f.route is not None and f.route.local for f in self.flights.values()):
             on_idle, self._on_idle = self._on_idle, None
             on_idle()
+
+
+def _work(req: wire.GenRequest) -> tuple[float, float]:
+    """(prompt tokens, answer tokens) a request will take, roughly: 4 characters a token, and
+    max_tokens or the default answer length."""
+    chars = len(req.prompt) if req.kind == "completion" else sum(len(m.content) + 8 for m in req.messages)
+    return chars / 4.0, float(req.max_tokens or DEFAULT_WORK[1])
 
 
 def _ewma(old: float, new: float) -> float:

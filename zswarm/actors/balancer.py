@@ -64,7 +64,8 @@ class BalancerActor(GuardedActor):
                         and gateway and peer_gateway(gateway)):
                     routes.append(Route(p["id"], gateway, tuple(p["models"]), p["name"],
                                         suspect=p["state"] == "suspect", curve=p.get("curve", ""),
-                                        prefixes=_prefixes(p.get("prefixes")), decode_tps=_speed(p.get("decode_tps"))))
+                                        prefixes=_prefixes(p.get("prefixes")), decode_tps=_speed(p.get("decode_tps")),
+                                        prefill_tps=_speed(p.get("prefill_tps"))))
         table = RouteTable(tuple(routes))
         if table != self._table:
             said = lambda t: [(r.name or r.node, r.models) for r in t.routes]  # noqa: E731
