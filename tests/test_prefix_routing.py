@@ -3,6 +3,7 @@ the official openai client. A conversation's turns go to the node whose engine h
 cached, and spill over when that node is busier; every answer names the node that served it."""
 
 import concurrent.futures
+import json
 import re
 import urllib.request
 
@@ -80,6 +81,16 @@ def test_a_conversation_stays_on_the_node_that_holds_its_prefix(fed):
     text = urllib.request.urlopen(api_url(f) + "/metrics", timeout=10).read().decode()
     hits = re.search(r'zswarm_prefix_cache_hits_total\{model="%s",node="%s"\} (\d+)' % (MODEL, served[0]), text)
     assert hits and int(hits.group(1)) >= len(served) - 1, text[:2000]
+
+    # every node's page shows the same requests served and prefix hits (each node counts its own)
+    def figures(node):
+        view = json.loads(urllib.request.urlopen(api_url(node) + "/api/p2p", timeout=10).read())
+        return {n["id"]: (n["served"], n["prefix_hits"]) for n in view["federated"]}
+    def agreed():  # the holder announces its counts at its gateway's next tick: the pages follow
+        pages = [figures(n) for n in (f, s1, s2)]
+        mine = pages[0][served[0]]
+        return pages[0] == pages[1] == pages[2] and mine[0] >= len(served) and mine[1] >= len(served) - 1
+    wait_for(agreed, 10, 0.2, what="the holder's figures, the same on every page")
 
 
 def test_turns_spill_over_when_the_holder_is_busier_and_whole_answers_are_named_too(fed):

@@ -97,6 +97,7 @@ class Table:
         self.local_chains: collections.deque[tuple[int, ...]] = collections.deque(
             maxlen=CHAINS_PER_SLOT * max(1, slots))
         self.prefill_tps = self.decode_tps = 0.0
+        self.served_local = self.prefix_hits_local = 0  # the engine's answers, and those with a cached prefix
         self.local_changed = False
         self._linked = linked  # is the connection to this peer gateway up right now?
         self.router = router
@@ -396,6 +397,8 @@ class Table:
                 self.local_chains.remove(chain)
             self.local_chains.append(chain)
             self.router.local_prefixes = tuple(self.local_chains)
+        self.served_local += 1
+        self.prefix_hits_local += done.cached_tokens > 0
         fresh = done.prompt_tokens - done.cached_tokens
         if done.prompt_s > 0 and fresh > 0:
             self.prefill_tps = _ewma(self.prefill_tps, fresh / done.prompt_s)

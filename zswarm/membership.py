@@ -78,6 +78,8 @@ class Member:
             "prefixes": [list(c) for c in rec.prefixes] if rec else [],
             "prefill_tps": rec.prefill_tps if rec else 0.0,
             "decode_tps": rec.decode_tps if rec else 0.0,
+            "served": rec.served if rec else 0,
+            "prefix_hits": rec.prefix_hits if rec else 0,
             "mem_total": rec.mem_total if rec else 0,
             "mem_free": rec.mem_free if rec else 0,
             "in_flight": rec.in_flight if rec else 0,

@@ -78,6 +78,8 @@ class NodeRecord(msgspec.Struct, kw_only=True):
     prefixes: list[list[int]] = []
     prefill_tps: float = 0.0  # its engine's measured speed (uncached prompt tokens per second) ...
     decode_tps: float = 0.0  # ... and generated tokens per second, per request
+    served: int = 0  # requests its engine answered since the node started (every page shows the same)
+    prefix_hits: int = 0  # ... of which with part of the prompt already in its prompt cache
     sig: bytes = b""  # the node's signature over record_statement(self)
 
 

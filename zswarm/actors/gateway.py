@@ -166,7 +166,8 @@ class GatewayActor(GuardedActor):
         if t.local_changed and self._announce is not None:  # at most once a tick
             t.local_changed = False
             self._announce(prefixes=[list(c) for c in t.local_chains], prefill_tps=round(t.prefill_tps, 1),
-                           decode_tps=round(t.decode_tps, 1))
+                           decode_tps=round(t.decode_tps, 1), served=t.served_local,
+                           prefix_hits=t.prefix_hits_local)
 
     def _setup(self, loop: SocketLoop) -> None:
         self._l = loop

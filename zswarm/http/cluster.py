@@ -148,7 +148,6 @@ def cluster_view(snap: Snapshot) -> dict[str, Any]:
     gateway = status.get("gateway") or {}
     per_node_in_flight = gateway.get("per_node_in_flight") or {}
     served = gateway.get("served") or {}
-    prefix_routed = gateway.get("prefix_routed") if isinstance(gateway.get("prefix_routed"), dict) else {}
     # Every server reports its shard; the model is split only while the plan has workers.
     shard = status.get("shard") if isinstance(status.get("shard"), dict) else None
     split = bool(shard and [w for w in shard.get("workers") or [] if isinstance(w, dict)])
@@ -193,9 +192,11 @@ def cluster_view(snap: Snapshot) -> dict[str, Any]:
             "in_flight": _int(in_flight),
             # with a split model: what each node holds (0: a worker left out); without: unknown
             "layers": layers.get(node_id, 0 if split and role == "worker" else None),
-            "served": _int(served.get(node_id, 0)),
-            # of those, routed to it for the prompt prefix its engine holds; and its measured speed
-            "prefix_hits": _int(prefix_routed.get(node_id, 0)),
+            # requests its engine answered, and of those with part of the prompt in its prompt
+            # cache, as the node itself counts them (its record), so every node's page shows the
+            # same figures; a record without them: what this node routed there
+            "served": _int(rec["served"]) if "served" in rec else _int(served.get(node_id, 0)),
+            "prefix_hits": _int(rec.get("prefix_hits")),
             "decode_tps": _tps(rec.get("decode_tps")),
             "flags": flags,
             "software": rec.get("software") or "",
