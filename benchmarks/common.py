@@ -345,15 +345,6 @@ def now_utc() -> str:
     return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
 
 
-def publish(lines: list[str], start: str, end: str, write: bool) -> None:
-    """Print a script's section (``lines``, between its markers) and, with ``write``, put it in
-    docs/BENCHMARKS.md."""
-    text = "\n".join([start, *lines, end])
-    print(text)
-    if write:
-        replace_in_doc(start, end, text + "\n")
-
-
 def replace_in_doc(start: str, end: str, body: str) -> None:
     """Put ``body`` (which begins with ``start`` and ends with ``end``) in place of the text between
     those markers in docs/BENCHMARKS.md, or at its end, re-reading the file right before (other

@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (Nodes, command_line, loadavg, machine, now_utc, publish, stream_completion,  # noqa: E402
                     wait_for)
 
-START, END = "<!-- model-fetch:start -->", "<!-- model-fetch:end -->"
+KEY = "model-fetch"  # its section of docs/BENCHMARKS.md
 NAME = "bench-blob"
 MODEL = "smollm2-135m-instruct"
 PROMPT = "1, 2, 3, 4, 5, 6,"  # greedy decoding keeps counting: never stops by itself
@@ -199,7 +199,8 @@ def main() -> int:
     for label, (idle, busy, n, fetch_s) in impact.items():
         ratio = busy / idle if idle else float("nan")
         lines.append(f"| {label} | {idle:.1f} | {busy:.1f} | {ratio:.2f} | {n} | {fetch_s:.1f} | {mb / fetch_s:.0f} |")
-    publish(lines, START, END, args.write)
+    text = "\n".join(lines)
+    publish(KEY, text, text, args.write)
     return 0
 
 

@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (Nodes, command_line, loadavg, machine, now_utc, percentile, publish,  # noqa: E402
                     wait_for)
 
-START, END = "<!-- prefix-routing:start -->", "<!-- prefix-routing:end -->"
+KEY = "prefix-routing"  # its section of docs/BENCHMARKS.md
 MODEL = "smollm2-135m-instruct"
 CLIENTS = 4
 WORDS = ("tide harbour mooring ferry lantern rope anchor gull pier keel sail dock buoy chart compass "
@@ -270,7 +270,8 @@ def main() -> int:
             lines.append(line("speed-aware (prefix)" if policy == "prefix" else policy, s))
         hs = dict(hetero)
         lines += ["", f"p99 TTFT speed-aware / p2c: {hs['prefix']['p99'] / hs['p2c']['p99']:.2f} (aim <= 0.7)."]
-    publish(lines, START, END, args.write)
+    text = "\n".join(lines)
+    publish(KEY, text, text, args.write)
     return 0
 
 
