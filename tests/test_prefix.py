@@ -122,3 +122,13 @@ def test_prefill_speed_counts_for_long_prompts():
     router.started("fast")
     assert {router.pick("m", work=(2000.0, 16.0)).node for _ in range(20)} == {"fast"}
     assert {router.pick("m", work=(5.0, 128.0)).node for _ in range(20)} == {"slow"}
+
+
+def test_equal_machines_measured_a_little_apart_share_alike():
+    """Speeds measured 5% apart are the same machine to the router: ties go either way, as with p2c,
+    instead of every request to the node that measured faster."""
+    a = Route("a", "tcp://a:1", ("m",), decode_tps=100.0, prefill_tps=500.0)
+    b = Route("b", "tcp://b:1", ("m",), decode_tps=95.0, prefill_tps=475.0)
+    router = _router(a, b)
+    picks = [router.pick("m").node for _ in range(200)]
+    assert 60 <= picks.count("b") <= 140, picks.count("b")

@@ -37,6 +37,10 @@ LOAD_SLACK = 1
 # (prompt tokens, answer tokens) of a request when nothing better is known: what the expected
 # time to answer weighs prefill and decode speed by
 DEFAULT_WORK = (256.0, 128.0)
+# Two expected times closer than this (relative) are a tie, settled at random as p2c does: each
+# node's speed is an average of noisy measurements, and always preferring the node measured a few
+# percent faster would herd equal machines' requests onto one of them.
+SAME_WITHIN = 0.15
 MIN_SHARED = 1  # blocks (prefix.BLOCK_CHARS) a prompt must share with a node's cache to follow it
 COOLDOWN_AFTER = 2  # consecutive failures; one failure may be the request's fault
 COOLDOWN_S = 10.0  # long enough for a restarting engine, short enough to notice it came back
@@ -191,7 +195,9 @@ class Router:
             return (self.in_flight.get(r.node, 0) + 1) * (service or 1.0)
         a, b = self.rng.sample(candidates, 2)
         ea, eb = expected(a), expected(b)
-        return a if ea < eb or (ea == eb and self.rng.random() < 0.5) else b
+        if abs(ea - eb) <= SAME_WITHIN * max(ea, eb):  # within what a speed measured while serving can tell
+            return a if self.rng.random() < 0.5 else b
+        return a if ea < eb else b
 
     def remember(self, node: str, chain: tuple[int, ...]) -> None:
         """A request with prompt ``chain`` finished on ``node``: its engine holds that prefix now."""
