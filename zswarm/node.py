@@ -214,6 +214,7 @@ class Node:
         self._dead_seen: set[str] = set()  # urns of actors seen dead once, without a word yet
         # models travel (depot/): the model this node waits for from peers ("" none), its pieces' server
         self._fetching = ""
+        self._model_path = ""  # the file it serves, once check_model found it
         self.shelf: Any = None
         self._gateway: Any = None  # the gateway's proxy, and what the engine starts with once fetched
         self._engine_args: tuple = ()
@@ -231,7 +232,7 @@ class Node:
         # Start-up mistakes first, before anything binds or starts: one line (StartError).
         self._fetching = self._model_to_fetch()  # --model NAME that no file here holds: from peers
         if s.serve is not None and not self._fetching:
-            check_model(s.serve.model)
+            self._model_path = check_model(s.serve.model)  # the embedded model's path when none was given
         if s.http is not None:
             self.http_sock = listen_http(s.http.address)
         node_id = self.identity.node_id
@@ -419,7 +420,7 @@ class Node:
                             DigestCache(self.state.path / "digests.json"), self.stats, ledger.proxy(),
                             shelf=self.shelf,
                             # only a node whose gateway takes peers' queries shares its file
-                            served=None if self._fetching or self.shelf is None else (serve.model or _default_model()),
+                            served=None if self._fetching or self.shelf is None else self._model_path,
                             on_whole=whole, on_progress=progress)
         ledger.proxy().add_listener(depot).get(timeout=START_TIMEOUT_S)
         dp = depot.proxy()
@@ -792,15 +793,6 @@ def _kill_children(why: str) -> bool:
             continue
         log.warning("child process %d %s; killed", pid, why)
     return bool(pids)
-
-
-def _default_model() -> str | None:
-    from .engine.model import ModelMissing, default_model_path
-
-    try:
-        return default_model_path()
-    except ModelMissing:
-        return None
 
 
 def next_port(listen: str, offset: int) -> str:

@@ -19,6 +19,7 @@ import logging
 from typing import Any
 
 from ..balancing import Route, RouteTable, peer_gateway
+from ..prefix import MAX_BLOCKS
 from .base import GuardedActor, Watch
 
 log = logging.getLogger(__name__)
@@ -80,8 +81,6 @@ MAX_SLOTS_SEEN = 64  # slot chains taken from one record (a member could announc
 
 def _prefixes(value: Any) -> tuple[tuple[int, ...], ...]:
     """A record's ``prefixes``, as the router compares them: lists of ints, capped; else nothing."""
-    from ..prefix import MAX_BLOCKS
-
     if not isinstance(value, list):
         return ()
     return tuple(tuple(h for h in c[:MAX_BLOCKS] if isinstance(h, int)) for c in value[:MAX_SLOTS_SEEN]

@@ -122,8 +122,7 @@ class ModelsDir:
         os.replace(tmp, path)
 
     def forget_progress(self, sha256: str) -> None:
-        for p in (self.folder(sha256) / "fetch.json",):
-            try:
-                p.unlink()
-            except OSError:
-                pass
+        try:
+            (self.folder(sha256) / "fetch.json").unlink()
+        except OSError:
+            pass
