@@ -242,6 +242,7 @@ def test_a_model_nobody_holds_waits_and_says_so(tmp_path, model_copy):
         assert out.returncode == 0 and "fetching" in out.stdout, out.stdout + out.stderr
         wait_for(lambda: fetch(e).get("state") == "whole", 60, 0.2, what="e to pull the model")
         assert_bit_identical(e, sha)
+        assert e.admin("pull", model="another-model")["state"] == "waiting"  # a finished fetch holds nothing up
     finally:
         c.close()
     # without a cluster there is nobody to fetch from: one line, before anything starts

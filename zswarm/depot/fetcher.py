@@ -34,6 +34,7 @@ import zmq
 from .. import wire
 from ..actors.base import GuardedActor, Watch
 from ..actors.listener import tell
+from ..engine.model import model_name
 from ..token import Keys
 from ..transport import SocketLoop, Stats, curve_client, link_options
 from .digest import DigestCache, Fingerprint, file_sha256, is_sha256
@@ -148,7 +149,6 @@ class DepotActor(GuardedActor):
                 log.warning("cannot read %s to share it: %s", path, e.strerror)
                 continue
             if held is None:
-                from ..engine.model import model_name
                 held = Held(model_name(path), fp.sha256, fp.size, path)
             elif held.sha256 != fp.sha256:  # a file in the models directory changed under us
                 log.warning("%s does not match its digest any more; not shared", path)
@@ -193,9 +193,10 @@ class DepotActor(GuardedActor):
         here = self.whole_file(target)
         if here is not None:
             return {"state": "whole", "target": target, "path": here}
-        if self._job is not None and self._job.state != "failed" and self._job.target != target:
+        busy = self._job is not None and self._job.state in ("waiting", "fetching")
+        if busy and self._job.target != target:
             raise ValueError(f"already fetching {self._job.target}; one fetch at a time")
-        if self._job is None or self._job.target != target or self._job.state == "failed":
+        if not busy:
             self._job = Job(target)
             log.info("model %s is not on this machine: fetching it from peers", target)
         self._resolve()
