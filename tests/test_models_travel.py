@@ -251,6 +251,14 @@ def test_a_model_nobody_holds_waits_and_says_so(tmp_path, model_copy):
                           str(tmp_path / "solo"), "--address", f"127.0.0.1:{port}"],
                          capture_output=True, text=True, cwd=REPO, timeout=30)
     assert out.returncode == 2 and "--p2p" in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
+    # a models directory that cannot be made: one line too, before anything binds
+    out = subprocess.run([sys.executable, "-m", "zswarm", "server", "--p2p", "--no-mdns", "--models-dir",
+                          "/proc/no-such-dir", "--state-dir", str(tmp_path / "solo2"), "--address",
+                          f"127.0.0.1:{free_port()}", "--p2p-listen", f"127.0.0.1:{free_port(2)}"],
+                         capture_output=True, text=True, cwd=REPO, timeout=30)
+    errors = [line for line in out.stderr.splitlines() if "error:" in line]
+    assert out.returncode == 2 and len(errors) == 1 and "--models-dir" in errors[0], out.stderr
+    assert "Traceback" not in out.stderr
 
 
 def test_a_fetch_that_cannot_fit_says_so(tmp_path, model_copy):

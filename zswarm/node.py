@@ -367,10 +367,19 @@ class Node:
         from .depot.target import fetch_target
 
         serve = self.s.serve
-        target = fetch_target(serve.model) if serve is not None else None
+        if serve is None:
+            return ""
+        models = ModelsDir(self._models_root())
+        if self.s.p2p:  # the depot keeps fetched models there: a directory it cannot make is a start-up mistake
+            try:
+                models.ensure()
+            except OSError as e:
+                raise StartError(f"cannot use the models directory {models.root} (--models-dir): "
+                                 f"{e.strerror or e}", 2) from None
+        target = fetch_target(serve.model)
         if target is None:
             return ""
-        held = ModelsDir(self._models_root()).find(target)
+        held = models.find(target)
         if held is not None:
             log.info("model %s: %s (fetched from peers before)", target, held.path)
             serve.model = held.path
