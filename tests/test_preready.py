@@ -22,7 +22,7 @@ import time
 import openai
 import pytest
 
-from cluster import REPO, wait_for
+from cluster import REPO, child_state, wait_for
 from zswarm.engine.model import default_model_path, model_name
 
 pytestmark = pytest.mark.slow
@@ -121,7 +121,8 @@ def test_an_illegal_instruction_after_the_engine_was_ready_leaves_it_failed_and_
     marker = tmp_path / "fault-now"
     node = cluster.node("s", "server", extra=["--threads", "1"], env=hook_env(tmp_path, marker))
     address = node.args[node.args.index("--address") + 1]
-    wait_for(lambda: engine(node)["state"] == "ready", 90, 0.2, what="the engine to come up")
+    # the admin socket answers a moment before the engine child is listed: child_state, not engine()
+    wait_for(lambda: child_state(node.admin("status"), "engine") == "ready", 90, 0.2, what="the engine to come up")
     marker.touch()  # from now on every engine faults while it loads
     node.admin("reshard")  # a new plan: the engine is restarted
     wait_for(lambda: engine(node)["state"] == "failed", 60, 0.1, what="the node to give up on the engine")
