@@ -1,5 +1,6 @@
 import pytest
 
+from zswarm.footprint import Footprint, Shape
 from zswarm.sharding import MIB, Device, ShortOfMemory, make_plan, parse_size
 
 
@@ -7,18 +8,43 @@ def dev(i, mem_mib, local=False):
     return Device("local" if local else i, i, "" if local else f"127.0.0.1:{5000 + len(i)}", mem_mib * MIB)
 
 
+def small(n_layer=10, layer_mib=10, host_mib=0, ctx=256):
+    """A footprint with negligible buffers: what matters is the layers' bytes."""
+    shape = Shape(n_layer=n_layer, n_embd=8, n_ff=8, n_head=1, n_head_kv=1, n_vocab=8, kv_width=2)
+    return Footprint(shape, ctx, (layer_mib * MIB,) * n_layer, host_mib * MIB)
+
+
 def test_split_follows_memory_and_local_goes_last():
-    p = make_plan([dev("b", 300), dev("a", 100)], dev("me", 400, local=True), 100 * MIB)
+    p = make_plan([dev("b", 300), dev("a", 100)], dev("me", 400, local=True), small())
     assert [d.id for d in p.devices] == ["a", "b", "local"]
     assert p.weights == pytest.approx((0.125, 0.375, 0.5))
     assert p.has_local and [d.id for d in p.remote] == ["a", "b"]
+    # no footprint (an unreadable header): by memory, unchecked
+    assert make_plan([dev("a", 1), dev("b", 3)], None, None).weights == pytest.approx((0.25, 0.75))
 
 
 def test_shortfall_is_named():
-    with pytest.raises(ShortOfMemory, match=r"short by 50 MiB"):
-        make_plan([dev("a", 100)], None, 150 * MIB)
+    with pytest.raises(ShortOfMemory, match=r"needs about 101 MiB at context 256 \(weights 100 MiB, .*\): short by 51 MiB"):
+        make_plan([dev("a", 50)], None, small())
     with pytest.raises(ShortOfMemory, match="no device"):
-        make_plan([], None, 1)
+        make_plan([], None, small())
+
+
+def test_each_device_must_hold_its_share_with_its_compute_buffer():
+    # the embedded model's shape at context 256: ~31.7 MiB of layers and ~10 MiB of compute per
+    # worker for half the model (llama.cpp allocated 31.71 + 2.81 + 10.4 MiB on each)
+    shape = Shape(n_layer=30, n_embd=576, n_ff=1536, n_head=9, n_head_kv=3, n_vocab=49152, kv_width=384)
+    fp = Footprint(shape, 256, (2_216_448,) * 30, 30_083_328)
+    plan = make_plan([dev("a", 64), dev("b", 64)], None, fp)  # the file (92 MiB) fits in neither alone
+    assert plan.weights == pytest.approx((0.5, 0.5))
+    with pytest.raises(ShortOfMemory, match="short by"):
+        make_plan([dev("a", 40), dev("b", 40)], None, fp)
+    # by memory, 20 + 100 MiB gives the small worker 5 layers: 11.5 MiB + 10.4 MiB of compute,
+    # too much for it; the split by what is left after the compute buffers fits (3 layers)
+    plan = make_plan([dev("a", 20), dev("b", 100)], None, fp)
+    assert plan.weights[0] < 20 / 120
+    with pytest.raises(ShortOfMemory, match="no split fits"):
+        make_plan([dev("a", 5), dev("b", 5), dev("c", 500)], dev("me", 1, local=True), fp)
 
 
 @pytest.mark.parametrize("text,value", [("2GiB", 2 << 30), ("512MiB", 512 << 20), ("1.5G", 1_500_000_000),
@@ -176,5 +202,5 @@ def test_a_claim_counts_for_no_more_than_the_cap_and_what_the_rpc_server_reporte
     assert counted_memory(2 * GiB, 1 << 40, 3 * GiB) == 2 * GiB  # lends less than it has: its claim
     # the capped liar no longer takes every layer from an honest 8 GiB worker
     plan = make_plan([Device("liar", "liar", "a:1", counted_memory(1 << 60, 16 * GiB, None)),
-                      Device("honest", "honest", "b:1", 8 * GiB)], None, GiB)
+                      Device("honest", "honest", "b:1", 8 * GiB)], None, small())
     assert {d.id: round(w, 2) for d, w in zip(plan.devices, plan.weights)} == {"liar": 0.67, "honest": 0.33}

@@ -99,6 +99,9 @@ class FakeGateway:
     def release_engine(self):
         pass
 
+    def engine_failed(self, problem):
+        self.problem = problem
+
 
 class FakeSupervisor:
     def __init__(self):
@@ -120,7 +123,7 @@ def start_sharder(world, me):
     box = PlanBox()
     local = Device("local", me, "", 4096 * MIB)
     ref = SharderActor.start(box, FakeGateway(), FakeSupervisor(), world.ledger(me), lambda remote, curve="": FakeEntry(),
-                             local, 100 * MIB, 0.0, None, None, me, 0.3)
+                             local, None, 0.0, None, None, me, 0.3)
     ref.proxy().initial_plan().get(timeout=5)
     world.sharders[me] = ref
     return box, ref
@@ -177,7 +180,7 @@ def test_without_local_layers_a_server_with_no_free_worker_says_why(actors):
     world.claims[a] = [wire.Claim(worker=world.worker["id"], since=1.0, held=True)]
     box = PlanBox()
     ref = SharderActor.start(box, FakeGateway(), FakeSupervisor(), world.ledger(b), lambda remote: FakeEntry(),
-                             None, 100 * MIB, 0.0, None, None, b, 0.3)
+                             None, None, 0.0, None, None, b, 0.3)
     actors.append(ref)
     world.sharders[b] = ref
     ref.proxy().initial_plan().get(timeout=5)

@@ -109,7 +109,31 @@ def test_join_and_death_reshard_and_no_request_is_dropped(tmp_path, reference):
         c.close()
 
 
+def test_small_workers_hold_the_model_the_estimate_counts_what_llama_cpp_allocates(tmp_path):
+    """Issue 14: the file (92 MiB) fits in neither 64 MiB worker; its layers, their KV cache at
+    context 256 and each worker's compute buffer fit in the two (about 45 MiB each)."""
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=default_model_path(), n_ctx=256, n_threads=1, verbose=False)
+    reference = llm.create_chat_completion(messages=PROMPT, temperature=0, max_tokens=16)
+    del llm
+    c = Cluster(tmp_path, Token.generate().encode())
+    try:
+        w1 = c.node("w1", "worker", extra=["--mem", "64MiB", "--threads", "1"])
+        w2 = c.node("w2", "worker", bootstrap=[w1], extra=["--mem", "64MiB", "--threads", "1"])
+        s = c.node("s", "server", bootstrap=[w1], extra=SERVER + ["--no-local-layers", "--ctx-size", "256"])
+        wait_for(lambda: split_is(s, ["w1", "w2"]), 90, 0.2, what="the model split over two 64 MiB workers")
+        assert layers_by_name(s) == {"w1": 15, "w2": 15} and shard(s)["error"] == ""
+        ask(s, reference["choices"][0]["message"]["content"])
+    finally:
+        c.close()
+
+
 def test_memory_shortfall_is_refused_with_a_clear_message(tmp_path):
+    import json
+    import urllib.error
+    import urllib.request
+
     c = Cluster(tmp_path, Token.generate().encode())
     try:
         w1 = c.node("w1", "worker", extra=["--mem", "20MiB", "--threads", "1"])
@@ -118,6 +142,17 @@ def test_memory_shortfall_is_refused_with_a_clear_message(tmp_path):
         assert "MiB" in shard(s)["error"]
         assert s.admin("status")["children"]["engine"]["state"] in ("waiting", "backoff", "stopped")
         assert s.running()
+        # the API says why (503, not "no such model"), /readyz too, and the page's data
+        with pytest.raises(openai.APIStatusError) as e:
+            ask(s)
+        assert e.value.status_code == 503 and "short by" in e.value.message, e.value.message
+        url = "http://" + s.args[s.args.index("--address") + 1]
+        with pytest.raises(urllib.error.HTTPError) as ready:
+            urllib.request.urlopen(url + "/readyz", timeout=10)
+        body = json.loads(ready.value.read())
+        assert ready.value.code == 503 and "short by" in body["reason"], body
+        view = json.loads(urllib.request.urlopen(url + "/api/p2p", timeout=10).read())
+        assert "short by" in view["shard_error"] and view["split"] is None
     finally:
         c.close()
 

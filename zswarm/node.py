@@ -539,7 +539,8 @@ class Node:
         """Worker mode on a server: the Sharder owns the plan the engine is started with."""
         from .actors.sharder import SharderActor
         from .engine.model import default_model_path
-        from .sharding import Device, memory_needed
+        from .footprint import footprint
+        from .sharding import Device
 
         serve = self.s.serve
         _, avail = memory_bytes()
@@ -554,11 +555,12 @@ class Node:
             entry.start()
             return entry
         try:
-            needed = memory_needed(serve.model or default_model_path(), serve.ctx_size)
-        except OSError:
-            needed = 0  # the engine will say what is wrong with the model file
+            fp = footprint(serve.model or default_model_path(), serve.ctx_size)
+        except (OSError, ValueError) as e:  # the engine's load will say what is wrong with the file
+            log.warning("cannot estimate the memory the model needs (%s): splitting by memory alone", e)
+            fp = None
         sharder = self._start(SharderActor, self.plan_box, gateway.proxy(), supervisor.proxy(),
-                              ledger.proxy() if ledger else None, open_tunnel if self.keys else None, local, needed,
+                              ledger.proxy() if ledger else None, open_tunnel if self.keys else None, local, fp,
                               serve.reshard_settle_s, serve.rpc_servers, self.stats, self.record.id,
                               max_worker_mem=serve.max_worker_mem)
         sharder.proxy().initial_plan().get(timeout=START_TIMEOUT_S)

@@ -5,17 +5,14 @@ actor acts on it, the worker's status and the Swarm page read it.
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
+from .engine.layers import layer_targets
+from .footprint import Footprint
+
 MIB = 1 << 20
-# A GGUF's tensors are most of what a loaded model needs; the rest is compute buffers and the
-# KV cache, which grow with the context. These margins are deliberately generous for small
-# models: refusing with a clear message beats llama.cpp failing half-way through a load.
-OVERHEAD_FACTOR = 1.2
-OVERHEAD_FIXED = 64 * MIB
 
 
 class ShortOfMemory(Exception):
@@ -61,26 +58,51 @@ def counted_memory(claimed: int, cap: int, reported: int | None) -> int:
     return max(0, min(claimed, cap, reported if reported is not None else claimed))
 
 
-KV_BYTES_PER_TOKEN = 32 * 1024  # generous for small models (SmolLM2-135M needs ~23 KiB in f16)
-
-
-def memory_needed(model_path: str, ctx_size: int = 2048) -> int:
-    """Approximate bytes to load ``model_path`` with one context of ``ctx_size`` tokens."""
-    size = os.path.getsize(model_path)
-    return int(size * OVERHEAD_FACTOR) + OVERHEAD_FIXED + ctx_size * KV_BYTES_PER_TOKEN
-
-
-def make_plan(workers: list[Device], local: Device | None, needed: int) -> Plan:
-    """Split in proportion to memory; refuse, naming the shortfall, when it cannot fit."""
+def make_plan(workers: list[Device], local: Device | None, fp: Footprint | None) -> Plan:
+    """Split in proportion to memory (the seed's rule); when that leaves a device short, in
+    proportion to what each has left after its compute buffer (and, for the host, the layers
+    outside the repeating ones), which holds the most. Refuse, naming the shortfall, when no split
+    fits: each device's share of the weights and KV cache plus its compute buffer must fit in the
+    memory it offers (:mod:`zswarm.footprint`). ``fp`` None (the header could not be read): by
+    memory, unchecked; the engine's load will say what is wrong."""
     devices = sorted(workers, key=lambda d: d.id) + ([local] if local is not None else [])
     if not devices:
         raise ShortOfMemory("no device to load the model on: no worker is online and local layers are off")
-    total = sum(max(0, d.mem) for d in devices)
-    if total < needed:
-        raise ShortOfMemory(
-            f"the cluster offers {total / MIB:.0f} MiB ({len(devices)} device(s)) but the model needs about "
-            f"{needed / MIB:.0f} MiB: short by {(needed - total) / MIB:.0f} MiB; add a worker or raise --mem")
-    return Plan(tuple(devices), tuple(d.mem / total for d in devices))
+    by_memory = tuple(max(0, d.mem) for d in devices)
+    if fp is None:
+        if not sum(by_memory) > 0:
+            raise ShortOfMemory(f"the {len(devices)} device(s) offer no memory")
+        return Plan(tuple(devices), tuple(m / sum(by_memory) for m in by_memory))
+    fixed = [_fixed(fp, d) for d in devices]
+    left = tuple(max(0, d.mem - f) for d, f in zip(devices, fixed))
+    for weights in (by_memory, left):
+        if sum(weights) > 0 and _fits(fp, devices, fixed, weights):
+            return Plan(tuple(devices), tuple(w / sum(weights) for w in weights))
+    total = sum(by_memory)
+    needed = sum(fixed) + fp.layers_bytes(0, fp.shape.n_layer)
+    short = needed - total
+    why = (f"short by {short / MIB:.0f} MiB" if short > 0 else
+           "no split fits (each device needs its compute buffer on top of its layers)")
+    raise ShortOfMemory(
+        f"the cluster offers {total / MIB:.0f} MiB ({len(devices)} device(s)) but the model needs about "
+        f"{needed / MIB:.0f} MiB at context {fp.ctx} ({fp.parts()}): {why}; add a worker or raise --mem")
+
+
+def _fixed(fp: Footprint, d: Device) -> int:
+    """What a device needs whatever its share: its compute buffer; the host also holds the
+    layers outside the repeating ones (embeddings, output head) and the output buffer."""
+    if d.local:
+        return fp.host_compute() + fp.host_weights + fp.output_buffer()
+    return fp.device_compute()
+
+
+def _fits(fp: Footprint, devices: list[Device], fixed: list[int], weights: tuple[int, ...]) -> bool:
+    first = 0
+    for d, f, count in zip(devices, fixed, layer_targets(fp.shape.n_layer, weights)):
+        if f + fp.layers_bytes(first, count) > d.mem:
+            return False
+        first += count
+    return True
 
 
 # --- who holds which worker ---

@@ -34,6 +34,7 @@ from typing import Any, Callable
 import pykka
 
 from .. import wire
+from ..footprint import Footprint
 from ..sharding import (HOLDING_STATES, Claim, ClaimStep, Device, Plan, ShortOfMemory, claim_step, counted_memory,
                         holders, make_plan)
 from .base import GuardedActor, Watch
@@ -82,7 +83,7 @@ class SharderActor(GuardedActor):
     name = "sharder"
 
     def __init__(self, box: PlanBox, gateway: Any, supervisor: Any, ledger: Any | None,
-                 open_tunnel: Callable[[str], Any] | None, local: Device | None, needed: int,
+                 open_tunnel: Callable[[str], Any] | None, local: Device | None, fp: Footprint | None,
                  settle_s: float, static: list[str] | None = None, stats: Any = None, node_id: str = "",
                  claim_settle_s: float = CLAIM_SETTLE_S, watch: Watch | None = None,
                  max_worker_mem: int = 1 << 40):
@@ -111,7 +112,7 @@ class SharderActor(GuardedActor):
         self._open_tunnel = open_tunnel  # (remote tunnel endpoint, its CURVE key) -> started TunnelEntry
         self._curves: dict[str, str] = {}  # worker id -> its own CURVE key (Z85), from its record
         self._local = local
-        self._needed = needed
+        self._fp = fp  # what the model needs, device by device (None: unknown, split by memory alone)
         self._settle_s = settle_s
         self._static = static or []
         self._stats = stats
@@ -333,7 +334,9 @@ class SharderActor(GuardedActor):
             if self._static:  # no memory figures for static servers: equal shares, passed as --tensor-split
                 n = len(workers) + (1 if self._local else 0)
                 return Plan(tuple(workers) + ((self._local,) if self._local else ()), tuple([1 / n] * n))
-            plan = make_plan(workers, self._local, self._needed)
+            plan = make_plan(workers, self._local, self._fp)
+            if self._error and self._box.plan is None:
+                self._gateway.engine_failed("")  # a plan at last: requests wait for the engine again
             self._error = ""
             return plan
         except ShortOfMemory as e:
@@ -345,6 +348,8 @@ class SharderActor(GuardedActor):
                 error += f" ({self._taken_text()})"
             if self._error != error:
                 log.error("cannot load the model: %s", error)
+                if self._box.plan is None:  # no engine runs: requests get a 503 that says why, /readyz too
+                    self._gateway.engine_failed(f"cannot load the model: {error}")
             self._error = error
             return None
 

@@ -1,7 +1,8 @@
 """Reading a GGUF file's header: is it a model file at all, and its layer count, without loading it.
 
 Owns :func:`check_model_file` (what the node and the engine ask before anything loads),
-:func:`gguf_block_count` and the few GGUF type codes they need. Pure Python (``struct``); it must
+:func:`gguf_block_count`, :func:`read_header` (the metadata and tensor sizes, for the memory
+estimate in :mod:`zswarm.footprint`) and the few GGUF type codes they need. Pure Python (``struct``); it must
 never import llama_cpp or ggml, and it reads only as far into the file as the key it wants.
 """
 
@@ -9,6 +10,8 @@ from __future__ import annotations
 
 import os
 import struct
+from dataclasses import dataclass
+from typing import Any
 
 _GGUF_MAGIC = b"GGUF"
 _GGUF_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
@@ -107,3 +110,97 @@ def gguf_block_count(path: str) -> int:
             if arch is not None and f"{arch}.block_count" in counts:
                 return counts[f"{arch}.block_count"]
     raise ValueError(f"no {arch or '<architecture>'}.block_count in the GGUF header")
+
+
+@dataclass(frozen=True)
+class Tensor:
+    name: str
+    offset: int  # from the start of the data section
+    nbytes: int  # its bytes in the file (to the next tensor's offset: alignment padding included)
+
+
+@dataclass(frozen=True)
+class Header:
+    """A GGUF file's metadata (scalars and strings; an array as its length, or its values when
+    it holds at most ``_SMALL_ARRAY`` numbers) and its tensors, in file order."""
+
+    keys: dict[str, Any]
+    tensors: tuple[Tensor, ...]
+
+    def arch_key(self, name: str, default: Any = None) -> Any:
+        return self.keys.get(f"{self.keys.get('general.architecture', '')}.{name}", default)
+
+
+_SMALL_ARRAY = 4096
+
+
+def read_header(path: str) -> Header:
+    """The whole header of ``path`` (milliseconds: the tokenizer's arrays are read past, not
+    kept). Tensor sizes come from the offsets and the file's size, so no ggml type table is
+    needed. Raises ValueError for a file that is not GGUF v2+ or whose header is cut short."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        def take(n: int) -> bytes:
+            data = f.read(n)
+            if len(data) != n:
+                raise ValueError("the GGUF header is cut short")
+            return data
+
+        if take(4) != _GGUF_MAGIC:
+            raise ValueError("not a GGUF file")
+        order = "<"
+        version = struct.unpack("<I", take(4))[0]
+        if version & 0xFFFF == 0:
+            order, version = ">", struct.unpack(">I", struct.pack("<I", version))[0]
+        if version < 2:
+            raise ValueError(f"GGUF version {version} is not supported")
+
+        def unpack(fmt: str):
+            fmt = order + fmt
+            return struct.unpack(fmt, take(struct.calcsize(fmt)))[0]
+
+        def string() -> str:
+            return take(unpack("Q")).decode("utf-8", errors="replace")
+
+        def value(kind: int):
+            if kind in _GGUF_SCALARS:
+                return unpack(_GGUF_SCALARS[kind])
+            if kind == _GGUF_STRING:
+                return string()
+            if kind == _GGUF_ARRAY:
+                item, n = unpack("I"), unpack("Q")
+                if item in _GGUF_SCALARS:
+                    width = struct.calcsize(order + _GGUF_SCALARS[item])
+                    if n <= _SMALL_ARRAY:
+                        return list(struct.unpack(f"{order}{n}{_GGUF_SCALARS[item]}", take(n * width)))
+                    f.seek(n * width, os.SEEK_CUR)
+                else:
+                    for _ in range(n):
+                        value(item)
+                return n
+            raise ValueError(f"unknown GGUF value type {kind}")
+
+        n_tensors, n_kv = unpack("Q"), unpack("Q")
+        if n_tensors > 1 << 20:
+            raise ValueError(f"{n_tensors} tensors: not a GGUF file this can read")
+        keys: dict[str, Any] = {}
+        for _ in range(n_kv):
+            key = string()
+            keys[key] = value(unpack("I"))
+        infos = []
+        for _ in range(n_tensors):
+            name = string()
+            n_dims = unpack("I")
+            if n_dims > 8:
+                raise ValueError(f"tensor {name!r} has {n_dims} dimensions")
+            for _ in range(n_dims):
+                unpack("Q")
+            unpack("I")  # its ggml type
+            infos.append((name, unpack("Q")))
+        align = keys.get("general.alignment", 32)
+        align = align if isinstance(align, int) and align > 0 else 32
+        start = -(-f.tell() // align) * align
+    ends = sorted({o for _, o in infos} | {size - start})
+    following = {o: ends[i + 1] for i, o in enumerate(ends[:-1])}
+    tensors = tuple(Tensor(name, off, following.get(off, off) - off) for name, off in infos)
+    return Header(keys, tensors)

@@ -55,6 +55,7 @@ class _Model(llama_cpp.Llama):
     job: Job | None = None  # set by the slot thread before each request
     evaluated = 0  # tokens through llama_decode so far, prompts and generation: the beat's progress
     layers: dict[str, int] | None = None  # worker mode: repeating layers per device (load_model)
+    buffers: dict[str, int] | None = None  # worker mode: bytes llama.cpp allocated per device (load_model)
     output: str | None = None  # worker mode: the device (a ``layers`` key) that holds the output layer
 
     def __init__(self, *args, devices: Sequence[int] = (), **kwargs):
@@ -297,6 +298,8 @@ def load_model(spec: LoadSpec) -> _Model:
             name, line = said
             model.output = keys[names.index(name)] if name in names else name
             log.info("output layer on %s (llama.cpp: %s)", model.output, line)
+    model.buffers = {(LOCAL if name == "CPU" else name): size
+                     for name, size in llama_log.buffers().items()}  # what each device allocated
     if target is not None and [model.layers[k] for k in keys] != target:
         # e.g. the header's block count is not llama.cpp's n_layer (then n_layer is logged too)
         log.warning("llama.cpp placed the %d layers as %s, not as %s (wanted by %s)",
@@ -362,6 +365,11 @@ _ASSIGNED = re.compile(r"layer\s+(\d+) assigned to device (\S+?),")
 _LLAMA_ERROR = 3  # GGML_LOG_LEVEL_ERROR
 
 
+# "load_tensors: RPC0[127.0.0.1:41853] model buffer size =    31.71 MiB", "llama_kv_cache:        CPU KV
+# buffer size =     5.62 MiB", "sched_reserve:        CPU compute buffer size =    49.13 MiB"
+_BUFFER = re.compile(r"(\w+)(?:\[([^\]]+)\])? +(?:model|KV|compute|output) buffer size = +([\d.]+) MiB")
+
+
 class LlamaLog:
     """Collects llama.cpp's log while a model loads (``with LlamaLog() as log: ...``).
 
@@ -384,6 +392,18 @@ class LlamaLog:
 
     def __exit__(self, *exc) -> None:
         llama_cpp.llama_log_set(llama_cpp_python_log, ctypes.c_void_p(0))
+
+    def buffers(self) -> dict[str, int]:
+        """Bytes llama.cpp allocated per device (weights, KV cache, compute and output buffers
+        together), by the names it logged: "CPU" (a mapped file counts as CPU), or an RPC
+        server's "host:port"."""
+        out: dict[str, int] = collections.Counter()
+        for _, text in self.lines:
+            m = _BUFFER.search(text)
+            if m:
+                name = m.group(2) or m.group(1).removesuffix("_Mapped")
+                out[name] += int(float(m.group(3)) * (1 << 20))
+        return dict(out)
 
     def layers(self, n_layer: int) -> dict[str, int] | None:
         """Repeating layers per device name ("RPC0", "CPU") as llama.cpp logged them; None if

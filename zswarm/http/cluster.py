@@ -223,6 +223,8 @@ def cluster_view(snap: Snapshot) -> dict[str, Any]:
         "waiting": _waiting(shard),
         "revoked": _revoked(status),
         "shard_note": shard.get("note") if shard and isinstance(shard.get("note"), str) and shard["note"] else None,
+        # why this server's model cannot be placed (a shortfall, no device): None when it can
+        "shard_error": shard.get("error") if shard and isinstance(shard.get("error"), str) and shard["error"] else None,
         "updated_at": snap.taken_at,
         # the same nodes as LocalAI's /api/p2p names them (its schema.P2PNodesResponse and
         # NodeData), so LocalAI's tooling and its users' scripts read them: workers (older

@@ -121,6 +121,8 @@ _SCHEMAS: dict[str, Any] = {
         "taken": {"type": "array", "items": _ref("TakenWorker"),
                   "description": "workers this node's split leaves out because another server holds them"},
         "shard_note": _nullable({"type": "string", "description": "what that means for this node's model"}),
+        "shard_error": _nullable({"type": "string", "description": "why this server's model cannot be placed "
+                                  "(a memory shortfall names the missing MiB); null when it can"}),
         "waiting": {"type": "array", "items": _STR,
                     "description": "workers whose RPC servers are starting: the split waits for them (20 s at most)"},
         "revoked": {"type": "array", "items": _ref("RevokedNode"),

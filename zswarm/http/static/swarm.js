@@ -279,8 +279,13 @@
   function drawSplit(d) {
     drawTaken(d);
     const s = d.split;
-    $("split-empty").hidden = Boolean(s);
+    const empty = $("split-empty");
+    empty.hidden = Boolean(s);
     $("split").hidden = !s;
+    // a server whose model cannot be placed says why (a shortfall names the missing memory)
+    empty.textContent = d.shard_error && !s ? "The model cannot be loaded: " + d.shard_error
+      : "This node's model is not split across workers.";
+    empty.className = d.shard_error && !s ? "error" : "muted";
     if (!s) { $("split-title").textContent = ""; return; }
     const total = s.n_layers || s.parts.reduce((a, p) => a + p.layers, 0) || 1;
     $("split-title").textContent = (s.model ? "· " + s.model + " " : "") + "· " + s.n_layers + " layers" +
