@@ -310,6 +310,7 @@ def cmd_node(args: argparse.Namespace) -> int:
     worker = None
     if role == "worker":
         worker = WorkerSettings(mem=cfg["mem"], threads=cfg["threads"], cache_dir=cfg["cache_dir"],
+                                cache_max=cfg["cache_max"],
                                 listen=cfg["listen"] if cfg["no_p2p"] else None)
         if worker.listen and not is_loopback(worker.listen.rsplit(":", 1)[0]):
             print(f"zswarm: WARNING: the RPC server will listen on {worker.listen} with NO authentication "

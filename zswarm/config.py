@@ -283,7 +283,11 @@ WORKER_OPTIONS: list[Opt] = [
     MEM_OPTION,
     SERVE_OPTIONS[2],  # --threads
     Opt("cache_dir", ("--cache-dir",), ("ZSWARM_CACHE_DIR",), None,
-        "keep a tensor cache here so a reload does not resend the weights", metavar="DIR"),
+        "the tensor cache, so a reload does not resend large tensors", metavar="DIR",
+        shown_default="STATE/tensor-cache"),
+    Opt("cache_max", ("--cache-max",), ("ZSWARM_CACHE_MAX",), 4 << 30,
+        "the tensor cache's bound: its oldest files go at each start (0: no tensor cache)",
+        parse=parse_size_or_zero, metavar="SIZE", shown_default="4GiB"),
     Opt("no_p2p", ("--no-p2p",), ("ZSWARM_NO_P2P",), False,
         "static mode: no cluster; the RPC server listens on --listen for a server's --rpc-servers",
         parse=None),

@@ -29,6 +29,7 @@ import threading
 import time
 import traceback
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pykka
@@ -116,7 +117,8 @@ class WorkerSettings:
 
     mem: int = 0  # bytes offered (0: what is available)
     threads: int = 0
-    cache_dir: str | None = None
+    cache_dir: str | None = None  # the tensor cache (None: STATE/tensor-cache)
+    cache_max: int = 4 << 30  # its bound (0: no tensor cache)
     listen: str | None = None  # static mode (no p2p): where the RPC server itself listens
 
 
@@ -231,6 +233,7 @@ class Node:
         raise_nofile()  # children inherit it
         # Start-up mistakes first, before anything binds or starts: one line (StartError).
         self._fetching = self._model_to_fetch()  # --model NAME that no file here holds: from peers
+        self._tensor_cache = self._prepare_tensor_cache()
         if s.serve is not None and not self._fetching:
             self._model_path = check_model(s.serve.model)  # the embedded model's path when none was given
         if s.http is not None:
@@ -360,6 +363,23 @@ class Node:
         return announce
 
     # --- models travel (depot/) ---
+    def _prepare_tensor_cache(self) -> str | None:
+        """A worker's tensor cache folder, made and trimmed to --cache-max (None: none)."""
+        w = self.s.worker
+        if w is None or not w.cache_max:
+            return None
+        from .tensorcache import FOLDER, prepare
+
+        path = Path(w.cache_dir) if w.cache_dir else self.state.path / FOLDER
+        try:
+            kept = prepare(path, w.cache_max)
+        except OSError as e:
+            raise StartError(f"cannot use the tensor cache folder {path} (--cache-dir): {e.strerror or e}; "
+                             "give another folder, or --cache-max 0 for no cache", 2) from None
+        log.info("tensor cache in %s (%.0f MiB kept, at most %.0f MiB)", path, kept / (1 << 20),
+                 w.cache_max / (1 << 20))
+        return str(path)
+
     def _model_to_fetch(self) -> str:
         """``--model NAME`` (or a digest) that is no file here: a file fetched before, in the models
         directory, is served as it is; else the name is fetched from peers (p2p only)."""
@@ -635,7 +655,7 @@ class Node:
                 ledger_proxy.set_flag("rpc", False)
 
         argv = rpc_server_argv(host, int(port), w, mem_free, allow_remote=static and not is_loopback(host),
-                               broker_fd=broker_fd)
+                               broker_fd=broker_fd, cache_dir=self._tensor_cache)
         supervisor.proxy().start_child(ChildSpec("rpc", argv, on_ready=up, on_down=down, on_failed=down,
                                                  on_fatal=self._on_fatal, beats=True,
                                                  pass_fds=() if broker_fd is None else (broker_fd,),
@@ -841,15 +861,15 @@ def engine_argv(serve: ServeSettings, endpoint: str, node_id: str, plan: Any = N
 
 
 def rpc_server_argv(host: str, port: int, w: WorkerSettings, mem: int, allow_remote: bool,
-                    broker_fd: int | None = None) -> list[str]:
+                    broker_fd: int | None = None, cache_dir: str | None = None) -> list[str]:
     argv = [sys.executable, "-m", "zswarm.engine.rpc_server", "--host", host, "--port", str(port),
             "--mem", str(mem)]
     if broker_fd is not None:  # a p2p worker: a network namespace of its own, connections through the fd
         argv += ["--broker-fd", str(broker_fd)]
     if w.threads:
         argv += ["--threads", str(w.threads)]
-    if w.cache_dir:
-        argv += ["--cache-dir", w.cache_dir]
+    if cache_dir:
+        argv += ["--cache-dir", cache_dir]
     if allow_remote:
         argv.append("--allow-remote")
     return argv
