@@ -330,6 +330,9 @@ class Gateway:
     def release_engine(self):
         pass
 
+    def engine_failed(self, problem):
+        pass
+
 
 class Supervisor:
     def __init__(self):
@@ -354,7 +357,7 @@ def test_a_failed_reshard_is_tried_again_until_it_succeeds(error, caplog):
     """The hazard of issue 10: one TimeoutError used to stop re-sharding for good."""
     sup, ledger, watch = Supervisor(), FlakyLedger(2, error), Watch()
     ref = SharderActor.start(PlanBox(), Gateway(), sup, ledger, lambda remote, curve="": Entry(),
-                             Device("local", "me", "", 4096 * MIB), 100 * MIB, 0.05, None, None, "s" * 16, 0.05,
+                             Device("local", "me", "", 4096 * MIB), None, 0.05, None, None, "s" * 16, 0.05,
                              watch=watch)
     try:
         with caplog.at_level(logging.WARNING, logger="zswarm"):
@@ -379,7 +382,7 @@ def test_a_dead_sharder_releases_its_tunnels_and_says_why(monkeypatch):
         return entries[-1]
     sup, watch = Supervisor(), Watch()
     ref = SharderActor.start(PlanBox(), Gateway(), sup, FlakyLedger(0, RuntimeError()), open_tunnel,
-                             Device("local", "me", "", 4096 * MIB), 100 * MIB, 0.05, None, None, "s" * 16, 0.05,
+                             Device("local", "me", "", 4096 * MIB), None, 0.05, None, None, "s" * 16, 0.05,
                              watch=watch)
     notify([ref], "ledger_changed")
     wait_for(lambda: sup.restarts == 1, 10, what="the re-shard")
