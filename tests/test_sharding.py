@@ -43,8 +43,16 @@ def test_each_device_must_hold_its_share_with_its_compute_buffer():
     # too much for it; the split by what is left after the compute buffers fits (3 layers)
     plan = make_plan([dev("a", 20), dev("b", 100)], None, fp)
     assert plan.weights[0] < 20 / 120
-    with pytest.raises(ShortOfMemory, match="no split fits"):
-        make_plan([dev("a", 5), dev("b", 5), dev("c", 500)], dev("me", 1, local=True), fp)
+    # a worker smaller than its compute buffer takes no layer: it is left out, not in the way
+    plan = make_plan([dev("a", 5), dev("b", 5), dev("c", 500)], None, fp)
+    assert [d.id for d in plan.devices] == ["c"]
+    with pytest.raises(ShortOfMemory, match="short by 70 MiB"):
+        make_plan([dev("a", 5), dev("b", 5), dev("c", 20)], None, fp)
+    # the host alone loads it as one CPU does: its compute buffer is not the split's
+    assert fp.single() < 160 * MIB
+    assert make_plan([], dev("me", 160, local=True), fp).devices[0].local
+    with pytest.raises(ShortOfMemory, match="short by"):
+        make_plan([], dev("me", 100, local=True), fp)
 
 
 @pytest.mark.parametrize("text,value", [("2GiB", 2 << 30), ("512MiB", 512 << 20), ("1.5G", 1_500_000_000),

@@ -22,9 +22,10 @@ def test_prepare_keeps_the_newest_files_within_the_bound(tmp_path):
         f.write_bytes(b"x" * size)
         os.utime(f, (now - 100 + i, now - 100 + i))
     (cache / "sub").mkdir()  # not a file: left alone
+    (cache / "notes.txt").write_bytes(b"y" * 500)  # not llama.cpp's (a folder given by --cache-dir)
     assert prepare(cache, 100) == 80
-    assert sorted(p.name for p in cache.iterdir()) == ["0000000000000001", "0000000000000002", "sub"]
-    assert prepare(cache, 10) == 0 and [p.name for p in cache.iterdir()] == ["sub"]
+    assert sorted(p.name for p in cache.iterdir()) == ["0000000000000001", "0000000000000002", "notes.txt", "sub"]
+    assert prepare(cache, 10) == 0 and sorted(p.name for p in cache.iterdir()) == ["notes.txt", "sub"]
 
 
 def test_a_worker_caches_tensors_in_its_state_dir_by_default(tmp_path):

@@ -153,6 +153,11 @@ def test_memory_shortfall_is_refused_with_a_clear_message(tmp_path):
         assert ready.value.code == 503 and "short by" in body["reason"], body
         view = json.loads(urllib.request.urlopen(url + "/api/p2p", timeout=10).read())
         assert "short by" in view["shard_error"] and view["split"] is None
+        # a worker with room joins: the split is made, the problem is gone, the API answers
+        c.node("w2", "worker", bootstrap=[w1], extra=["--mem", "1GiB", "--threads", "1"])
+        wait_for(lambda: split_is(s, ["w2"]) or split_is(s, ["w1", "w2"]), 90, 0.2, what="a split once w2 joined")
+        assert ask(s) and shard(s)["error"] == ""
+        assert json.loads(urllib.request.urlopen(url + "/readyz", timeout=10).read())["status"] == "ready"
     finally:
         c.close()
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Sequence
 
 from .engine.layers import layer_targets
 from .footprint import Footprint
@@ -73,11 +73,21 @@ def make_plan(workers: list[Device], local: Device | None, fp: Footprint | None)
         if not sum(by_memory) > 0:
             raise ShortOfMemory(f"the {len(devices)} device(s) offer no memory")
         return Plan(tuple(devices), tuple(m / sum(by_memory) for m in by_memory))
-    fixed = [_fixed(fp, d) for d in devices]
-    left = tuple(max(0, d.mem - f) for d, f in zip(devices, fixed))
-    for weights in (by_memory, left):
-        if sum(weights) > 0 and _fits(fp, devices, fixed, weights):
-            return Plan(tuple(devices), tuple(w / sum(weights) for w in weights))
+    if devices == [local]:  # the engine loads it alone, as one CPU does
+        if fp.single() <= local.mem:
+            return Plan((local,), (1.0,))
+        fixed = [fp.single() - fp.layers_bytes(0, fp.shape.n_layer)]
+    else:
+        fixed = [_fixed(fp, d) for d in devices]
+        left = [max(0, d.mem - f) for d, f in zip(devices, fixed)]
+        # by memory; else by what is left after the fixed buffers, without the devices that have
+        # nothing left (a worker smaller than its compute buffer cannot take a layer)
+        tries = [(devices, fixed, by_memory)]
+        usable = [i for i, x in enumerate(left) if x > 0]
+        tries.append(([devices[i] for i in usable], [fixed[i] for i in usable], [left[i] for i in usable]))
+        for ds, fs, weights in tries:
+            if ds and sum(weights) > 0 and _fits(fp, ds, fs, weights):
+                return Plan(tuple(ds), tuple(w / sum(weights) for w in weights))
     total = sum(by_memory)
     needed = sum(fixed) + fp.layers_bytes(0, fp.shape.n_layer)
     short = needed - total
@@ -96,7 +106,7 @@ def _fixed(fp: Footprint, d: Device) -> int:
     return fp.device_compute()
 
 
-def _fits(fp: Footprint, devices: list[Device], fixed: list[int], weights: tuple[int, ...]) -> bool:
+def _fits(fp: Footprint, devices: list[Device], fixed: list[int], weights: Sequence[int]) -> bool:
     first = 0
     for d, f, count in zip(devices, fixed, layer_targets(fp.shape.n_layer, weights)):
         if f + fp.layers_bytes(first, count) > d.mem:

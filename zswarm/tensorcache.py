@@ -14,20 +14,24 @@ weights are in such tensors.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 DEFAULT_MAX = 4 << 30
 FOLDER = "tensor-cache"
+_HASH_NAME = re.compile(r"[0-9a-f]{8,64}")
 
 
 def prepare(path: Path, limit: int) -> int:
-    """Make ``path`` and remove its oldest files until at most ``limit`` bytes remain; return
-    the bytes kept. OSError if the folder cannot be made or read (a start-up mistake)."""
+    """Make ``path`` and remove its oldest cached tensors (by when they were written) until at
+    most ``limit`` bytes remain; return the bytes kept. OSError if the folder cannot be made or read (a start-up mistake)."""
     path.mkdir(parents=True, exist_ok=True)
     files = []
     with os.scandir(path) as it:
         for e in it:
-            if e.is_file(follow_symlinks=False):
+            # only llama.cpp's files (named by a hex hash): a folder given with --cache-dir
+            # may hold other things, which are never deleted
+            if _HASH_NAME.fullmatch(e.name) and e.is_file(follow_symlinks=False):
                 st = e.stat(follow_symlinks=False)
                 files.append((st.st_mtime, st.st_size, e.path))
     files.sort(reverse=True)  # newest first: they stay

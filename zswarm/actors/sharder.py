@@ -372,6 +372,7 @@ class SharderActor(GuardedActor):
         if step is not None and step.settling:
             self._schedule("free workers claimed", at_least_s=self._settle_wait(step))
             if not force and not self._uses_taken(step):
+                self._workers_coming()
                 return  # plan once the claims have settled, not twice
         current = self._box.plan
         waiting = self._waiting()
@@ -383,6 +384,7 @@ class SharderActor(GuardedActor):
                     until - time.monotonic(), ", ".join(self._who(w) for w in waiting))
             self._waited = tuple(waiting)
             self._schedule("waited for starting workers", at_least_s=until - time.monotonic() + 0.05)
+            self._workers_coming()
             return
         plan = self._plan(workers)
         if plan is None:
@@ -401,6 +403,13 @@ class SharderActor(GuardedActor):
             self._swap()
         else:
             self._gateway.hold_engine(lambda: tell(self.actor_ref, _Idle()))
+
+    def _workers_coming(self) -> None:
+        """The split waits for workers that are coming: with no engine yet, an earlier "cannot
+        load" no longer holds, and requests wait for the engine instead of failing at once."""
+        if self._box.plan is None and self._error:
+            self._error = ""
+            self._gateway.engine_failed("")
 
     def _with_tunnels(self, plan: Plan) -> Plan:
         """Give each remote worker a local tunnel port; the engine dials those."""

@@ -141,6 +141,8 @@ def read_header(path: str) -> Header:
     size = os.path.getsize(path)
     with open(path, "rb") as f:
         def take(n: int) -> bytes:
+            if n > size - f.tell():  # a length no file this size can hold: never allocate it
+                raise ValueError("the GGUF header is cut short or corrupt")
             data = f.read(n)
             if len(data) != n:
                 raise ValueError("the GGUF header is cut short")
@@ -173,16 +175,20 @@ def read_header(path: str) -> Header:
                     width = struct.calcsize(order + _GGUF_SCALARS[item])
                     if n <= _SMALL_ARRAY:
                         return list(struct.unpack(f"{order}{n}{_GGUF_SCALARS[item]}", take(n * width)))
+                    if n * width > size - f.tell():
+                        raise ValueError("the GGUF header is cut short or corrupt")
                     f.seek(n * width, os.SEEK_CUR)
                 else:
+                    if n > size - f.tell():  # each item takes at least a byte
+                        raise ValueError("the GGUF header is cut short or corrupt")
                     for _ in range(n):
                         value(item)
                 return n
             raise ValueError(f"unknown GGUF value type {kind}")
 
         n_tensors, n_kv = unpack("Q"), unpack("Q")
-        if n_tensors > 1 << 20:
-            raise ValueError(f"{n_tensors} tensors: not a GGUF file this can read")
+        if n_tensors > 1 << 20 or n_kv > 1 << 16:
+            raise ValueError(f"{n_tensors} tensors, {n_kv} keys: not a GGUF file this can read")
         keys: dict[str, Any] = {}
         for _ in range(n_kv):
             key = string()
@@ -200,7 +206,10 @@ def read_header(path: str) -> Header:
         align = keys.get("general.alignment", 32)
         align = align if isinstance(align, int) and align > 0 else 32
         start = -(-f.tell() // align) * align
-    ends = sorted({o for _, o in infos} | {size - start})
+    offsets = [o for _, o in infos]
+    if len(set(offsets)) != len(offsets) or any(o >= size - start for o in offsets):
+        raise ValueError("the GGUF file's tensor offsets overlap or point past its end")
+    ends = sorted(set(offsets) | {size - start})
     following = {o: ends[i + 1] for i, o in enumerate(ends[:-1])}
     tensors = tuple(Tensor(name, off, following.get(off, off) - off) for name, off in infos)
     return Header(keys, tensors)
