@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import struct
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, BinaryIO
 
 _GGUF_MAGIC = b"GGUF"
 _GGUF_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
@@ -53,6 +53,63 @@ def check_model_file(path: str) -> None:
         raise bad(f"it is not a GGUF file this llama.cpp can read (header version {version})")
 
 
+class _Reader:
+    """GGUF's header encoding over an open file: the magic and version, then scalars, strings
+    and arrays. Never reads, allocates or seeks past the file's end (a hostile length is a
+    ValueError). ``arrays``: an array's value is its length, or its numbers when at most
+    ``_SMALL_ARRAY``; without it, None (the array is read past)."""
+
+    def __init__(self, f: BinaryIO, size: int, arrays: bool = False):
+        self.f, self.size, self.arrays = f, size, arrays
+        if self.take(4) != _GGUF_MAGIC:
+            raise ValueError("not a GGUF file")
+        self.order = "<"
+        version = struct.unpack("<I", self.take(4))[0]
+        if version & 0xFFFF == 0:  # written big-endian
+            self.order, version = ">", struct.unpack(">I", struct.pack("<I", version))[0]
+        if version < 2:
+            raise ValueError(f"GGUF version {version} is not supported")
+
+    def _room(self, n: int) -> None:
+        if n > self.size - self.f.tell():  # a length no file this size can hold: never allocate it
+            raise ValueError("the GGUF header is cut short or corrupt")
+
+    def take(self, n: int) -> bytes:
+        self._room(n)
+        data = self.f.read(n)
+        if len(data) != n:
+            raise ValueError("the GGUF header is cut short")
+        return data
+
+    def unpack(self, fmt: str):
+        fmt = self.order + fmt
+        return struct.unpack(fmt, self.take(struct.calcsize(fmt)))[0]
+
+    def string(self) -> str:
+        return self.take(self.unpack("Q")).decode("utf-8", errors="replace")
+
+    def value(self, kind: int):
+        if kind in _GGUF_SCALARS:
+            return self.unpack(_GGUF_SCALARS[kind])
+        if kind == _GGUF_STRING:
+            return self.string()
+        if kind == _GGUF_ARRAY:
+            item, n = self.unpack("I"), self.unpack("Q")
+            if item in _GGUF_SCALARS:
+                code = _GGUF_SCALARS[item]
+                width = struct.calcsize(self.order + code)
+                if self.arrays and n <= _SMALL_ARRAY:
+                    return list(struct.unpack(f"{self.order}{n}{code}", self.take(n * width)))
+                self._room(n * width)
+                self.f.seek(n * width, os.SEEK_CUR)
+            else:
+                self._room(n)  # each item takes at least a byte
+                for _ in range(n):
+                    self.value(item)
+            return n if self.arrays else None
+        raise ValueError(f"unknown GGUF value type {kind}")
+
+
 def gguf_block_count(path: str) -> int:
     """The model's repeating layers, ``<general.architecture>.block_count``, read from the GGUF
     header (what llama.cpp reads into n_layer). Reads only up to that key, which precedes the
@@ -60,49 +117,13 @@ def gguf_block_count(path: str) -> int:
     Raises ValueError for a file that is not GGUF (v2 or later) or lacks the key.
     """
     with open(path, "rb") as f:
-        def take(n: int) -> bytes:
-            data = f.read(n)
-            if len(data) != n:
-                raise ValueError("the GGUF header is cut short")
-            return data
-
-        if take(4) != _GGUF_MAGIC:
-            raise ValueError("not a GGUF file")
-        order = "<"
-        version = struct.unpack("<I", take(4))[0]
-        if version & 0xFFFF == 0:  # written big-endian
-            order, version = ">", struct.unpack(">I", struct.pack("<I", version))[0]
-        if version < 2:
-            raise ValueError(f"GGUF version {version} is not supported")
-
-        def unpack(fmt: str):
-            fmt = order + fmt
-            return struct.unpack(fmt, take(struct.calcsize(fmt)))[0]
-
-        def string() -> str:
-            return take(unpack("Q")).decode("utf-8", errors="replace")
-
-        def value(kind: int):
-            if kind in _GGUF_SCALARS:
-                return unpack(_GGUF_SCALARS[kind])
-            if kind == _GGUF_STRING:
-                return string()
-            if kind == _GGUF_ARRAY:
-                item, n = unpack("I"), unpack("Q")
-                if item in _GGUF_SCALARS:
-                    f.seek(n * struct.calcsize(order + _GGUF_SCALARS[item]), os.SEEK_CUR)
-                else:
-                    for _ in range(n):
-                        value(item)
-                return None
-            raise ValueError(f"unknown GGUF value type {kind}")
-
-        unpack("Q")  # the tensor count, not needed here
-        n_kv = unpack("Q")
+        r = _Reader(f, os.fstat(f.fileno()).st_size)
+        r.unpack("Q")  # the tensor count, not needed here
+        n_kv = r.unpack("Q")
         arch, counts = None, {}
         for _ in range(n_kv):
-            key = string()
-            val = value(unpack("I"))
+            key = r.string()
+            val = r.value(r.unpack("I"))
             if key == "general.architecture":
                 arch = val
             elif key.endswith(".block_count") and isinstance(val, int) and not isinstance(val, bool):
@@ -140,52 +161,8 @@ def read_header(path: str) -> Header:
     needed. Raises ValueError for a file that is not GGUF v2+ or whose header is cut short."""
     size = os.path.getsize(path)
     with open(path, "rb") as f:
-        def take(n: int) -> bytes:
-            if n > size - f.tell():  # a length no file this size can hold: never allocate it
-                raise ValueError("the GGUF header is cut short or corrupt")
-            data = f.read(n)
-            if len(data) != n:
-                raise ValueError("the GGUF header is cut short")
-            return data
-
-        if take(4) != _GGUF_MAGIC:
-            raise ValueError("not a GGUF file")
-        order = "<"
-        version = struct.unpack("<I", take(4))[0]
-        if version & 0xFFFF == 0:
-            order, version = ">", struct.unpack(">I", struct.pack("<I", version))[0]
-        if version < 2:
-            raise ValueError(f"GGUF version {version} is not supported")
-
-        def unpack(fmt: str):
-            fmt = order + fmt
-            return struct.unpack(fmt, take(struct.calcsize(fmt)))[0]
-
-        def string() -> str:
-            return take(unpack("Q")).decode("utf-8", errors="replace")
-
-        def value(kind: int):
-            if kind in _GGUF_SCALARS:
-                return unpack(_GGUF_SCALARS[kind])
-            if kind == _GGUF_STRING:
-                return string()
-            if kind == _GGUF_ARRAY:
-                item, n = unpack("I"), unpack("Q")
-                if item in _GGUF_SCALARS:
-                    width = struct.calcsize(order + _GGUF_SCALARS[item])
-                    if n <= _SMALL_ARRAY:
-                        return list(struct.unpack(f"{order}{n}{_GGUF_SCALARS[item]}", take(n * width)))
-                    if n * width > size - f.tell():
-                        raise ValueError("the GGUF header is cut short or corrupt")
-                    f.seek(n * width, os.SEEK_CUR)
-                else:
-                    if n > size - f.tell():  # each item takes at least a byte
-                        raise ValueError("the GGUF header is cut short or corrupt")
-                    for _ in range(n):
-                        value(item)
-                return n
-            raise ValueError(f"unknown GGUF value type {kind}")
-
+        r = _Reader(f, size, arrays=True)
+        unpack, string, value = r.unpack, r.string, r.value
         n_tensors, n_kv = unpack("Q"), unpack("Q")
         if n_tensors > 1 << 20 or n_kv > 1 << 16:
             raise ValueError(f"{n_tensors} tensors, {n_kv} keys: not a GGUF file this can read")
